@@ -1,0 +1,44 @@
+# The two set-up commands of the README: `make book` and `make test`.
+# Each creates .venv when missing and installs what it needs.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# The torch build to install when the environment has none. Pinned here (not in pyproject.toml,
+# which only gives lower bounds) so a fresh machine takes the CPU build it has on disk instead of
+# pulling a multi-GB CUDA build. Override with `make TORCH_SPEC=torch ...` elsewhere.
+TORCH_SPEC ?= torch==2.13.0
+# Tests use both cores: one pytest worker per core.
+WORKERS ?= 2
+
+.PHONY: book test exercises clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.book-installed: $(BIN)/python pyproject.toml
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[book]"
+	touch $@
+
+$(VENV)/.test-installed: $(BIN)/python pyproject.toml
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+## Execute every notebook (automatic profile: quick on CPU, full on CUDA) and build _build/html.
+book: $(VENV)/.book-installed
+	$(BIN)/jupyter-book build . --warningiserror --keep-going
+
+## Unit tests, headline-claim tests and every notebook (smoke profile) through nbval.
+test: $(VENV)/.test-installed
+	ICL_COURSE_PROFILE=smoke $(BIN)/python -m pytest -n $(WORKERS) --dist loadfile \
+		--nbval-lax --nbval-current-env tests chapters exercises
+
+## Regenerate the student versions of the exercises from their solution sources.
+exercises: $(VENV)/.test-installed
+	$(BIN)/python -m icl_course.notebooks student exercises/solutions exercises
+
+clean:
+	rm -rf _build .pytest_cache

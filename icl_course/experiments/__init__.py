@@ -1,0 +1,21 @@
+"""Each chapter's experiment, as a function the notebook, the command line and the tests share.
+
+An experiment module has ``CONFIGS`` (one per profile) and ``run(profile=None, progress=False)``,
+which returns a result with ``.metrics`` (JSON-ready numbers) and ``.figures()`` (named figures).
+``TOPICS`` maps the names used by ``icl-course reproduce`` to those modules.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+TOPICS = {
+    "gd-step": "icl_course.experiments.gd_step",  # chapter 1
+}
+
+
+def load(topic: str):
+    """The experiment module of ``topic``."""
+    if topic not in TOPICS:
+        raise ValueError(f"topic must be one of {sorted(TOPICS)}, got {topic!r}")
+    return importlib.import_module(TOPICS[topic])

@@ -1,0 +1,216 @@
+"""Linear self-attention (LSA) layers and the stacks built from them.
+
+One layer updates every token ``z_i`` (rows of ``Z``, shape ``(B, n+1, D)`` with ``D = d+1``) by
+
+    z_i <- z_i + (1/n) sum_h sum_{j <= n} (z_i^T Q_h c_j) P_h c_j ,
+
+where ``c_j`` are the n *context* tokens: the query is masked out as a key and value, so it never
+influences the others (von Oswald et al. 2023, eq. 3; Vladymyrov et al. 2024, eq. 2). ``Q_h`` stands
+for the merged ``W_K^T W_Q`` and ``P_h`` for ``W_P W_V``; only these products matter.
+
+The three parameterizations of Vladymyrov et al. differ only in which ``(Q_h, P_h)`` they allow:
+
+- ``FullAttention``: any matrices.
+- ``DiagAttention``: ``Q_h = diag(q_x I_d, q_y)`` and ``P_h = diag(p_x I_d, p_y)``, four scalars a
+  head. Written per token, a head adds
+  ``dx_i = w_xx (1/n) X^T X x_i + w_xy (1/n) y_i X^T y`` and
+  ``dy_i = w_yx (1/n) x_i^T X^T y + w_yy (1/n) y_i ||y||^2``
+  with ``w_xx = p_x q_x``, ``w_xy = p_x q_y``, ``w_yx = p_y q_x``, ``w_yy = p_y q_y``.
+- ``GDPPAttention``: DIAG with ``q_y = 0``, so only ``w_xx`` (input preconditioning) and ``w_yx``
+  (the GD step) survive: GD++.
+
+Every stack is a predictor with the package's shared call ``predict(xs, ys, x_query) -> y_hat``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .tasks import generator
+from .tokens import make_tokens, read_prediction
+
+__all__ = [
+    "LinearSelfAttention",
+    "FullAttention",
+    "DiagAttention",
+    "GDPPAttention",
+    "LinearTransformer",
+    "linear_transformer",
+    "gd_transformer",
+]
+
+
+class LinearSelfAttention(nn.Module):
+    """The shared forward pass; subclasses say how ``(Q, P)`` are parameterized."""
+
+    def __init__(self, d: int, n_heads: int):
+        super().__init__()
+        if not isinstance(d, int) or d < 1:
+            raise ValueError(f"d must be an integer >= 1, got {d!r}")
+        if not isinstance(n_heads, int) or n_heads < 1:
+            raise ValueError(f"n_heads must be an integer >= 1, got {n_heads!r}")
+        self.d, self.n_heads = d, n_heads
+
+    def matrices(self) -> tuple[Tensor, Tensor]:
+        """``(Q, P)``, each of shape ``(H, d+1, d+1)``."""
+        raise NotImplementedError
+
+    def forward(self, Z: Tensor) -> Tensor:
+        if Z.ndim != 3 or Z.shape[-1] != self.d + 1 or Z.shape[1] < 2:
+            raise ValueError(f"Z must have shape (B, n+1, {self.d + 1}) with n >= 1, got {tuple(Z.shape)}")
+        n = Z.shape[1] - 1
+        C = Z[:, :n]  # (B, n, D): the context tokens are the keys and the values
+        Q, P = self.matrices()  # (H, D, D) each
+        # sum_j (z_t^T Q c_j) P c_j = P (sum_j c_j c_j^T) Q^T z_t, so the layer only needs the
+        # context's second-moment matrix S = (1/n) C^T C: O(B n D^2) instead of building the
+        # (B, H, n+1, n) score tensor. tests/test_linear_transformer.py checks this against the
+        # scores-times-values form written out.
+        S = C.transpose(1, 2) @ C / n  # (B, D, D)
+        update = torch.einsum("btd,hde,bef,hgf->btg", Z, Q, S, P)  # Z Q_h S P_h^T summed over h
+        return Z + update  # (B, n+1, D)
+
+
+class FullAttention(LinearSelfAttention):
+    """Unconstrained ``Q_h`` and ``P_h``."""
+
+    def __init__(self, d: int, n_heads: int = 1, init_std: float = 1e-3, gen: torch.Generator | None = None):
+        super().__init__(d, n_heads)
+        D = d + 1
+        self.Q = nn.Parameter(init_std * torch.randn(n_heads, D, D, generator=gen))
+        self.P = nn.Parameter(init_std * torch.randn(n_heads, D, D, generator=gen))
+
+    def matrices(self):
+        return self.Q, self.P
+
+
+class DiagAttention(LinearSelfAttention):
+    """``Q_h = diag(q_x I, q_y)``, ``P_h = diag(p_x I, p_y)``: four scalars a head."""
+
+    def __init__(self, d: int, n_heads: int = 1, init_std: float = 1e-3, gen: torch.Generator | None = None):
+        super().__init__(d, n_heads)
+        self.q_x, self.q_y, self.p_x, self.p_y = (
+            nn.Parameter(init_std * torch.randn(n_heads, generator=gen)) for _ in range(4)
+        )
+
+    def matrices(self):
+        ones = torch.ones(self.d, dtype=self.q_x.dtype, device=self.q_x.device)
+
+        def block_diag(a: Tensor, b: Tensor) -> Tensor:  # (H,), (H,) -> (H, D, D)
+            return torch.diag_embed(torch.cat([a[:, None] * ones, b[:, None]], dim=-1))
+
+        return block_diag(self.q_x, self.q_y), block_diag(self.p_x, self.p_y)
+
+    def coefficients(self) -> dict[str, Tensor]:
+        """The per-head scalars ``w_xx, w_xy, w_yx, w_yy`` of the token update (module docstring)."""
+        return {
+            "w_xx": self.p_x * self.q_x,
+            "w_xy": self.p_x * self.q_y,
+            "w_yx": self.p_y * self.q_x,
+            "w_yy": self.p_y * self.q_y,
+        }
+
+
+class GDPPAttention(DiagAttention):
+    """GD++: DIAG with the y -> query path off (``q_y = 0``): only ``w_xx`` and ``w_yx`` remain."""
+
+    def __init__(self, d: int, n_heads: int = 1, init_std: float = 1e-3, gen: torch.Generator | None = None):
+        super().__init__(d, n_heads, init_std, gen)
+        del self.q_y
+        self.register_buffer("q_y", torch.zeros(n_heads))
+
+
+ATTENTIONS = {"full": FullAttention, "diag": DiagAttention, "gdpp": GDPPAttention}
+
+
+class LinearTransformer(nn.Module):
+    """A stack of linear self-attention layers with the minus-y-slot read-out.
+
+    Args:
+        layers: the attention layers, applied in order (residual updates).
+        clamp: if given, token values are clipped to ``[-clamp, clamp]`` after every layer, which
+            keeps deep stacks finite early in training (a trick of the reference code).
+    """
+
+    def __init__(self, layers: list[LinearSelfAttention], clamp: float | None = None):
+        super().__init__()
+        if len(layers) == 0:
+            raise ValueError("layers must hold at least one layer")
+        if clamp is not None and not clamp > 0:
+            raise ValueError(f"clamp must be > 0 or None, got {clamp}")
+        self.layers = nn.ModuleList(layers)
+        self.clamp = clamp
+        self.d = layers[0].d
+
+    def forward(self, Z: Tensor, return_all: bool = False) -> Tensor | list[Tensor]:
+        """``Z`` after the last layer, or (``return_all``) the list ``[Z_0, Z_1, ..., Z_L]``."""
+        states = [Z]
+        for layer in self.layers:
+            Z = layer(Z)
+            if self.clamp is not None:
+                Z = Z.clamp(-self.clamp, self.clamp)
+            states.append(Z)
+        return states if return_all else Z
+
+    def predict(self, xs: Tensor, ys: Tensor, x_query: Tensor) -> Tensor:
+        """The shared predictor call: ``(B, n, d), (B, n), (B, d) -> (B,)``."""
+        if xs.ndim != 3 or xs.shape[-1] != self.d:
+            raise ValueError(f"xs must have shape (B, n, d={self.d}), got {tuple(xs.shape)}")
+        return read_prediction(self(make_tokens(xs, ys, x_query)))
+
+    def predict_per_layer(self, xs: Tensor, ys: Tensor, x_query: Tensor) -> Tensor:
+        """Predictions read out after each layer: ``(L, B)`` (row ``l`` is after layer ``l+1``)."""
+        states = self(make_tokens(xs, ys, x_query), return_all=True)
+        return torch.stack([read_prediction(Z) for Z in states[1:]])
+
+
+def linear_transformer(
+    d: int,
+    n_layers: int = 1,
+    n_heads: int = 1,
+    attention: str = "full",
+    init_std: float = 1e-3,
+    clamp: float | None = None,
+    seed: int = 0,
+) -> LinearTransformer:
+    """A freshly initialised stack: ``n_layers`` layers of ``attention`` in {'full', 'diag', 'gdpp'}.
+
+    >>> model = linear_transformer(d=3, n_layers=2, attention="diag")
+    >>> [type(layer).__name__ for layer in model.layers]
+    ['DiagAttention', 'DiagAttention']
+    """
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {sorted(ATTENTIONS)}, got {attention!r}")
+    if not isinstance(n_layers, int) or n_layers < 1:
+        raise ValueError(f"n_layers must be an integer >= 1, got {n_layers!r}")
+    if init_std < 0:
+        raise ValueError(f"init_std must be >= 0, got {init_std}")
+    gen = generator(seed)
+    cls = ATTENTIONS[attention]
+    return LinearTransformer([cls(d, n_heads, init_std, gen) for _ in range(n_layers)], clamp=clamp)
+
+
+def gd_transformer(
+    d: int, eta: float, n_steps: int = 1, preconditioner: Tensor | None = None, dtype=torch.float32
+) -> LinearTransformer:
+    """The exact weights of ``n_steps`` steps of (preconditioned) gradient descent from ``w = 0``.
+
+    GD on ``L(w) = 1/(2n) ||X w - y||^2`` takes ``w <- w - eta * Gamma * (1/n) X^T (X w - y)``.
+    Each layer has one head with ``Q = [[Gamma^T, 0], [0, 0]]`` and ``P = -eta e_y e_y^T``: the
+    context y-slots then hold the residuals ``y_i - <w, x_i>`` and the query's y-slot holds
+    ``-<w, x_q>``, so after layer k the read-out equals the k-step GD prediction
+    (von Oswald et al. 2023, Prop. 1, with ``W_0 = 0``).
+    """
+    if not isinstance(n_steps, int) or n_steps < 1:
+        raise ValueError(f"n_steps must be an integer >= 1, got {n_steps!r}")
+    gamma = torch.eye(d, dtype=dtype) if preconditioner is None else torch.as_tensor(preconditioner, dtype=dtype)
+    if tuple(gamma.shape) != (d, d):
+        raise ValueError(f"preconditioner must have shape ({d}, {d}), got {tuple(gamma.shape)}")
+    layers = []
+    for _ in range(n_steps):
+        layer = FullAttention(d, n_heads=1, init_std=0.0).to(dtype)
+        with torch.no_grad():
+            layer.Q[0, :d, :d] = gamma.T
+            layer.P[0, d, d] = -eta
+        layers.append(layer)
+    return LinearTransformer(layers)

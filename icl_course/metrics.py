@@ -1,0 +1,63 @@
+"""Comparing learners: loss, how close two predictors' outputs are, and their implicit models.
+
+The *implicit model* of a predictor on one sequence is ``d y_hat / d x_q``, the gradient of its
+prediction with respect to the query input (von Oswald et al. 2023, Sec. 3). For a linear model it
+is the weight vector; for any linear transformer it is exact too, because the query never feeds the
+keys or values, so the prediction is linear in ``x_q`` (Vladymyrov et al. 2024, Thm. 1).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .tokens import check_shapes
+
+__all__ = ["mse_loss", "evaluate", "prediction_distance", "implicit_weights", "model_cosine", "model_distance"]
+
+
+def mse_loss(y_hat: Tensor, y: Tensor) -> Tensor:
+    """The course's loss: ``0.5 * mean((y_hat - y)^2)``."""
+    if y_hat.shape != y.shape:
+        raise ValueError(f"y_hat has shape {tuple(y_hat.shape)} but y has shape {tuple(y.shape)}")
+    return 0.5 * ((y_hat - y) ** 2).mean()
+
+
+@torch.no_grad()
+def evaluate(predictor, batch) -> float:
+    """0.5·MSE of ``predictor`` on the queries of ``batch``."""
+    return mse_loss(predictor.predict(batch.xs, batch.ys, batch.x_query), batch.y_query).item()
+
+
+@torch.no_grad()
+def prediction_distance(a, b, batch) -> float:
+    """Mean over sequences of ``|y_hat_a - y_hat_b|`` on the queries of ``batch``."""
+    return (a.predict(batch.xs, batch.ys, batch.x_query) - b.predict(batch.xs, batch.ys, batch.x_query)).abs().mean().item()
+
+
+def implicit_weights(predictor, xs: Tensor, ys: Tensor, x_query: Tensor) -> Tensor:
+    """``d y_hat / d x_q`` for every sequence, by autograd: ``(B, d)``.
+
+    Sequences are independent, so the gradient of the summed predictions gives every sequence's
+    own gradient at once.
+    """
+    check_shapes(xs, ys, x_query)
+    x_query = x_query.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        y_hat = predictor.predict(xs, ys, x_query)  # (B,)
+        (grad,) = torch.autograd.grad(y_hat.sum(), x_query)
+    return grad.detach()
+
+
+def model_cosine(a, b, batch) -> float:
+    """Mean cosine similarity of the two predictors' implicit models over the sequences of ``batch``."""
+    wa = implicit_weights(a, batch.xs, batch.ys, batch.x_query)
+    wb = implicit_weights(b, batch.xs, batch.ys, batch.x_query)
+    return torch.nn.functional.cosine_similarity(wa, wb, dim=-1).mean().item()
+
+
+def model_distance(a, b, batch) -> float:
+    """Mean L2 distance ``||w_a - w_b||`` of the two predictors' implicit models."""
+    wa = implicit_weights(a, batch.xs, batch.ys, batch.x_query)
+    wb = implicit_weights(b, batch.xs, batch.ys, batch.x_query)
+    return (wa - wb).norm(dim=-1).mean().item()

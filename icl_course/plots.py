@@ -1,0 +1,88 @@
+"""Figure helpers shared by the chapters. Each returns a matplotlib ``Figure``.
+
+Figures have an opaque white background so they stay readable in the book's dark mode, and they
+close themselves from pyplot's registry (the notebook shows them by displaying the return value),
+so a figure is never drawn twice.
+"""
+
+from __future__ import annotations
+
+import matplotlib
+import matplotlib.pyplot as plt
+import torch
+
+__all__ = ["figure", "loss_curve", "curves", "matrices", "step_size"]
+
+STYLE = {
+    "figure.facecolor": "white",
+    "axes.facecolor": "white",
+    "savefig.facecolor": "white",
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "font.size": 10,
+}
+
+
+def figure(ncols: int = 1, width: float = 5.0, height: float = 3.4):
+    """A figure with ``ncols`` axes in the course's style: ``(fig, axes)``."""
+    with matplotlib.rc_context(STYLE):
+        fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False, layout="constrained")
+    plt.close(fig)  # shown by displaying the returned figure, never twice
+    return fig, list(axes[0])
+
+
+def loss_curve(history, references: dict[str, float] | None = None, title: str = "training loss"):
+    """Training loss against step (log scale), with horizontal reference lines."""
+    fig, (ax,) = figure()
+    ax.plot([s + 1 for s in history.steps], history.losses, label="training loss")
+    for i, (name, value) in enumerate((references or {}).items()):
+        ax.axhline(value, ls="--", color=f"C{i + 1}", label=f"{name} ({value:.4f})")
+    ax.set(xlabel="step", ylabel="0.5·MSE", yscale="log", title=title)
+    ax.legend()
+    return fig
+
+
+def curves(x, ys: dict[str, list[float]], xlabel: str = "", ylabel: str = "", title: str = "", logx=False, logy=False):
+    """Several named curves over a shared x axis."""
+    fig, (ax,) = figure()
+    for name, y in ys.items():
+        ax.plot(x, y, marker="o", ms=3, label=name)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.legend()
+    return fig
+
+
+def matrices(named: dict[str, torch.Tensor], symmetric: bool = True):
+    """Heatmaps side by side, each with its own colour scale centred on 0."""
+    fig, axes = figure(ncols=len(named), width=3.0, height=3.0)
+    for ax, (name, m) in zip(axes, named.items()):
+        m = torch.as_tensor(m).detach().cpu().float()
+        vmax = m.abs().max().item() or 1.0
+        im = ax.imshow(m, cmap="RdBu_r", vmin=-vmax if symmetric else None, vmax=vmax)
+        ax.set_title(name)
+        ax.grid(False)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    return fig
+
+
+def step_size(eta_grid, gd_losses, eta_star: float, model_loss: float | None = None, eta: float | None = None):
+    """Held-out loss of one GD step against its step size, the best step, and the trained model."""
+    fig, (ax,) = figure()
+    ax.plot(eta_grid, gd_losses, label="one GD step")
+    ax.axvline(eta_star, color="C1", ls=":", label=f"best eta = {eta_star:.2f}")
+    if model_loss is not None:
+        ax.axhline(model_loss, color="C2", ls="--", label=f"trained LSA ({model_loss:.4f})")
+    if eta is not None:
+        i = min(range(len(eta_grid)), key=lambda k: abs(eta_grid[k] - eta))
+        ax.plot([eta_grid[i]], [gd_losses[i]], "o", color="C3", ms=8, label=f"eta = {eta:.2f}")
+    ax.set(xscale="log", yscale="log", xlabel="step size eta", ylabel="0.5·MSE", title="one step of GD")
+    ax.legend()
+    return fig

@@ -1,0 +1,191 @@
+"""In-context regression tasks: where the data comes from.
+
+A task draws a batch of *sequences*. Sequence ``b`` has its own weight vector ``w_b``, ``n_ctx``
+context pairs ``(x_i, y_i)`` with ``y_i = <w_b, x_i> + eps_i`` and ``eps_i ~ N(0, sigma_b^2)``, and a
+query ``x_q`` whose noise-free target ``y_q = <w_b, x_q>`` the learner must predict.
+
+Input sampling is separate from the task (as in Garg et al.'s code), so the same task runs with
+uniform or Gaussian inputs, isotropic or not. Randomness comes only from the ``generator``
+argument: same seed, same batch. Batches are drawn on the CPU (so a seed means the same numbers on
+every machine) and then moved to ``device``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .metrics import mse_loss
+
+__all__ = ["Uniform", "Gaussian", "Choice", "RegressionTask", "RegressionBatch", "generator"]
+
+
+def generator(seed: int) -> torch.Generator:
+    """A CPU generator seeded with ``seed``: the one way randomness enters the package."""
+    if not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {type(seed).__name__}")
+    return torch.Generator().manual_seed(seed)
+
+
+# --- distributions: each draws a tensor of a given shape ---------------------------------------
+
+
+@dataclass(frozen=True)
+class Uniform:
+    """Independent ``U(low, high)`` entries."""
+
+    low: float = -0.5
+    high: float = 0.5
+
+    def __post_init__(self):
+        if not self.low < self.high:
+            raise ValueError(f"Uniform needs low < high, got low={self.low}, high={self.high}")
+
+    def sample(self, shape, gen: torch.Generator, dtype=torch.float32) -> Tensor:
+        return self.low + (self.high - self.low) * torch.rand(shape, generator=gen, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class Gaussian:
+    """``N(0, cov)`` over the last dimension; ``cov=None`` means ``std^2 I``."""
+
+    cov: Tensor | None = None
+    std: float = 1.0
+
+    def __post_init__(self):
+        if self.std < 0:
+            raise ValueError(f"Gaussian std must be >= 0, got {self.std}")
+        if self.cov is not None:
+            cov = torch.as_tensor(self.cov, dtype=torch.float64)
+            if cov.ndim != 2 or cov.shape[0] != cov.shape[1]:
+                raise ValueError(f"Gaussian cov must be a square matrix, got shape {tuple(cov.shape)}")
+            if not torch.allclose(cov, cov.T, atol=1e-8):
+                raise ValueError("Gaussian cov must be symmetric")
+            if torch.linalg.eigvalsh(cov).min() < -1e-8:
+                raise ValueError("Gaussian cov must be positive semi-definite")
+
+    @property
+    def dim(self) -> int | None:
+        return None if self.cov is None else int(torch.as_tensor(self.cov).shape[0])
+
+    def sample(self, shape, gen: torch.Generator, dtype=torch.float32) -> Tensor:
+        z = torch.randn(shape, generator=gen, dtype=torch.float64)
+        if self.cov is None:
+            return (self.std * z).to(dtype)
+        if shape[-1] != self.dim:
+            raise ValueError(f"Gaussian cov is {self.dim}x{self.dim} but samples need dimension {shape[-1]}")
+        # x = L z with cov = L L^T; eigh instead of Cholesky so a singular cov works too.
+        evals, evecs = torch.linalg.eigh(torch.as_tensor(self.cov, dtype=torch.float64))
+        root = evecs * evals.clamp(min=0).sqrt()  # (d, d)
+        return (self.std * z @ root.T).to(dtype)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Each entry is one of ``values``, uniformly (e.g. noise levels ``{1, 3}``)."""
+
+    values: tuple[float, ...]
+
+    def __post_init__(self):
+        if len(self.values) == 0:
+            raise ValueError("Choice needs at least one value")
+
+    def sample(self, shape, gen: torch.Generator, dtype=torch.float32) -> Tensor:
+        idx = torch.randint(len(self.values), shape, generator=gen)
+        return torch.tensor(self.values, dtype=dtype)[idx]
+
+
+def _support_min(dist) -> float:
+    if isinstance(dist, Uniform):
+        return dist.low
+    if isinstance(dist, Choice):
+        return min(dist.values)
+    return float("-inf")
+
+
+# --- the task ----------------------------------------------------------------------------------
+
+
+@dataclass
+class RegressionBatch:
+    """One batch of in-context regression sequences (B sequences, n context points, dimension d)."""
+
+    xs: Tensor  # (B, n, d) context inputs
+    ys: Tensor  # (B, n)    context targets (noisy)
+    x_query: Tensor  # (B, d) query input
+    y_query: Tensor  # (B,)   noise-free query target
+    w: Tensor  # (B, d)    the sequence's true weights
+    sigma: Tensor  # (B,)   the sequence's noise level
+
+    def to(self, device=None, dtype=None) -> "RegressionBatch":
+        return RegressionBatch(*(t.to(device=device, dtype=dtype) for t in self.tensors()))
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return (self.xs, self.ys, self.x_query, self.y_query, self.w, self.sigma)
+
+    def __len__(self) -> int:
+        return self.xs.shape[0]
+
+
+@dataclass(frozen=True)
+class RegressionTask:
+    """Noisy linear regression in context.
+
+    Args:
+        d: input dimension.
+        n_ctx: number of context pairs per sequence.
+        inputs: distribution of every ``x`` (context and query).
+        weights: distribution of ``w`` (one per sequence).
+        noise: label-noise standard deviation: a number, or a distribution drawing one
+            ``sigma`` per sequence (``Uniform(0, 5)``, ``Choice((1.0, 3.0))``).
+
+    >>> task = RegressionTask(d=3, n_ctx=5)
+    >>> batch = task.sample(4, generator(0))
+    >>> tuple(batch.xs.shape), tuple(batch.ys.shape), tuple(batch.x_query.shape)
+    ((4, 5, 3), (4, 5), (4, 3))
+    """
+
+    d: int
+    n_ctx: int
+    inputs: Uniform | Gaussian = field(default_factory=Uniform)
+    weights: Gaussian = field(default_factory=Gaussian)
+    noise: float | Uniform | Choice = 0.0
+
+    def __post_init__(self):
+        if not isinstance(self.d, int) or self.d < 1:
+            raise ValueError(f"d must be an integer >= 1, got {self.d!r}")
+        if not isinstance(self.n_ctx, int) or self.n_ctx < 1:
+            raise ValueError(f"n_ctx must be an integer >= 1, got {self.n_ctx!r}")
+        for name in ("inputs", "weights"):
+            dim = getattr(getattr(self, name), "dim", None)
+            if dim is not None and dim != self.d:
+                raise ValueError(f"{name} covariance is {dim}x{dim} but d={self.d}")
+        if isinstance(self.noise, (int, float)):
+            if self.noise < 0:
+                raise ValueError(f"noise must be >= 0, got {self.noise}")
+        elif _support_min(self.noise) < 0:
+            raise ValueError(f"noise levels must be >= 0, got {self.noise}")
+
+    def sample(self, batch_size: int, gen: torch.Generator, device=None, dtype=torch.float32) -> RegressionBatch:
+        """Draw ``batch_size`` fresh sequences (on the CPU with ``gen``, then moved to ``device``)."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        B, n, d = batch_size, self.n_ctx, self.d
+        x_all = self.inputs.sample((B, n + 1, d), gen, dtype)  # (B, n+1, d): context, then query
+        w = self.weights.sample((B, d), gen, dtype)  # (B, d)
+        if isinstance(self.noise, (int, float)):
+            sigma = torch.full((B,), float(self.noise), dtype=dtype)
+        else:
+            sigma = self.noise.sample((B,), gen, dtype)
+        eps = sigma[:, None] * torch.randn((B, n), generator=gen, dtype=dtype)  # (B, n)
+        y_all = torch.einsum("bnd,bd->bn", x_all, w)  # (B, n+1)
+        batch = RegressionBatch(
+            xs=x_all[:, :n], ys=y_all[:, :n] + eps, x_query=x_all[:, n], y_query=y_all[:, n], w=w, sigma=sigma
+        )
+        return batch.to(device=device)
+
+    def loss(self, model, batch: RegressionBatch) -> Tensor:
+        """The training objective: 0.5 * mean squared error of the model's query prediction."""
+        return mse_loss(model.predict(batch.xs, batch.ys, batch.x_query), batch.y_query)
