@@ -119,8 +119,8 @@ def colab_header(relpath: str, url: str) -> list[dict]:
     )
     meta = {"tags": [HEADER_TAG]}
     return [
-        {"cell_type": "markdown", "metadata": dict(meta), "source": badge.splitlines(keepends=True)},
-        {"cell_type": "code", "metadata": dict(meta), "source": install.splitlines(keepends=True),
+        {"cell_type": "markdown", "id": "colab-badge", "metadata": dict(meta), "source": badge.splitlines(keepends=True)},
+        {"cell_type": "code", "id": "colab-install", "metadata": dict(meta), "source": install.splitlines(keepends=True),
          "outputs": [], "execution_count": None},
     ]
 

@@ -1,0 +1,81 @@
+"""The ``icl-course`` command line.
+
+    icl-course info                                  versions, device, profile
+    icl-course reproduce TOPIC [--profile P] [--out DIR]
+                                                     run a chapter's experiment headless; write its
+                                                     figures (PNG) and metrics.json into DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .experiments import TOPICS, load
+from .runtime import PROFILE_ENV, PROFILES, get_device, get_profile
+
+
+def info() -> dict:
+    import matplotlib
+    import numpy
+    import torch
+
+    return {
+        "icl_course": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "matplotlib": matplotlib.__version__,
+        "device": str(get_device()),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "profile": get_profile(),
+        "topics": sorted(TOPICS),
+    }
+
+
+def reproduce(topic: str, profile: str | None, out: Path, progress: bool = True) -> dict:
+    """Run ``topic``'s experiment; write ``metrics.json`` and one PNG per figure into ``out``."""
+    experiment = load(topic)
+    profile = get_profile(profile)
+    start = time.perf_counter()
+    result = experiment.run(profile=profile, progress=progress)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = {"topic": topic, **result.metrics, "total_seconds": time.perf_counter() - start}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    for name, fig in result.figures().items():
+        fig.savefig(out / f"{name}.png", dpi=120)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="icl-course", description="Companion tools of the course.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, device and profile")
+    rep = sub.add_parser("reproduce", help="run a chapter's experiment headless")
+    rep.add_argument("topic", help=f"one of: {', '.join(sorted(TOPICS))}")
+    rep.add_argument("--profile", choices=[*PROFILES, "auto"], default=None, help=f"default: ${PROFILE_ENV} or auto")
+    rep.add_argument("--out", type=Path, default=None, help="output folder (default: results/TOPIC)")
+    rep.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.command == "info":
+            for key, value in info().items():
+                print(f"{key:>11}: {value}")
+        else:
+            out = args.out or Path("results") / args.topic
+            metrics = reproduce(args.topic, args.profile, out, progress=not args.quiet)
+            print(json.dumps(metrics, indent=2, sort_keys=True))
+            print(f"wrote {out}/metrics.json and figures", file=sys.stderr)
+    except ValueError as err:
+        parser.error(str(err))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
