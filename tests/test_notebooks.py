@@ -1,0 +1,91 @@
+"""Conventions every notebook keeps, and the exercise format (one source, student version in sync).
+
+nbval (run by `make test` over chapters/ and exercises/) executes every notebook top to bottom in the
+smoke profile; these tests check what nbval does not.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from icl_course import checks, notebooks
+
+ROOT = Path(__file__).resolve().parent.parent
+ALL = sorted(p.relative_to(ROOT).as_posix() for p in ROOT.glob("*/**/*.ipynb") if ".venv" not in p.parts and "_build" not in p.parts)
+SOLUTIONS = sorted((ROOT / "exercises" / "solutions").glob("*.ipynb"))
+URL = notebooks.repository_url(ROOT / "_config.yml")
+
+
+def code_cells(nb):
+    return [c for c in nb["cells"] if c["cell_type"] == "code"]
+
+
+@pytest.mark.parametrize("path", ALL)
+def test_stored_without_outputs(path):
+    nb = notebooks.read(ROOT / path)
+    for cell in code_cells(nb):
+        assert cell["outputs"] == [] and cell["execution_count"] is None, f"{path}: strip the outputs"
+
+
+@pytest.mark.parametrize("path", ALL)
+def test_colab_header_comes_from_the_one_repository_url(path):
+    nb = notebooks.read(ROOT / path)
+    assert nb["cells"][:2] == notebooks.colab_header(path, URL), (
+        f"{path}: run `python -m icl_course.notebooks header {Path(path).parent}`"
+    )
+
+
+def test_every_chapter_and_exercise_is_in_the_book():
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    files = {ch["file"] for part in toc["parts"] for ch in part["chapters"]}
+    for path in ALL:
+        if not path.startswith("exercises/solutions/"):
+            assert path.removesuffix(".ipynb") in files, f"{path} is not in _toc.yml"
+    for f in files:
+        assert any((ROOT / f"{f}{ext}").exists() for ext in (".ipynb", ".md")), f"_toc.yml names missing {f}"
+
+
+@pytest.mark.parametrize("source", SOLUTIONS, ids=lambda p: p.name)
+def test_student_version_is_in_sync_and_holds_no_solution(source):
+    student_path = ROOT / "exercises" / source.name
+    expected = notebooks.stamp_header(notebooks.student_version(notebooks.read(source)), f"exercises/{source.name}", URL)
+    committed = notebooks.read(student_path)
+    assert committed == expected, "regenerate the student versions with `make exercises`"
+    assert notebooks.has_solution(notebooks.read(source))
+    assert not notebooks.has_solution(committed)
+    assert "NotImplementedError" in json.dumps(committed)
+
+
+def run_code_cells(nb, monkeypatch, log, strict):
+    """Execute a notebook's code cells in-process; return the check results it logged to ``log``."""
+    monkeypatch.setenv("ICL_COURSE_CHECK_LOG", str(log))
+    monkeypatch.setenv("ICL_COURSE_CHECKS", "strict" if strict else "")
+    monkeypatch.setenv("ICL_COURSE_PROFILE", "smoke")
+    namespace = {"__name__": "__main__", "display": print}
+    for cell in code_cells(nb):
+        exec(compile("".join(cell["source"]), "<cell>", "exec"), namespace)
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+@pytest.mark.parametrize("source", SOLUTIONS, ids=lambda p: p.name)
+def test_solutions_pass_every_check_and_students_start_at_zero(source, monkeypatch, tmp_path):
+    solved = run_code_cells(notebooks.read(source), monkeypatch, tmp_path / "solved.jsonl", strict=True)
+    assert solved and all(r["status"] == "passed" for r in solved)
+    fresh = run_code_cells(notebooks.read(ROOT / "exercises" / source.name), monkeypatch, tmp_path / "fresh.jsonl", strict=False)
+    assert [r["exercise"] for r in fresh] == [r["exercise"] for r in solved]
+    assert all(r["status"] == "not implemented" for r in fresh)
+
+
+def test_strict_mode_raises_on_anything_but_a_pass(monkeypatch):
+    monkeypatch.setenv("ICL_COURSE_CHECKS", "strict")
+
+    @checks.check("toy")
+    def toy(student_fn, gen):
+        checks.expect(student_fn() == 1, "expected 1")
+
+    assert toy(lambda: 1).passed
+    with pytest.raises(checks.CheckFailed, match="expected 1"):
+        toy(lambda: 2)
