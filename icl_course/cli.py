@@ -4,6 +4,8 @@
     icl-course reproduce TOPIC [--profile P] [--out DIR]
                                                      run a chapter's experiment headless; write its
                                                      figures (PNG) and metrics.json into DIR
+    icl-course assign CHAPTER [CHAPTER ...] --out DIR   student versions, solutions, a README
+    icl-course grade SUBMISSION.ipynb [...] [--out FILE.csv|FILE.json] [--timeout S] [--chapter C]
 """
 
 from __future__ import annotations
@@ -61,12 +63,37 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--profile", choices=[*PROFILES, "auto"], default=None, help=f"default: ${PROFILE_ENV} or auto")
     rep.add_argument("--out", type=Path, default=None, help="output folder (default: results/TOPIC)")
     rep.add_argument("--quiet", action="store_true", help="no progress bar")
+    asg = sub.add_parser("assign", help="write student versions and solutions of chapters' exercises")
+    asg.add_argument("chapters", nargs="+", help="exercise notebooks by number or name, e.g. 1 or 01_gd_step")
+    asg.add_argument("--out", type=Path, required=True, help="output folder")
+    grd = sub.add_parser("grade", help="grade submitted exercise notebooks")
+    grd.add_argument("submissions", nargs="+", type=Path)
+    grd.add_argument("--out", type=Path, default=None, help="write a gradebook: FILE.csv or FILE.json")
+    grd.add_argument("--timeout", type=float, default=120.0, help="seconds per submission (default 120)")
+    grd.add_argument("--chapter", default=None, help="which exercises (default: read from each notebook)")
     args = parser.parse_args(argv)
 
     try:
         if args.command == "info":
             for key, value in info().items():
                 print(f"{key:>11}: {value}")
+        elif args.command == "assign":
+            from .notebooks import assign
+
+            for path in assign(args.chapters, args.out):
+                print(f"wrote {path}")
+        elif args.command == "grade":
+            from . import grading
+
+            if args.out is not None and args.out.suffix not in (".csv", ".json"):
+                raise ValueError(f"--out must end in .csv or .json, got {args.out.name}")
+            if not args.timeout > 0:
+                raise ValueError(f"--timeout must be > 0, got {args.timeout}")
+            results = grading.grade_all(args.submissions, timeout=args.timeout, chapter=args.chapter)
+            print(grading.table(results))
+            if args.out is not None:
+                grading.write_report(results, args.out)
+                print(f"wrote {args.out}", file=sys.stderr)
         else:
             out = args.out or Path("results") / args.topic
             metrics = reproduce(args.topic, args.profile, out, progress=not args.quiet)

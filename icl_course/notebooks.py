@@ -30,7 +30,10 @@ import re
 import sys
 from pathlib import Path
 
-__all__ = ["student_version", "has_solution", "colab_header", "read", "write", "repository_url"]
+__all__ = [
+    "student_version", "has_solution", "colab_header", "stamp_header", "read", "write", "repository_url",
+    "exercise_sources", "resolve_exercise", "assign",
+]
 
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 MD_BEGIN, MD_END = "<!-- BEGIN SOLUTION -->", "<!-- END SOLUTION -->"
@@ -47,7 +50,7 @@ def write(nb: dict, path) -> None:
     Path(path).write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
 
 
-def _source(cell) -> str:
+def cell_source(cell) -> str:
     src = cell.get("source", "")
     return "".join(src) if isinstance(src, list) else src
 
@@ -79,7 +82,7 @@ def student_version(nb: dict) -> dict:
     """The notebook with every solution block replaced by a stub and all outputs removed."""
     nb = copy.deepcopy(nb)
     for cell in nb["cells"]:
-        text = _source(cell)
+        text = cell_source(cell)
         if cell["cell_type"] == "code":
             _set_source(cell, _replace_blocks(text, BEGIN, END, STUB, code=True))
             cell["outputs"], cell["execution_count"] = [], None
@@ -131,6 +134,71 @@ def stamp_header(nb: dict, relpath: str, url: str) -> dict:
     body = [c for c in nb["cells"] if HEADER_TAG not in c.get("metadata", {}).get("tags", [])]
     nb["cells"] = colab_header(relpath, url) + body
     return nb
+
+
+def exercise_sources(root: Path | None = None) -> dict[str, Path]:
+    """The exercise sources (with solutions) by stem, e.g. ``{"01_gd_step": Path(...)}``."""
+    root = Path(root) if root else Path(__file__).resolve().parent.parent
+    folder = root / "exercises" / "solutions"
+    if not folder.is_dir():
+        raise ValueError(f"no exercise sources at {folder}: run from a clone of the course repository")
+    return {p.stem: p for p in sorted(folder.glob("*.ipynb"))}
+
+
+def resolve_exercise(name: str, sources: dict[str, Path]) -> str:
+    """The stem for ``name``: the stem itself, its number (``1``, ``01``) or its name (``gd_step``)."""
+    key = str(name).strip().lower().replace("-", "_")
+    matches = [
+        stem for stem in sources
+        if key in (stem, stem.split("_", 1)[1]) or (key.isdigit() and int(key) == int(stem.split("_", 1)[0]))
+    ]
+    if len(matches) != 1:
+        raise ValueError(f"chapter must be one of {sorted(sources)} (or their numbers), got {name!r}")
+    return matches[0]
+
+
+STUDENT_README = """# Exercises: {chapters}
+
+Each notebook has exercises: a function to write, followed by a check that runs your function on fresh
+random inputs and tells you what is wrong (or that it is right). The notebook runs top to bottom
+whether you have finished or not.
+
+## On Google Colab (recommended)
+1. Go to https://colab.research.google.com, choose *File -> Upload notebook*, and pick the notebook.
+2. Optional: *Runtime -> Change runtime type -> GPU*. The exercises run fine on a CPU.
+3. Run the first code cell: it installs the course package. Then work through the exercises.
+4. When done: *File -> Download -> Download .ipynb*.
+
+## Locally
+`pip install "icl-course[widgets] @ git+{url}"`, then open the notebook in Jupyter.
+
+## Submitting
+Submit the `.ipynb` file, named after yourself (e.g. `ada_lovelace.ipynb`), as your instructor asks.
+Keep the function names, and do not worry about the check cells: grading runs its own checks on your
+functions with new random inputs, so every answer must be computed, not pasted.
+"""
+
+
+def assign(chapters: list[str], out: Path, root: Path | None = None) -> list[Path]:
+    """Write student versions to ``out/student`` (with a README) and solutions to ``out/solutions``."""
+    sources = exercise_sources(root)
+    stems = [resolve_exercise(c, sources) for c in chapters]
+    url = repository_url(Path(root or Path(__file__).resolve().parent.parent) / "_config.yml")
+    out = Path(out)
+    (out / "student").mkdir(parents=True, exist_ok=True)
+    (out / "solutions").mkdir(parents=True, exist_ok=True)
+    written = []
+    for stem in stems:
+        source = read(sources[stem])
+        student = stamp_header(student_version(source), f"exercises/{stem}.ipynb", url)
+        if has_solution(student):
+            raise ValueError(f"{stem}: a solution marker survived; check the BEGIN/END markers")
+        write(student, out / "student" / f"{stem}.ipynb")
+        write(source, out / "solutions" / f"{stem}.ipynb")
+        written += [out / "student" / f"{stem}.ipynb", out / "solutions" / f"{stem}.ipynb"]
+    readme = out / "student" / "README.md"
+    readme.write_text(STUDENT_README.format(chapters=", ".join(stems), url=url))
+    return [*written, readme]
 
 
 def _main(argv: list[str]) -> int:

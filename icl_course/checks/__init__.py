@@ -84,6 +84,7 @@ def check(exercise: str):
             _report(result)
             return result
 
+        run.exercise = exercise  # the title, for graders and tables
         return run
 
     return decorate
