@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 # Tests use both cores: one pytest worker per core.
 WORKERS ?= 2
 
-.PHONY: book test exercises clean
+.PHONY: book test exercises timings clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ test: $(VENV)/.test-installed
 ## Regenerate the student versions of the exercises from their solution sources.
 exercises: $(VENV)/.test-installed
 	$(BIN)/python -m icl_course.notebooks student exercises/solutions exercises
+
+## Measure every chapter's run time in the quick profile (or PROFILE=full on a GPU) into timings.json.
+timings: $(VENV)/.book-installed
+	$(BIN)/python -m icl_course.course timings $(or $(PROFILE),quick)
 
 clean:
 	rm -rf _build .pytest_cache

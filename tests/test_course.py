@@ -1,0 +1,27 @@
+"""The landing page's and the instructors' page's tables come from the files themselves."""
+
+import json
+
+from icl_course import course
+
+
+def test_every_chapter_notebook_is_on_the_path():
+    stems = {ch.stem for ch in course.PLAN}
+    on_disk = {p.stem for p in (course.ROOT / "chapters").glob("*.ipynb")}
+    assert on_disk <= stems, f"add {on_disk - stems} to course.PLAN"
+    assert [ch.number for ch in course.PLAN] == list(range(1, len(course.PLAN) + 1))
+
+
+def test_tables(tmp_path):
+    table = course.chapter_table()
+    assert "[1. One linear-attention layer" in table and "min" in table
+    assert "the best step size" in course.syllabus()
+    # run times come from timings.json, with the machine they were measured on
+    (tmp_path / "chapters").mkdir()
+    (tmp_path / "chapters" / "01_gd_step.ipynb").write_text(json.dumps({"cells": [
+        {"cell_type": "markdown", "source": ["word " * 400]}, {"cell_type": "code", "source": ["1"]}]}))
+    (tmp_path / "timings.json").write_text(json.dumps(
+        {"quick": {"date": "2026-01-01", "machine": "test box", "chapters": {"01_gd_step": 90.0}}}))
+    table = course.chapter_table(tmp_path)
+    assert "| ~2 min | 1.5 min | not measured yet |" in table and "test box" in table
+    assert course.reading_minutes(tmp_path / "chapters" / "01_gd_step.ipynb") == 2.5
