@@ -13,11 +13,20 @@ from .linear_transformer import (
     GDPPAttention,
     LinearTransformer,
     gd_transformer,
+    gdpp_transformer,
     linear_transformer,
 )
-from .metrics import evaluate, implicit_weights, model_cosine, model_distance, mse_loss, prediction_distance
+from .metrics import (
+    evaluate,
+    implicit_weights,
+    implicit_weights_per_layer,
+    model_cosine,
+    model_distance,
+    mse_loss,
+    prediction_distance,
+)
 from .runtime import get_device, get_profile
-from .solvers import GradientDescent, LeastSquares, Ridge, tune_step_size
+from .solvers import GDPlusPlus, GradientDescent, LeastSquares, Ridge, tune_gdpp, tune_step_size
 from .tasks import Choice, Gaussian, RegressionBatch, RegressionTask, Uniform, generator
 from .tokens import make_tokens, read_prediction
 from .training import History, TrainConfig, TrainingDiverged, train
@@ -28,6 +37,7 @@ __all__ = [
     "Choice",
     "DiagAttention",
     "FullAttention",
+    "GDPlusPlus",
     "GDPPAttention",
     "Gaussian",
     "GradientDescent",
@@ -42,10 +52,12 @@ __all__ = [
     "Uniform",
     "evaluate",
     "gd_transformer",
+    "gdpp_transformer",
     "generator",
     "get_device",
     "get_profile",
     "implicit_weights",
+    "implicit_weights_per_layer",
     "linear_transformer",
     "make_tokens",
     "model_cosine",
@@ -54,5 +66,6 @@ __all__ = [
     "prediction_distance",
     "read_prediction",
     "train",
+    "tune_gdpp",
     "tune_step_size",
 ]

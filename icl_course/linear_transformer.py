@@ -38,6 +38,7 @@ __all__ = [
     "LinearTransformer",
     "linear_transformer",
     "gd_transformer",
+    "gdpp_transformer",
 ]
 
 
@@ -196,7 +197,7 @@ def gd_transformer(
     """The exact weights of ``n_steps`` steps of (preconditioned) gradient descent from ``w = 0``.
 
     GD on ``L(w) = 1/(2n) ||X w - y||^2`` takes ``w <- w - eta * Gamma * (1/n) X^T (X w - y)``.
-    Each layer has one head with ``Q = [[Gamma^T, 0], [0, 0]]`` and ``P = -eta e_y e_y^T``: the
+    Each layer has one head with ``Q = [[Gamma, 0], [0, 0]]`` and ``P = -eta e_y e_y^T``: the
     context y-slots then hold the residuals ``y_i - <w, x_i>`` and the query's y-slot holds
     ``-<w, x_q>``, so after layer k the read-out equals the k-step GD prediction
     (von Oswald et al. 2023, Prop. 1, with ``W_0 = 0``).
@@ -210,7 +211,28 @@ def gd_transformer(
     for _ in range(n_steps):
         layer = FullAttention(d, n_heads=1, init_std=0.0).to(dtype)
         with torch.no_grad():
-            layer.Q[0, :d, :d] = gamma.T
+            # the score x_i^T Gamma x_j moves the y-slot of token i by -x_i^T (Gamma g), g the gradient step
+            layer.Q[0, :d, :d] = gamma
             layer.P[0, d, d] = -eta
+        layers.append(layer)
+    return LinearTransformer(layers)
+
+
+def gdpp_transformer(d: int, eta: float, gamma: float, n_steps: int = 1, dtype=torch.float32) -> LinearTransformer:
+    """The exact weights of ``n_steps`` steps of GD++ (``icl_course.solvers.GDPlusPlus``).
+
+    Each layer is one ``GDPPAttention`` head with ``q_x = 1``, ``p_x = -gamma`` and ``p_y = -eta``,
+    so ``w_xx = -gamma`` moves every input by ``-gamma S x`` and ``w_yx = -eta`` takes a GD step on the
+    y-slots (module docstring), both from the same tokens, as GD++ does (von Oswald et al. 2023, Sec. 4).
+    """
+    if not isinstance(n_steps, int) or n_steps < 1:
+        raise ValueError(f"n_steps must be an integer >= 1, got {n_steps!r}")
+    layers = []
+    for _ in range(n_steps):
+        layer = GDPPAttention(d, n_heads=1, init_std=0.0).to(dtype)
+        with torch.no_grad():
+            layer.q_x.fill_(1.0)
+            layer.p_x.fill_(-gamma)
+            layer.p_y.fill_(-eta)
         layers.append(layer)
     return LinearTransformer(layers)

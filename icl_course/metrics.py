@@ -11,9 +11,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .tokens import check_shapes
+from .tokens import check_shapes, make_tokens, read_prediction
 
-__all__ = ["mse_loss", "evaluate", "prediction_distance", "implicit_weights", "model_cosine", "model_distance"]
+__all__ = [
+    "mse_loss",
+    "evaluate",
+    "prediction_distance",
+    "implicit_weights",
+    "implicit_weights_per_layer",
+    "model_cosine",
+    "model_distance",
+]
 
 
 def mse_loss(y_hat: Tensor, y: Tensor) -> Tensor:
@@ -47,6 +55,21 @@ def implicit_weights(predictor, xs: Tensor, ys: Tensor, x_query: Tensor) -> Tens
         y_hat = predictor.predict(xs, ys, x_query)  # (B,)
         (grad,) = torch.autograd.grad(y_hat.sum(), x_query)
     return grad.detach()
+
+
+def implicit_weights_per_layer(model, xs: Tensor, ys: Tensor, x_query: Tensor) -> Tensor:
+    """The implicit model read out after every layer of a linear transformer: ``(L, B, d)``.
+
+    Row ``l`` is ``d y_hat_l / d x_q`` with ``y_hat_l`` minus the query's y-slot after layer ``l+1``
+    (what ``model.predict_per_layer`` returns), so ``y_hat_l = <w_l, x_q>`` exactly for a stack
+    without a token clamp.
+    """
+    check_shapes(xs, ys, x_query)
+    x_query = x_query.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        states = model(make_tokens(xs, ys, x_query), return_all=True)[1:]  # L tensors (B, n+1, d+1)
+        grads = [torch.autograd.grad(read_prediction(Z).sum(), x_query, retain_graph=True)[0] for Z in states]
+    return torch.stack(grads).detach()
 
 
 def model_cosine(a, b, batch) -> float:

@@ -8,10 +8,11 @@ so a figure is never drawn twice.
 from __future__ import annotations
 
 import matplotlib
+import matplotlib.ticker
 import matplotlib.pyplot as plt
 import torch
 
-__all__ = ["figure", "loss_curve", "curves", "matrices", "step_size"]
+__all__ = ["figure", "loss_curve", "curves", "matrices", "step_size", "panels", "bars"]
 
 STYLE = {
     "figure.facecolor": "white",
@@ -62,8 +63,8 @@ def matrices(named: dict[str, torch.Tensor], symmetric: bool = True):
     """Heatmaps side by side, each with its own colour scale centred on 0."""
     fig, axes = figure(ncols=len(named), width=3.0, height=3.0)
     for ax, (name, m) in zip(axes, named.items()):
-        m = torch.as_tensor(m).detach().cpu().float()
-        vmax = m.abs().max().item() or 1.0
+        m = torch.as_tensor(m).detach().cpu().float().numpy()
+        vmax = float(abs(m).max()) or 1.0
         im = ax.imshow(m, cmap="RdBu_r", vmin=-vmax if symmetric else None, vmax=vmax)
         ax.set_title(name)
         ax.grid(False)
@@ -85,4 +86,49 @@ def step_size(eta_grid, gd_losses, eta_star: float, model_loss: float | None = N
         ax.plot([eta_grid[i]], [gd_losses[i]], "o", color="C3", ms=8, label=f"eta = {eta:.2f}")
     ax.set(xscale="log", yscale="log", xlabel="step size eta", ylabel="0.5·MSE", title="one step of GD")
     ax.legend()
+    return fig
+
+
+def panels(
+    named: dict[str, dict[str, list[float]]], x, xlabel: str = "", logy: tuple[str, ...] = (), logx: bool = False,
+    width: float = 3.6, marker: str | None = None, styles: dict[str, dict] | None = None,
+):
+    """Side-by-side panels of named curves: ``{panel title: {curve name: ys}}``.
+
+    ``x`` is one shared list of x values, or ``{panel title: xs}`` for panels with their own axis;
+    panels whose title is in ``logy`` get a log-scale y axis; ``logx`` puts every x axis on a log scale
+    (with plain numbers as tick labels); ``marker`` marks the data points; ``styles`` maps a curve
+    name to extra ``Axes.plot`` keywords (``{"estimate": {"ls": "--", "color": "C0"}}``).
+    """
+    fig, axes = figure(ncols=len(named), width=width)
+    for ax, (title, ys) in zip(axes, named.items()):
+        xs = x[title] if isinstance(x, dict) else x
+        for name, y in ys.items():
+            ax.plot(xs, y, **{"marker": marker, "ms": 3, "label": name, **(styles or {}).get(name, {})})
+        ax.set(xlabel=xlabel, title=title)
+        if title in logy:
+            ax.set_yscale("log")
+        if logx:
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.legend(fontsize=8)
+    return fig
+
+
+def bars(groups: dict[str, dict[str, float]], ylabel: str = "", title: str = "", ylim: tuple[float, float] | None = None):
+    """Grouped bars: ``{group: {series: value}}``, one colour per series, values written on the bars."""
+    fig, (ax,) = figure()
+    series = list(dict.fromkeys(name for values in groups.values() for name in values))
+    width = 0.8 / len(series)
+    for k, name in enumerate(series):
+        xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(groups))]
+        heights = [values.get(name, float("nan")) for values in groups.values()]
+        rects = ax.bar(xs, heights, width=width, label=name, color=f"C{k}")
+        ax.bar_label(rects, fmt="%.2f", fontsize=8)
+    ax.set_xticks(range(len(groups)), list(groups))
+    ax.set(ylabel=ylabel, title=title)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.legend(fontsize=8, ncols=min(len(series), 3), loc="upper center")
     return fig

@@ -12,6 +12,7 @@ every machine) and then moved to ``device``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -19,7 +20,7 @@ from torch import Tensor
 
 from .metrics import mse_loss
 
-__all__ = ["Uniform", "Gaussian", "Choice", "RegressionTask", "RegressionBatch", "generator"]
+__all__ = ["Uniform", "Gaussian", "Choice", "IllConditioned", "RegressionTask", "RegressionBatch", "generator"]
 
 
 def generator(seed: int) -> torch.Generator:
@@ -76,10 +77,13 @@ class Gaussian:
             return (self.std * z).to(dtype)
         if shape[-1] != self.dim:
             raise ValueError(f"Gaussian cov is {self.dim}x{self.dim} but samples need dimension {shape[-1]}")
-        # x = L z with cov = L L^T; eigh instead of Cholesky so a singular cov works too.
+        return (self.std * z @ self._root.T).to(dtype)
+
+    @functools.cached_property
+    def _root(self) -> Tensor:
+        """``L`` with ``cov = L L^T`` (by eigh, so a singular cov works too), computed once."""
         evals, evecs = torch.linalg.eigh(torch.as_tensor(self.cov, dtype=torch.float64))
-        root = evecs * evals.clamp(min=0).sqrt()  # (d, d)
-        return (self.std * z @ root.T).to(dtype)
+        return evecs * evals.clamp(min=0).sqrt()  # (d, d)
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,46 @@ class Choice:
     def sample(self, shape, gen: torch.Generator, dtype=torch.float32) -> Tensor:
         idx = torch.randint(len(self.values), shape, generator=gen)
         return torch.tensor(self.values, dtype=dtype)[idx]
+
+
+@dataclass(frozen=True)
+class IllConditioned:
+    """``N(0, U diag(lam) U^T)`` with a fresh Haar-random rotation ``U`` for every sequence.
+
+    The eigenvalues ``lam`` are geometric from ``kappa`` down to 1, rescaled to mean 1 (so
+    ``E||x||^2 = d`` as for ``Gaussian()``): the covariance has condition number exactly ``kappa``,
+    and no single preconditioner suits all sequences (Fu et al. 2024, Sec. 4). Shapes are
+    ``(B, ..., d)``; all of sequence ``b``'s inputs share its rotation.
+    """
+
+    d: int
+    kappa: float = 10.0
+
+    def __post_init__(self):
+        if not isinstance(self.d, int) or self.d < 1:
+            raise ValueError(f"IllConditioned d must be an integer >= 1, got {self.d!r}")
+        if not self.kappa >= 1:
+            raise ValueError(f"IllConditioned kappa (condition number) must be >= 1, got {self.kappa}")
+
+    @property
+    def dim(self) -> int:
+        return self.d
+
+    def eigenvalues(self) -> Tensor:
+        lam = self.kappa ** torch.linspace(1, 0, self.d, dtype=torch.float64) if self.d > 1 else torch.ones(1, dtype=torch.float64)
+        return lam / lam.mean()
+
+    def sample(self, shape, gen: torch.Generator, dtype=torch.float32) -> Tensor:
+        if shape[-1] != self.d:
+            raise ValueError(f"IllConditioned has d={self.d} but samples need dimension {shape[-1]}")
+        B = shape[0]
+        z = torch.randn(shape, generator=gen, dtype=torch.float64).reshape(B, -1, self.d)  # (B, m, d)
+        # Haar rotation per sequence: QR of a Gaussian matrix, signs fixed by R's diagonal.
+        G = torch.randn(B, self.d, self.d, generator=gen, dtype=torch.float64)
+        U, R = torch.linalg.qr(G)
+        U = U * torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))[:, None, :]  # (B, d, d)
+        root = U * self.eigenvalues().sqrt()  # (B, d, d): U diag(sqrt(lam))
+        return (z @ root.mT).reshape(shape).to(dtype)
 
 
 def _support_min(dist) -> float:

@@ -66,8 +66,7 @@ def test_gd_transformer_equals_gradient_descent(n_steps):
 
 
 def test_gd_transformer_with_a_preconditioner():
-    A = torch.randn(4, 4, dtype=torch.float64)
-    gamma = A @ A.T / 4 + torch.eye(4, dtype=torch.float64)
+    gamma = torch.randn(4, 4, dtype=torch.float64) / 2 + torch.eye(4, dtype=torch.float64)  # not symmetric
     b = icl.RegressionTask(d=4, n_ctx=12).sample(100, icl.generator(1), dtype=torch.float64)
     stack = icl.gd_transformer(d=4, eta=0.7, n_steps=3, preconditioner=gamma, dtype=torch.float64)
     gd = icl.GradientDescent(eta=0.7, n_steps=3, preconditioner=gamma)

@@ -11,6 +11,10 @@ import importlib
 
 TOPICS = {
     "gd-step": "icl_course.experiments.gd_step",  # chapter 1
+    "preconditioning": "icl_course.experiments.preconditioning",  # chapter 2
+    "mixed-noise": "icl_course.experiments.mixed_noise",  # chapter 3
+    "newton": "icl_course.experiments.newton",  # chapter 4
+    "sign-descent": "icl_course.experiments.sign_descent",  # chapter 7
 }
 
 

@@ -1,0 +1,243 @@
+"""Chapter 2: the optimal preconditioner, GD++, the implicit linear model, and the chapter's claims."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+import icl_course as icl
+from icl_course import preconditioners as pc
+from icl_course.checks import preconditioning as checks
+from icl_course.experiments import preconditioning as pre
+from icl_course.linear_transformer import gdpp_transformer
+from icl_course.metrics import implicit_weights_per_layer
+from icl_course.solvers import GDPlusPlus, tune_gdpp
+
+QUICK = pre.CONFIGS["quick"]
+COV = pre.covariance(QUICK)  # the rotated Sigma, condition number 16
+N = QUICK.n_ctx
+
+
+def _mc_loss(gamma, cov, n_seq=100_000, seed=0):
+    task = icl.RegressionTask(d=cov.shape[0], n_ctx=N, inputs=icl.Gaussian(cov=cov))
+    batch = task.sample(n_seq, icl.generator(seed), dtype=torch.float64)
+    return icl.evaluate(icl.GradientDescent(1.0, 1, gamma), batch)
+
+
+# --- closed forms (float64) ----------------------------------------------------------------------
+
+
+def test_rotated_covariance_has_the_reference_spectrum():
+    evals = torch.linalg.eigvalsh(COV)
+    assert torch.allclose(evals, torch.tensor([1 / 16, 1 / 4, 1, 1, 1], dtype=torch.float64), atol=1e-12)
+    assert not torch.allclose(COV, torch.diag(COV.diagonal()), atol=1e-3)  # really rotated
+
+
+def test_gamma_star_isotropic_numbers():
+    gamma = pc.optimal_preconditioner(torch.eye(5), 20)
+    assert torch.allclose(gamma, torch.eye(5, dtype=torch.float64) / 1.3, atol=1e-12)
+    assert 2 * pc.optimal_step_loss(torch.eye(5), 20) == pytest.approx(1.1538, abs=1e-4)  # full MSE
+
+
+@pytest.mark.parametrize("cov", [torch.eye(5, dtype=torch.float64), COV], ids=["identity", "rotated"])
+def test_closed_form_loss_matches_monte_carlo(cov):
+    gamma = pc.optimal_preconditioner(cov, N)
+    assert _mc_loss(gamma, cov) == pytest.approx(pc.optimal_step_loss(cov, N), rel=0.01)
+
+
+def test_closed_form_loss_of_any_preconditioner_matches_monte_carlo():
+    gen = torch.Generator().manual_seed(3)
+    gamma = 0.5 * torch.eye(5, dtype=torch.float64) + 0.3 * torch.randn(5, 5, generator=gen, dtype=torch.float64)
+    assert _mc_loss(gamma, COV, seed=1) == pytest.approx(pc.preconditioned_step_loss(gamma, COV, N), rel=0.015)
+
+
+def test_gamma_star_is_the_minimum_of_the_closed_form():
+    gamma = pc.optimal_preconditioner(COV, N)
+    best = pc.preconditioned_step_loss(gamma, COV, N)
+    assert best == pytest.approx(pc.optimal_step_loss(COV, N), rel=1e-12)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        delta = 1e-3 * torch.randn(5, 5, generator=gen, dtype=torch.float64)
+        assert pc.preconditioned_step_loss(gamma + delta, COV, N) > best
+    eta, plain = pc.best_plain_step(COV, N)
+    assert plain > best
+    for e in (0.99 * eta, 1.01 * eta):
+        assert pc.preconditioned_step_loss(e * torch.eye(5), COV, N) > plain
+
+
+def test_layer_preconditioner_of_the_construction_and_of_a_random_layer():
+    gamma = pc.optimal_preconditioner(COV, N)
+    layer = icl.gd_transformer(5, 0.7, 1, preconditioner=gamma, dtype=torch.float64).layers[0]
+    assert torch.allclose(pc.layer_preconditioner(layer), 0.7 * gamma, atol=1e-12)
+    # Any FULL layer: the part of the prediction that is odd in y is exactly x_q^T Gamma h.
+    model = icl.linear_transformer(5, 1, n_heads=2, init_std=0.5, seed=1).double()
+    b = pre.make_task(QUICK).sample(50, icl.generator(0), dtype=torch.float64)
+    odd = (model.predict(b.xs, b.ys, b.x_query) - model.predict(b.xs, -b.ys, b.x_query)) / 2
+    h = torch.einsum("bnd,bn->bd", b.xs, b.ys) / b.xs.shape[1]
+    G = pc.layer_preconditioner(model.layers[0])
+    assert torch.allclose(odd, torch.einsum("bi,ij,bj->b", b.x_query, G, h), atol=1e-12)
+
+
+# --- GD++ ------------------------------------------------------------------------------------------
+
+
+def test_gdpp_transformer_equals_gdpp_solver_layer_by_layer():
+    b = pre.make_task(QUICK).sample(200, icl.generator(0), dtype=torch.float64)
+    stack = gdpp_transformer(5, eta=0.8, gamma=0.25, n_steps=4, dtype=torch.float64)
+    per_layer = stack.predict_per_layer(b.xs, b.ys, b.x_query)
+    for k in range(1, 5):
+        want = GDPlusPlus(0.8, 0.25, k).predict(b.xs, b.ys, b.x_query)
+        assert torch.allclose(per_layer[k - 1], want, atol=1e-10, rtol=0)
+    w = icl.implicit_weights(stack, b.xs, b.ys, b.x_query)
+    assert torch.allclose(w, GDPlusPlus(0.8, 0.25, 4).weights(b.xs, b.ys), atol=1e-10, rtol=0)
+
+
+def test_gdpp_with_gamma_zero_is_gradient_descent():
+    b = pre.make_task(QUICK).sample(100, icl.generator(1), dtype=torch.float64)
+    a = GDPlusPlus(0.7, 0.0, 3).predict(b.xs, b.ys, b.x_query)
+    assert torch.allclose(a, icl.GradientDescent(0.7, 3).predict(b.xs, b.ys, b.x_query), atol=1e-12)
+
+
+def test_tuned_gdpp_beats_tuned_gd_and_lowers_the_condition_number():
+    batch = pre.make_task(QUICK).sample(1000, icl.generator(2), dtype=torch.float64)
+    _, gd_loss = icl.tune_step_size(batch, 2)
+    eta, gamma, loss = tune_gdpp(batch, 2, max_iter=20)
+    assert gamma > 0 and loss < 0.8 * gd_loss
+    spectra = pre.gdpp_spectra(batch, gamma, 2)
+    kappa = spectra["condition_number"]
+    assert kappa[0] > kappa[1] > kappa[2]
+
+
+# --- the implicit linear model ---------------------------------------------------------------------
+
+
+def test_implicit_weights_per_layer_match_truncated_stacks():
+    model = icl.linear_transformer(5, 3, n_heads=2, init_std=0.3, seed=4).double()
+    b = pre.make_task(QUICK).sample(20, icl.generator(0), dtype=torch.float64)
+    w = implicit_weights_per_layer(model, b.xs, b.ys, b.x_query)  # (L, B, d)
+    preds = model.predict_per_layer(b.xs, b.ys, b.x_query)
+    for l in range(3):
+        truncated = icl.LinearTransformer(list(model.layers[: l + 1]))
+        assert torch.allclose(w[l], icl.implicit_weights(truncated, b.xs, b.ys, b.x_query), atol=1e-12)
+        assert torch.allclose(preds[l], torch.einsum("bd,bd->b", w[l], b.x_query), atol=1e-10)
+
+
+# --- the chapter's claims, at the smallest scale where they hold ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """One-layer (quick-profile training) and two- and three-layer models (shorter runs)."""
+    torch.manual_seed(0)
+    task = pre.make_task(QUICK)
+    models = {}
+    schedule = {1: QUICK.train_one_layer}
+    schedule[2] = replace(QUICK.train_deep, steps=200, batch_size=512)
+    schedule[3] = replace(QUICK.train_deep, steps=400, batch_size=512)
+    for L, cfg in schedule.items():
+        model = icl.linear_transformer(5, L, 1, seed=0)
+        icl.train(model, task, replace(cfg, seed=1), device=torch.device("cpu"))
+        models[L] = model.eval()
+    held_out = task.sample(50_000, icl.generator(2))
+    return models, held_out
+
+
+def test_one_layer_learns_gamma_star(trained):
+    models, held_out = trained
+    gamma = pc.optimal_preconditioner(COV, N)
+    loss = icl.evaluate(models[1], held_out)
+    assert loss == pytest.approx(pc.optimal_step_loss(COV, N), rel=0.03)
+    assert pc.relative_error(pc.layer_preconditioner(models[1].layers[0]), gamma) < 0.10
+
+
+def test_loss_falls_with_depth_and_three_layers_beat_three_gd_steps(trained):
+    models, held_out = trained
+    losses = [icl.evaluate(models[L], held_out) for L in (1, 2, 3)]
+    assert losses[0] > losses[1] > losses[2]
+    tune = pre.make_task(QUICK).sample(4096, icl.generator(3), dtype=torch.float64)
+    eta, _ = icl.tune_step_size(tune, 3)
+    assert losses[2] < icl.evaluate(icl.GradientDescent(eta, 3), held_out)
+
+
+def test_implicit_identity_holds_for_trained_full_models(trained):
+    models, held_out = trained
+    b = type(held_out)(*(t[:500].double() for t in held_out.tensors()))
+    for model in models.values():
+        assert pre.implicit_identity_error(model, b) < 1e-10
+
+
+# --- the experiment --------------------------------------------------------------------------------
+
+
+def test_smoke_run_has_the_issue_metrics():
+    result = pre.run("smoke")
+    m = result.metrics
+    for key in ("gamma_star_loss", "lsa1_loss", "preconditioner_rel_error", "profile", "device"):
+        assert key in m
+    for key in ("lsa_loss", "gd_loss", "pgd_loss", "gdpp_loss"):
+        assert set(m[key]) == {str(L) for L in pre.CONFIGS["smoke"].depths}
+    json.dumps(m)
+    assert set(result.figures()) >= {"depth", "preconditioner", "implicit_model", "spectrum", "anisotropy"}
+
+
+# --- bad input -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda: pc.rotated_covariance(scales=(1.0, -1.0)), "scales"),
+        (lambda: pc.optimal_preconditioner(torch.ones(2, 3), 5), "cov"),
+        (lambda: pc.optimal_preconditioner(torch.eye(3), 0), "n_ctx"),
+        (lambda: pc.preconditioned_step_loss(torch.eye(2), torch.eye(3), 5), "gamma"),
+        (lambda: pc.relative_error(torch.eye(2), torch.eye(3)), "shape"),
+        (lambda: pre.covariance(QUICK, anisotropy=0.0), "anisotropy"),
+        (lambda: GDPlusPlus(1.0, 0.1, n_steps=-1), "n_steps"),
+        (lambda: gdpp_transformer(3, 1.0, 0.1, n_steps=0), "n_steps"),
+        (lambda: tune_gdpp(None, n_steps=0), "n_steps"),
+    ],
+)
+def test_bad_input_raises_value_error(call, name):
+    with pytest.raises(ValueError, match=name):
+        call()
+
+
+# --- exercise checks ---------------------------------------------------------------------------------
+
+
+def test_checks_pass_the_reference_solutions():
+    assert checks.optimal_preconditioner(lambda cov, n: pc.optimal_preconditioner(cov, n)).passed
+
+    class Solver:
+        def __init__(self, eta, n_steps, gamma):
+            self.gd = icl.GradientDescent(eta, n_steps, gamma)
+
+        def predict(self, xs, ys, x_query):
+            return self.gd.predict(xs, ys, x_query)
+
+    assert checks.preconditioned_gd(Solver).passed
+    assert checks.implicit_models_per_layer(implicit_weights_per_layer).passed
+
+
+def test_checks_explain_planted_mistakes():
+    result = checks.optimal_preconditioner(lambda cov, n: torch.linalg.inv(cov))
+    assert result.status == "wrong" and "infinitely many" in result.message
+
+    class Transposed:
+        def __init__(self, eta, n_steps, gamma):
+            self.gd = icl.GradientDescent(eta, n_steps, gamma.T)
+
+        def predict(self, xs, ys, x_query):
+            return self.gd.predict(xs, ys, x_query)
+
+    result = checks.preconditioned_gd(Transposed)
+    assert result.status == "wrong" and "Gamma^T" in result.message
+
+    result = checks.implicit_models_per_layer(lambda m, xs, ys, xq: icl.implicit_weights(m, xs, ys, xq))
+    assert result.status == "wrong" and "not only the last" in result.message
+
+    def unfinished(cov, n):
+        raise NotImplementedError
+
+    assert checks.optimal_preconditioner(unfinished).status == "not implemented"
