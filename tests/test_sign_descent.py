@@ -1,0 +1,314 @@
+"""Chapter 7: the update rules against their closed forms, the data and model, the headline claims of
+Li et al. 2024 at the smoke scale, bad input, and the exercise checks."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from icl_course import optimizers as opt
+from icl_course.checks import sign_descent as checks
+from icl_course.experiments import sign_descent as sd
+from icl_course.signal_noise import (
+    SignalNoiseTask,
+    SoftmaxAttentionClassifier,
+    accuracy,
+    logistic_loss,
+    stage_quantities,
+    value_noise,
+)
+from icl_course.tasks import generator
+from icl_course.training import TrainingDiverged
+
+
+def random_grads(gen, shapes, steps, scale=1.0):
+    return [[scale * torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes] for _ in range(steps)]
+
+
+def rollout(rule, grads_per_step):
+    state = rule.init([torch.zeros_like(g) for g in grads_per_step[0]])
+    out = []
+    for grads in grads_per_step:
+        updates, state = rule.update(grads, state)
+        out.append(updates)
+    return out
+
+
+# --- update rules: every identity against a closed form, in float64 --------------------------------
+
+
+def test_adam_without_memory_is_sign_descent_up_to_eps():
+    gen = generator(0)
+    grads = random_grads(gen, [(3, 4), (5,)], steps=6, scale=1e-3)
+    lr, eps = 0.01, 1e-8
+    exact = rollout(opt.adam(lr, b1=0.0, b2=0.0, eps=0.0), grads)
+    with_eps = rollout(opt.adam(lr, b1=0.0, b2=0.0, eps=eps), grads)
+    sign = rollout(opt.sign_descent(lr), grads)
+    for gs, a, e, s in zip(grads, exact, with_eps, sign):
+        for g, a_k, e_k, s_k in zip(gs, a, e, s):
+            assert torch.equal(a_k, s_k)  # eps = 0: identical
+            # eps > 0: -lr g / (|g| + eps) = -lr sign(g) (1 - eps / (|g| + eps))
+            assert torch.allclose(e_k, s_k * (1 - eps / (g.abs() + eps)), rtol=1e-12, atol=0)
+            assert (e_k - s_k).abs().max() <= lr * eps / g.abs().min()
+
+
+def test_first_adam_step_is_a_sign_step_for_any_betas():
+    grads = random_grads(generator(1), [(7,)], steps=1)
+    for b1, b2 in [(0.9, 0.999), (0.5, 0.9), (0.0, 0.99)]:
+        (u,) = rollout(opt.adam(0.1, b1, b2, eps=0.0), grads)[0]
+        assert torch.allclose(u, -0.1 * torch.sign(grads[0][0]), rtol=1e-12, atol=0)
+
+
+def test_adam_matches_torch_adam():
+    gen = generator(2)
+    A = torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    A = A @ A.T / 6 + torch.eye(6, dtype=torch.float64)
+    c = torch.randn(6, generator=gen, dtype=torch.float64)
+    w_ours = torch.zeros(6, dtype=torch.float64, requires_grad=True)
+    w_torch = torch.zeros(6, dtype=torch.float64, requires_grad=True)
+    opt.minimize(lambda: 0.5 * (w_ours - c) @ A @ (w_ours - c), [w_ours], opt.adam(0.05, 0.8, 0.95, 1e-8), steps=30)
+    reference = torch.optim.Adam([w_torch], lr=0.05, betas=(0.8, 0.95), eps=1e-8)
+    for _ in range(30):
+        reference.zero_grad()
+        (0.5 * (w_torch - c) @ A @ (w_torch - c)).backward()
+        reference.step()
+    assert torch.allclose(w_ours, w_torch, rtol=1e-10, atol=1e-12)
+
+
+def test_gd_and_sign_descent_closed_forms_on_a_quadratic():
+    c = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    history = opt.minimize(lambda: 0.5 * ((w - c) ** 2).sum(), [w], opt.gd(0.3), steps=5)
+    assert torch.allclose(w, c * (1 - 0.7**5), rtol=1e-12)  # w_k - c = (1 - lr)^k (w_0 - c)
+    assert history.losses[0] == pytest.approx(0.5 * c.pow(2).sum().item())
+    w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    opt.minimize(lambda: 0.5 * ((w - c) ** 2).sum(), [w], opt.sign_descent(0.04), steps=10)
+    assert torch.allclose(w, 10 * 0.04 * torch.sign(c), rtol=1e-12)  # every coordinate moves lr per step
+
+
+def test_rules_are_pure():
+    g = [torch.ones(3)]
+    before = g[0].clone()
+    rule = opt.adam(0.1)
+    rule.update(g, rule.init(g))
+    assert torch.equal(g[0], before)
+
+
+# --- data and model ----------------------------------------------------------------------------------
+
+
+def test_data_model_shapes_sparsity_and_seed():
+    task = SignalNoiseTask(d=300, snr=0.7, sparsity=12, noise_norm=2.0)
+    batch = task.sample(400, generator(3), dtype=torch.float64)
+    assert batch.X.shape == (400, 2, 300)
+    assert torch.equal(batch.X[:, 0], batch.y[:, None] * batch.mu)  # signal patch y mu
+    assert torch.equal(batch.X[:, 1], batch.xi)
+    assert ((batch.xi != 0).sum(dim=1) == 12).all() and (batch.xi[:, 0] == 0).all()
+    assert batch.mu.norm().item() == pytest.approx(0.7 * 2.0)
+    assert batch.xi.pow(2).sum(dim=1).mean().sqrt().item() == pytest.approx(2.0, rel=0.05)  # sigma_p sqrt(s)
+    assert set(batch.y.tolist()) == {-1.0, 1.0}
+    again = task.sample(400, generator(3), dtype=torch.float64)
+    assert torch.equal(batch.X, again.X) and torch.equal(batch.y, again.y)
+
+
+def test_model_is_the_papers_formula(float64):
+    """f(X) = sum_j j (1/m_v) sum_l sum_r sum_l' S[l, l'] <w_{V,j,r}, x_l'>, written as loops."""
+    model = SoftmaxAttentionClassifier(d=7, width=3, value_width=4, init_std=0.5, seed=4).double()
+    X = torch.randn(5, 2, 7, generator=generator(5), dtype=torch.float64)
+    S = model.attention(X)
+    assert torch.allclose(S.sum(-1), torch.ones(5, 2, dtype=torch.float64))
+    want = torch.zeros(5, dtype=torch.float64)
+    for i in range(5):
+        # the scores: softmax over l' of <W_Q x_l, W_K x_l'>
+        scores = torch.stack([torch.stack([(model.W_Q @ X[i, l]) @ (model.W_K @ X[i, lp]) for lp in range(2)]) for l in range(2)])
+        assert torch.allclose(S[i], torch.softmax(scores, dim=-1))
+        for j, sign in ((0, 1.0), (1, -1.0)):
+            for l in range(2):
+                for r in range(4):
+                    for lp in range(2):
+                        want[i] += sign / 4 * S[i, l, lp] * (model.W_V[j, r] @ X[i, lp])
+    assert torch.allclose(model(X), want, rtol=1e-12)
+
+
+def test_value_noise_per_sample(float64):
+    task = SignalNoiseTask(d=40, snr=1.0, sparsity=4)
+    batch = task.sample(6, generator(6), dtype=torch.float64)
+    model = SoftmaxAttentionClassifier(d=40, width=2, init_std=1.0, seed=7).double()
+    want = [
+        sum(j * (model.W_V[k, r] @ (batch.y[i] * batch.xi[i])) for k, j in ((0, 1), (1, -1)) for r in range(2)) / 4
+        for i in range(6)
+    ]
+    assert torch.allclose(value_noise(model, batch), torch.stack(want))
+
+
+# --- the headline claims, at the smoke scale (d = 1000, n = 25, 120 steps) -------------------------
+
+
+@pytest.fixture(scope="module")
+def smoke():
+    return sd.run("smoke")
+
+
+def test_stage_one_value_noise_linear_while_key_noise_stays_at_init(smoke):
+    s = smoke.metrics["stage_summary"]["sign descent"]
+    train_set, _ = sd.datasets(smoke.config, smoke.config.snr)
+    # each coordinate moves by exactly lr, so <w_V, y_i xi_i> moves by at most lr ||xi_i||_1 a step
+    bound = smoke.config.lr_sign * train_set.xi.abs().sum(dim=1).mean().item()
+    assert bound == pytest.approx(smoke.metrics["sign_step_bound"], rel=0.1)  # its expectation
+    assert s["stage1_value_noise_increment_spread"] < 0.01  # equal increments: linear growth
+    assert 0.5 * bound < s["stage1_value_noise_per_step"] <= bound * (1 + 1e-5)
+    assert s["stage1_key_noise_relative_change"] < 0.15  # key noise near its initial size
+    assert s["stage1_value_noise_change"] > 5 * abs(s["stage1_key_noise_change"])
+
+
+def test_then_the_noise_patch_stops_attending_to_the_signal(smoke):
+    s = smoke.metrics["stage_summary"]["sign descent"]
+    attention = smoke.runs["sign descent"].stages["attention_noise_to_signal"]
+    k = smoke.config.stage1_steps
+    assert attention[0] == pytest.approx(0.5, abs=0.05)
+    assert attention[k] > 0.45  # still undecided at the end of stage I
+    assert s["steps_to_noise_attention_0.1"] is not None and s["steps_to_noise_attention_0.1"] > k
+    assert all(b <= a + 1e-3 for a, b in zip(attention[k:], attention[k + 1 :]))  # decays
+    assert s["steps_to_qk_sign_agreement_0.9"] is not None  # query/key noise signs align
+    assert s["memorisation_ratio"] > 3  # value noise dominates value signal
+
+
+def test_sign_descent_fits_fast_but_does_not_generalize(smoke):
+    m = smoke.metrics
+    assert m["steps_to_train_loss_0.1"]["sign descent"] <= 300
+    for name in ("sign descent", "Adam"):
+        assert m["train_accuracy"][name] == 1.0
+        assert m["test_accuracy"][name] < 0.8  # far below training accuracy at SNR 0.5
+    assert m["test_accuracy"]["GD"] >= 0.95  # GD generalizes on the same data
+    assert m["test_loss"]["sign descent"] > 10 * m["test_loss"]["GD"]
+    low = 0  # the sweep's lowest SNR
+    assert m["snr_sweep"]["GD"]["test_accuracy"][low] > m["snr_sweep"]["sign descent"]["test_accuracy"][low] + 0.2
+
+
+def test_metrics_and_figures(smoke):
+    m = json.loads(json.dumps(smoke.metrics))
+    for key in ("train_loss", "test_accuracy", "steps_to_train_loss_0.1"):
+        assert set(m[key]) == set(sd.OPTIMIZERS)
+    assert m["profile"] == "smoke" and "device" in m
+    assert len(m["stages"]["sign descent"]["value_noise"]) == smoke.config.steps + 1
+    assert set(smoke.figures()) == {"stages", "training", "generalization_gap", "snr_sweep"}
+    assert smoke.snr_curves(smoke.config.sweep_snrs[0]) is not None
+
+
+def test_same_seed_same_run():
+    config = sd.SignDescentConfig(d=200, n_train=10, n_test=20, steps=5, sweep_snrs=(1.0,), sweep_seeds=1)
+    a = sd.train_once(config, "Adam", 0.5, run_index=3, device=torch.device("cpu"))
+    b = sd.train_once(config, "Adam", 0.5, run_index=3, device=torch.device("cpu"))
+    assert a.train_loss == b.train_loss and a.final == b.final
+
+
+# --- bad input ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make, word",
+    [
+        (lambda: opt.sign_descent(0.0), "lr"),
+        (lambda: opt.gd(float("nan")), "lr"),
+        (lambda: opt.adam(0.1, b1=1.0), "b1"),
+        (lambda: opt.adam(0.1, b2=-0.1), "b2"),
+        (lambda: opt.adam(0.1, eps=-1.0), "eps"),
+        (lambda: SignalNoiseTask(d=1), "d"),
+        (lambda: SignalNoiseTask(d=10, sparsity=10), "sparsity"),
+        (lambda: SignalNoiseTask(snr=-1.0), "snr"),
+        (lambda: SignalNoiseTask(noise_norm=0.0), "noise_norm"),
+        (lambda: SignalNoiseTask(d=10, sparsity=2).sample(0, generator(0)), "n"),
+        (lambda: SoftmaxAttentionClassifier(d=5, width=0), "width"),
+        (lambda: SoftmaxAttentionClassifier(d=5, init_std=0.0), "init_std"),
+        (lambda: SoftmaxAttentionClassifier(d=5)(torch.zeros(3, 2, 4)), "X"),
+        (lambda: logistic_loss(torch.zeros(3), torch.zeros(4)), "logits"),
+        (lambda: accuracy(torch.zeros(3), torch.zeros(4)), "logits"),
+        (lambda: sd.SignDescentConfig(steps=0), "steps"),
+        (lambda: sd.SignDescentConfig(lr_gd=-1.0), "lr"),
+        (lambda: sd.SignDescentConfig(sweep_snrs=()), "sweep_snrs"),
+        (lambda: sd.SignDescentConfig(stage1_steps=500), "stage1_steps"),
+        (lambda: sd.SignDescentConfig(width=0), "width"),
+        (lambda: sd.SignDescentConfig(init_std=0.0), "init_std"),
+        (lambda: sd.train_once(sd.CONFIGS["smoke"], "SGD", 0.5), "optimizer"),
+        (lambda: opt.minimize(lambda: torch.zeros(()), [], opt.gd(0.1), steps=-1), "steps"),
+    ],
+)
+def test_bad_input_raises_value_error_naming_it(make, word):
+    with pytest.raises(ValueError, match=word):
+        make()
+
+
+def test_divergence_is_reported():
+    w = torch.ones(1, requires_grad=True)
+    with pytest.raises(TrainingDiverged):
+        opt.minimize(lambda: (w * math.inf).sum(), [w], opt.gd(0.1), steps=1)
+
+
+# --- exercise checks -----------------------------------------------------------------------------------
+
+
+def reference_adam(lr, b1, b2, eps):
+    return opt.adam(lr, b1, b2, eps)
+
+
+def test_checks_pass_the_references():
+    assert checks.sign_descent_rule(opt.sign_descent).passed
+    assert checks.adam_rule(reference_adam).passed
+    assert checks.value_noise_per_sample(value_noise).passed
+
+
+def gd_rule(lr):
+    return opt.gd(lr)
+
+
+def adam_no_bias_correction(lr, b1, b2, eps):
+    def init(params):
+        return [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+
+    def update(grads, state):
+        ms = [b1 * m + (1 - b1) * g for m, g in zip(state[0], grads)]
+        vs = [b2 * v + (1 - b2) * g * g for v, g in zip(state[1], grads)]
+        return [-lr * m / (v.sqrt() + eps) for m, v in zip(ms, vs)], (ms, vs)
+
+    return opt.UpdateRule(init, update)
+
+
+def value_noise_without_labels(model, batch):
+    w = model.W_V.mean(dim=1)
+    return ((w[0] - w[1]) @ batch.xi.T) / 2
+
+
+@pytest.mark.parametrize(
+    "run_check, wrong, words",
+    [
+        (checks.sign_descent_rule, gd_rule, "sign(g), not g"),
+        (checks.sign_descent_rule, lambda lr: opt.sign_descent(1.0), "learning rate"),
+        (checks.sign_descent_rule, lambda lr: opt.chain(opt.scale_by_sign(), opt.scale_by_learning_rate(lr), opt.scale_by_learning_rate(1.0)), "uphill"),
+        (checks.adam_rule, adam_no_bias_correction, "bias corrections"),
+        (checks.value_noise_per_sample, value_noise_without_labels, "label"),
+        (checks.value_noise_per_sample, lambda model, batch: value_noise(model, batch).mean(), "one number per sample"),
+    ],
+)
+def test_checks_give_specific_feedback(run_check, wrong, words):
+    result = run_check(wrong)
+    assert result.status == "wrong"
+    if words is not None:
+        assert words in result.message
+
+
+def test_check_reports_not_implemented():
+    def todo(lr):
+        raise NotImplementedError
+
+    assert checks.sign_descent_rule(todo).status == "not implemented"
+
+
+def test_reproduce_from_the_command_line(tmp_path):
+    from icl_course.cli import main
+
+    assert main(["reproduce", "sign-descent", "--profile", "smoke", "--out", str(tmp_path), "--quiet"]) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("train_loss", "test_accuracy", "steps_to_train_loss_0.1", "stages", "snr_sweep", "profile", "device"):
+        assert key in metrics
+    assert (tmp_path / "stages.png").stat().st_size > 1000
