@@ -262,16 +262,7 @@ def gd_rule(lr):
     return opt.gd(lr)
 
 
-def adam_no_bias_correction(lr, b1, b2, eps):
-    def init(params):
-        return [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
-
-    def update(grads, state):
-        ms = [b1 * m + (1 - b1) * g for m, g in zip(state[0], grads)]
-        vs = [b2 * v + (1 - b2) * g * g for v, g in zip(state[1], grads)]
-        return [-lr * m / (v.sqrt() + eps) for m, v in zip(ms, vs)], (ms, vs)
-
-    return opt.UpdateRule(init, update)
+adam_no_bias_correction = checks._adam_without_bias_correction  # the mistake the check recognises
 
 
 def value_noise_without_labels(model, batch):
