@@ -32,7 +32,7 @@ book: $(VENV)/.book-installed
 
 ## Unit tests, headline-claim tests and every notebook (smoke profile) through nbval.
 test: $(VENV)/.test-installed
-	ICL_COURSE_PROFILE=smoke $(BIN)/python -m pytest -n $(WORKERS) --dist loadfile \
+	ICL_COURSE_PROFILE=smoke OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(WORKERS) --dist loadfile \
 		--nbval-lax --nbval-current-env tests chapters exercises
 
 ## Regenerate the student versions of the exercises from their solution sources.

@@ -17,7 +17,7 @@ from torch import Tensor
 from .metrics import mse_loss
 from .tokens import check_shapes
 
-__all__ = ["GradientDescent", "GDPlusPlus", "LeastSquares", "Ridge", "tune_step_size", "tune_gdpp"]
+__all__ = ["LinearSolver", "GradientDescent", "GDPlusPlus", "LeastSquares", "Ridge", "tune_step_size", "tune_gdpp"]
 
 
 class LinearSolver:

@@ -93,8 +93,8 @@ def train(model: torch.nn.Module, task, config: TrainConfig, callback=None, devi
         if not math.isfinite(value):
             raise TrainingDiverged(
                 f"the training loss became {value} at step {step} (lr={config.lr_at(step):.2g}). "
-                "Try a smaller TrainConfig.lr (e.g. a third of it), a tighter grad_clip, a smaller "
-                "init_std, or a token clamp (linear_transformer(..., clamp=10)) for deep stacks."
+                "Try a smaller TrainConfig.lr (e.g. a third of it), a tighter grad_clip or a smaller "
+                "initialisation; for deep linear transformers, a token clamp (linear_transformer(..., clamp=10))."
             )
         opt.zero_grad(set_to_none=True)
         loss.backward()

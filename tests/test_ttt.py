@@ -1,0 +1,203 @@
+"""Chapter 5: the TTT layer equals the closed forms it should, its two forms agree, and the claim holds."""
+
+import pytest
+import torch
+
+from icl_course import ttt
+from icl_course.checks import ttt as checks
+from icl_course.experiments import ttt as experiment
+from icl_course.sequence_models import SequenceModel, TTTMixer, make_mixer
+from icl_course.sequence_regression import SequenceRegressionTask, ridge_by_position
+from icl_course.tasks import generator
+from icl_course.training import TrainConfig, train
+
+
+def qkv(seed=0, B=2, H=2, T=48, f=8, dtype=torch.float64):
+    gen = generator(seed)
+    return tuple(torch.randn(B, H, T, f, generator=gen, dtype=dtype) / f**0.5 for _ in range(3))
+
+
+# --- the identities, float64 ----------------------------------------------------------------------
+
+
+def test_one_full_batch_gd_step_from_zero_is_linear_attention():
+    q, k, v = qkv()
+    z = ttt.one_gd_step_full_batch(q, k, v, eta=0.5)
+    assert (z - q @ k.transpose(-1, -2) @ v).abs().max() < 1e-10
+    # another eta scales the answer by 2 eta: the identity is not an accident of eta = 1/2
+    assert (ttt.one_gd_step_full_batch(q, k, v, eta=0.2) - 0.4 * z).abs().max() < 1e-10
+
+
+def test_mini_batch_T_is_causal_linear_attention_and_b_1_is_the_delta_rule():
+    q, k, v = qkv(1)
+    B, H, T, f = q.shape
+    zero = [(torch.zeros(H, f, f, dtype=torch.float64), None)]
+    for form in (ttt.ttt_primal, ttt.ttt_dual):
+        z, _ = form(q, k, v, torch.full((B, H, T), 0.5, dtype=torch.float64), zero, mini_batch=T)
+        assert (z - ttt.linear_attention(q, k, v)).abs().max() < 1e-10
+        eta = 0.5 * torch.rand(B, H, T, generator=generator(2), dtype=torch.float64)
+        z, _ = form(q, k, v, eta, zero, mini_batch=1)
+        assert (z - ttt.delta_rule(q, k, v, beta=2 * eta)).abs().max() < 1e-10
+    # a mini-batch in between is neither
+    z, _ = ttt.ttt_primal(q, k, v, torch.full((B, H, T), 0.5, dtype=torch.float64), zero, mini_batch=8)
+    assert (z - ttt.linear_attention(q, k, v)).abs().max() > 1e-3
+
+
+def test_nadaraya_watson_is_softmax_attention():
+    q, k, v = qkv(3)
+    for causal in (True, False):
+        nw = ttt.nadaraya_watson(q, k, v, causal=causal)
+        assert (nw - ttt.softmax_attention(q, k, v, causal=causal)).abs().max() < 1e-10
+
+
+def test_chunked_forms_equal_their_recurrences():
+    q, k, v = (torch.nn.functional.normalize(t, dim=-1) for t in qkv(4, T=37))
+    beta = torch.rand(q.shape[:3], generator=generator(5), dtype=torch.float64)
+    assert (ttt.delta_rule_chunked(q, k, v, beta, chunk=8)[0] - ttt.delta_rule(q, k, v, beta)).abs().max() < 1e-10
+    assert (ttt.linear_attention_chunked(q, k, v, chunk=8)[0] - ttt.linear_attention(q, k, v)).abs().max() < 1e-10
+
+
+def test_experiment_reports_the_identities():
+    errors = experiment.identity_errors()
+    assert len(errors) == 4 and max(errors.values()) < 1e-10
+
+
+# --- primal and dual forms, float32 ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_primal_and_dual_forms_agree_with_layer_norm_bias_and_residual(kind):
+    q, k, v = qkv(6, T=40, dtype=torch.float32)
+    H, f = q.shape[1], q.shape[3]
+    gen = generator(7)
+    eta = 0.1 * torch.rand(q.shape[:3], generator=gen)
+    params = ttt.init_inner_params(f, H, kind, std=0.3, gen=gen)
+    ln = (1 + 0.1 * torch.randn(H, f, generator=gen), 0.1 * torch.randn(H, f, generator=gen))
+    z_p, s_p = ttt.ttt_primal(q, k, v, eta, params, mini_batch=16, ln=ln, residual=True)  # 40 = 16 + 16 + 8
+    z_d, s_d = ttt.ttt_dual(q, k, v, eta, params, mini_batch=16, ln=ln, residual=True)
+    assert (z_p - z_d).abs().max() < 1e-5
+    for (W_p, b_p), (W_d, b_d) in zip(s_p, s_d):
+        assert (W_p - W_d).abs().max() < 1e-5 and (b_p - b_d).abs().max() < 1e-5
+
+
+def test_hand_written_inner_gradient_matches_autograd(float64):
+    q, k, v = qkv(8, T=6)
+    H, f = q.shape[1], q.shape[3]
+    params = ttt.init_inner_params(f, H, "mlp", std=0.5, gen=generator(9))
+    params = [(W.double(), b.double()) for W, b in params]
+    ln = (torch.rand(H, f, generator=generator(10)) + 0.5, torch.zeros(H, f))
+    inputs, grads = ttt.inner_loss_grads(k, v, params, ln=ln, residual=True)
+    for i in range(k.shape[2]):  # token by token, autograd on l_i(W)
+        leaves = [(W.expand(2, -1, -1, -1).clone().requires_grad_(True), b.expand(2, -1, -1).clone().requires_grad_(True))
+                  for W, b in params]
+        out, _, _ = ttt._forward(k[:, :, i:i + 1], leaves)
+        out = k[:, :, i:i + 1] + ttt._layer_norm(out, ln)[0]
+        loss = ((out - v[:, :, i:i + 1]) ** 2).sum()
+        auto = torch.autograd.grad(loss, [W for W, _ in leaves])
+        for layer, (x, g) in enumerate(zip(inputs, grads)):
+            by_hand = x[:, :, i, :, None] * g[:, :, i, None, :]  # x_i^T g_i
+            assert (by_hand - auto[layer]).abs().max() < 1e-10
+
+
+def test_dual_form_is_faster_on_1024_tokens():
+    torch.manual_seed(0)
+    result = experiment.primal_dual(T=1024, f=64, H=1, mini_batch=16, kind="linear", repeats=5, device=torch.device("cpu"))
+    assert result["max_abs_err"] < 1e-5
+    assert result["dual_seconds"] < result["primal_seconds"]
+
+
+# --- the outer loop: TTT-Linear and the delta rule beat linear attention ---------------------------
+
+
+def test_ttt_linear_and_delta_rule_beat_linear_attention_on_regression():
+    # The smallest scale where the chapter's claim holds (see the chapter for the quick profile).
+    task = SequenceRegressionTask(d=4, n_points=16, noise=0.1)
+    held_out = task.sample(512, generator(2))
+    config = TrainConfig(steps=500, batch_size=32, lr=1e-2, warmup=0.05, schedule="cosine", seed=1)
+    errors = {}
+    for mixer in ("linear-attention", "delta-rule", "ttt-linear"):
+        model = SequenceModel(task.token_dim, 1, mixer, width=16, n_layers=1, n_heads=1, mini_batch=4, seed=0)
+        train(model, task, config, device=torch.device("cpu"))
+        errors[mixer] = task.error_by_position(model, held_out)[-4:].mean().item()
+    assert errors["delta-rule"] < errors["linear-attention"]
+    assert errors["ttt-linear"] < errors["linear-attention"]
+    assert min(errors.values()) < 0.5 * task.y_variance  # and something was learned
+
+
+def test_hand_made_inner_loop_learns_in_context():
+    task = SequenceRegressionTask(d=4, n_points=32, noise=0.1)
+    batch = task.sample(256, generator(3))
+    errors = experiment.inner_loop_errors(batch, eta=0.05, mini_batch=1)
+    assert errors.shape == (32,)
+    assert errors[-8:].mean() < 0.2 * errors[0]  # online GD on (x_i, y_i) learns w
+    assert errors[-8:].mean() > ridge_by_position(task, batch)[-8:].mean()  # but not better than Bayes
+
+
+# --- determinism, bad input, the experiment ---------------------------------------------------------
+
+
+def test_same_seed_same_model_and_same_batch():
+    a, b = SequenceModel(6, 1, "ttt-mlp", width=8, n_heads=2, seed=3), SequenceModel(6, 1, "ttt-mlp", width=8, n_heads=2, seed=3)
+    assert all(torch.equal(p, r) for p, r in zip(a.parameters(), b.parameters()))
+    task = SequenceRegressionTask(d=4, n_points=8)
+    assert torch.equal(task.tokens(task.sample(3, generator(1))), task.tokens(task.sample(3, generator(1))))
+
+
+@pytest.mark.parametrize(
+    "make, word",
+    [
+        (lambda: SequenceRegressionTask(d=0), "d"),
+        (lambda: SequenceRegressionTask(n_points=-1), "n_points"),
+        (lambda: SequenceRegressionTask(noise=-0.1), "noise"),
+        (lambda: make_mixer("mamba", 8, 2), "mixer"),
+        (lambda: TTTMixer(8, 2, mini_batch=0), "mini_batch"),
+        (lambda: TTTMixer(8, 2, eta_base=0.0), "eta_base"),
+        (lambda: TTTMixer(8, 3), "n_heads"),
+        (lambda: ttt.init_inner_params(4, 1, "rnn"), "kind"),
+        (lambda: SequenceModel(6, 1, width=0), "width"),
+        (lambda: ttt.ttt_dual(*qkv(T=4), torch.ones(2, 2, 5), [], 2), "eta"),
+        (lambda: ttt.ttt_primal(*qkv(T=4), torch.ones(2, 2, 4), [], 0), "mini_batch"),
+        (lambda: ttt.linear_attention_chunked(*qkv(T=4)[:2], torch.ones(2, 2, 4, 3)), "q, k, v"),
+        (lambda: ttt.linear_attention_chunked(*qkv(T=4), chunk=0), "chunk"),
+        (lambda: ttt.delta_rule_chunked(*qkv(T=4), torch.ones(2, 2, 3)), "beta"),
+    ],
+)
+def test_bad_input_names_the_parameter(make, word):
+    with pytest.raises(ValueError, match=word):
+        make()
+
+
+def test_smoke_profile_runs_and_reports_every_metric():
+    result = experiment.run("smoke")
+    m = result.metrics
+    for key in ("linear_attention_equivalence_max_abs_err", "delta_rule_equivalence_max_abs_err",
+                "softmax_equivalence_max_abs_err", "primal_dual_max_abs_err", "dual_speedup", "profile", "device"):
+        assert key in m
+    assert {"linear-attention", "ttt-linear", "delta-rule", "ttt-mlp", "softmax"} <= set(m["icl_error"])
+    assert m["primal_dual_max_abs_err"] < 1e-5 and m["linear_attention_equivalence_max_abs_err"] < 1e-10
+    assert m["state_floats"]["softmax"][-1] > m["state_floats"]["softmax"][0]  # the cache grows ...
+    assert m["state_floats"]["ttt-linear"][-1] == m["state_floats"]["ttt-linear"][0]  # ... TTT's state does not
+    assert set(result.figures()) == {"inner_loop_dial", "training", "error_by_position", "icl_error", "mini_batch", "cost"}
+
+
+# --- the exercise checks ------------------------------------------------------------------------------
+
+
+def test_checks_pass_the_solutions_and_flag_planted_mistakes():
+    assert checks.inner_gradient(lambda W, K, V: 2 * K.T @ (K @ W - V)).passed
+    half = checks.inner_gradient(lambda W, K, V: K.T @ (K @ W - V))
+    assert half.status == "wrong" and "factor 2" in half.message
+    assert "transpose" in checks.inner_gradient(lambda W, K, V: 2 * (K @ W - V).T @ K).message
+
+    assert checks.one_step_is_linear_attention(lambda Q, K, V, eta: 2 * eta * Q @ K.T @ V).passed
+    assert "eta = 1/2" in checks.one_step_is_linear_attention(lambda Q, K, V, eta: Q @ K.T @ V).message
+    assert "sign" in checks.one_step_is_linear_attention(lambda Q, K, V, eta: -2 * eta * Q @ K.T @ V).message
+
+    def dual(Q, K, V, eta, W, mask=True):
+        G = 2 * (K @ W - V)
+        A = (torch.tril(Q @ K.T) if mask else Q @ K.T) * eta[None, :]
+        return Q @ W - A @ G, W - K.T @ (eta[:, None] * G)
+
+    assert checks.dual_mini_batch(dual).passed
+    assert "tril" in checks.dual_mini_batch(lambda *a: dual(*a, mask=False)).message
+    assert checks.dual_mini_batch(lambda *a: 1 / 0).status == "error"
