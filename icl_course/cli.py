@@ -4,6 +4,8 @@
     icl-course reproduce TOPIC [--profile P] [--out DIR]
                                                      run a chapter's experiment headless; write its
                                                      figures (PNG) and metrics.json into DIR
+    icl-course reproduce TOPIC --write-weights [--weights-dir DIR]
+                                                     retrain the topic's shipped weights (with provenance)
     icl-course assign CHAPTER [CHAPTER ...] --out DIR   student versions, solutions, a README
     icl-course grade SUBMISSION.ipynb [...] [--out FILE.csv|FILE.json] [--timeout S] [--chapter C]
 """
@@ -63,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--profile", choices=[*PROFILES, "auto"], default=None, help=f"default: ${PROFILE_ENV} or auto")
     rep.add_argument("--out", type=Path, default=None, help="output folder (default: results/TOPIC)")
     rep.add_argument("--quiet", action="store_true", help="no progress bar")
+    rep.add_argument("--write-weights", action="store_true",
+                     help="instead: retrain the topic's shipped pretrained weights and write them with provenance")
+    rep.add_argument("--weights-dir", type=Path, default=None, help="where --write-weights writes (default: the package)")
     asg = sub.add_parser("assign", help="write student versions and solutions of chapters' exercises")
     asg.add_argument("chapters", nargs="+", help="exercise notebooks by number or name, e.g. 1 or 01_gd_step")
     asg.add_argument("--out", type=Path, required=True, help="output folder")
@@ -94,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.out is not None:
                 grading.write_report(results, args.out)
                 print(f"wrote {args.out}", file=sys.stderr)
+        elif args.write_weights:
+            experiment = load(args.topic)
+            if not hasattr(experiment, "write_weights"):
+                raise ValueError(f"topic {args.topic!r} ships no pretrained weights")
+            for record in experiment.write_weights(folder=args.weights_dir, progress=not args.quiet):
+                print(json.dumps(record.get("metrics", record), sort_keys=True))
         else:
             out = args.out or Path("results") / args.topic
             metrics = reproduce(args.topic, args.profile, out, progress=not args.quiet)

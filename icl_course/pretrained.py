@@ -83,7 +83,7 @@ def load(name: str, folder: Path | None = None, dtype=torch.float32) -> LinearTr
         raise ChecksumError(
             f"{weights} has sha256 {digest[:12]}..., but its provenance records {record['sha256'][:12]}...: "
             "the file was changed or damaged. Reinstall the package, or regenerate the weights with the "
-            "experiment that made them (for mixed_noise/*: python -m icl_course.experiments.mixed_noise --write-weights)."
+            "experiment that made them (icl-course reproduce TOPIC --write-weights)."
         )
     model = linear_transformer(**record["architecture"], init_std=0.0)
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))

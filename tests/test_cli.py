@@ -26,3 +26,9 @@ def test_bad_topic_or_profile(argv, word, capsys):
     with pytest.raises(SystemExit):
         main(argv)
     assert word in capsys.readouterr().err
+
+
+def test_write_weights_needs_a_topic_that_ships_weights(capsys):
+    with pytest.raises(SystemExit):
+        main(["reproduce", "gd-step", "--write-weights"])
+    assert "ships no pretrained weights" in capsys.readouterr().err

@@ -518,7 +518,7 @@ def traces_figure(traces: dict):
     )
 
 
-def regenerate_weights(folder: Path | None = None, progress: bool = True) -> list[dict]:
+def write_weights(folder: Path | None = None, progress: bool = True) -> list[dict]:
     """Retrain every shipped model and write it with provenance into ``folder`` (default: the package)."""
     return [train_pretrained(spec, folder=folder, progress=progress)[1] for spec in SHIPPED]
 
@@ -560,11 +560,11 @@ def headline(table: dict, setting: str = "U(0,5)") -> dict:
     return out
 
 
-if __name__ == "__main__":  # python -m icl_course.experiments.mixed_noise --write-weights [FOLDER]
+if __name__ == "__main__":  # same as: icl-course reproduce mixed-noise --write-weights [--weights-dir FOLDER]
     import sys
 
     if len(sys.argv) < 2 or sys.argv[1] != "--write-weights":
         raise SystemExit("usage: python -m icl_course.experiments.mixed_noise --write-weights [FOLDER]")
     target = Path(sys.argv[2]) if len(sys.argv) > 2 else None
-    for record in regenerate_weights(target):
+    for record in write_weights(target):
         print(record["method"], record["setting"], record["metrics"])
