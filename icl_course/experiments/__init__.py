@@ -14,6 +14,8 @@ TOPICS = {
     "preconditioning": "icl_course.experiments.preconditioning",  # chapter 2
     "mixed-noise": "icl_course.experiments.mixed_noise",  # chapter 3
     "newton": "icl_course.experiments.newton",  # chapter 4
+    "ttt": "icl_course.experiments.ttt",  # chapter 5
+    "looped": "icl_course.experiments.looped",  # chapter 6
     "sign-descent": "icl_course.experiments.sign_descent",  # chapter 7
 }
 

@@ -1,0 +1,451 @@
+"""Chapter 6's experiment: looped transformers generalize to longer inputs by looping longer.
+
+Fan et al. 2024 (arXiv 2409.15647) train one decoder block, looped ``T(n)`` times for an input of
+length ``n``, to emit the whole answer of parity, copy or addition, and find that it keeps working
+on inputs longer than any seen in training if it is simply looped longer, where next-token
+transformers of fixed depth fail. Their code is not public; the sizes here are ours
+(``LoopedConfig``).
+
+``run(profile)`` trains, on the same data stream,
+
+- ``looped``: the paper's training, supervision after exactly ``T(n)`` loops;
+- ``looped-fp``: the same model supervised after ``T(n) + k`` loops, ``k ~ U{0..K}``, which makes the
+  answer a fixed point of the loop (our change, the one that makes stopping without the oracle work);
+- ``fixed-loop``: the looped block with one fixed loop count at every length;
+- ``next-token``: four distinct blocks of half the width (the same parameter count), next-token trained;
+
+and measures exact-answer accuracy at every test length, with the oracle ``T(n)`` and with two
+stopping rules (maximum confidence, the paper's; and "the answer stopped changing"). Where the
+``quick`` budget is too small, the chapter also evaluates the shipped ``looped/*`` weights, trained
+by ``python -m icl_course.experiments.looped --write-weights`` (the ``full`` profile's settings).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from .. import plots
+from ..algorithmic_tasks import make_task
+from ..looped import (
+    FullAnswerObjective,
+    LoopedTransformer,
+    NextTokenObjective,
+    NextTokenTransformer,
+    accuracy,
+    answer_confidence,
+    load,
+    max_confidence_stop,
+    save,
+    stable_stop,
+)
+from ..progress import ProgressBar
+from ..runtime import get_device, get_profile
+from ..tasks import generator
+from ..training import TrainConfig, train
+
+__all__ = [
+    "LoopedConfig", "LoopedResult", "CONFIGS", "METHODS", "run", "train_models", "evaluate_looped", "accuracy_by_loop",
+    "accuracy_figure", "confidence_figure", "loops_figure", "ship", "write_weights", "shipped_name",
+]
+
+# Every method of the accuracy table, in the order of the figures.
+METHODS = (
+    "looped-oracle", "looped-adaptive", "looped-stable",
+    "looped-fp-oracle", "looped-fp-adaptive", "looped-fp-stable",
+    "fixed-loop", "next-token",
+)
+
+
+@dataclass(frozen=True)
+class LoopedConfig:
+    tasks: tuple[str, ...] = ("parity",)  # which tasks to train and test (parity, copy, addition)
+    train_lengths: dict = field(default_factory=lambda: {"parity": (1, 12), "copy": (1, 10), "addition": (1, 8)})
+    test_factor: int = 2  # test lengths run from 1 to test_factor x the longest training length
+    width: int = 64  # the looped block's width ...
+    n_heads: int = 4  # ... and heads
+    baseline_width: int = 32  # next-token: n_layers blocks of this width (4 x 32^2 = 64^2 parameters)
+    baseline_layers: int = 4
+    steps: int = 600  # optimizer steps of each looped model
+    baseline_steps: int = 600  # ... of the fixed-loop baseline
+    next_token_steps: int = 1500  # ... of the next-token baseline (one pass per step: cheap)
+    batch_size: int = 64  # sequences per step, split into `groups` single-length groups
+    groups: int = 4
+    lr: float = 1e-3  # AdamW, 5% warm-up, then `schedule`
+    schedule: str = "cosine"  # or "constant"
+    weight_decay: float = 0.01
+    extra_loops: int = 6  # K of the fixed-point training: supervise after T(n) + k, k ~ U{0..K}
+    fp_steps: int = 300  # looped-fp fine-tunes the trained looped model this many steps (0: train it from scratch)
+    unsure_weight: float = 1.0  # looped-fp also learns a flat answer before loop T(n) - 1 (0: off)
+    extra_cap: int = 8  # stopping rules may run up to T(longest test length) + extra_cap loops
+    patience: int = 2  # the stable rule stops when the answer is unchanged for this many loops ...
+    min_confidence: float = math.log(0.9)  # ... with a confidence (mean log-prob) at least this
+    train_fp: bool = True  # train looped-fp here (else only the shipped weights show it)
+    seeds: tuple[int, ...] = (0,)  # model seeds of the paper's looped model (figures use the first)
+    n_eval: int = 256  # test sequences per length
+    length_step: int = 1  # test every length_step-th length
+    pretrained: bool = True  # also evaluate the shipped looped/* weights
+    seed: int = 0  # data streams: seed + 1 (training), seed + 2 (test)
+
+    def __post_init__(self):
+        for name in ("test_factor", "width", "n_heads", "baseline_width", "baseline_layers", "steps",
+                     "baseline_steps", "next_token_steps", "batch_size", "groups", "n_eval", "length_step", "patience"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"LoopedConfig.{name} must be an integer >= 1, got {value!r}")
+        for name in ("extra_loops", "extra_cap", "fp_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"LoopedConfig.{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if not self.tasks or not self.seeds:
+            raise ValueError("LoopedConfig.tasks and LoopedConfig.seeds must be non-empty")
+        for name in self.tasks:
+            if name not in self.train_lengths:
+                raise ValueError(f"LoopedConfig.train_lengths has no entry for task {name!r}")
+            self.task(name)  # validates the name and the lengths
+
+    def task(self, name: str):
+        lo, hi = tuple(self.train_lengths[name])
+        return make_task(name, (lo, hi), (1, self.test_factor * hi), groups=self.groups)
+
+    def train_config(self, steps: int, seed_offset: int = 0) -> TrainConfig:
+        return TrainConfig(steps=steps, batch_size=self.batch_size, lr=self.lr, warmup=0.05, schedule=self.schedule,
+                           weight_decay=self.weight_decay, seed=self.seed + 1 + seed_offset, log_every=20)
+
+
+CONFIGS = {
+    # seconds: the pipeline and the shapes, not the claims (the shipped weights still show them)
+    "smoke": LoopedConfig(train_lengths={"parity": (1, 4)}, steps=10, baseline_steps=10, next_token_steps=10,
+                          fp_steps=10, groups=2, n_eval=32, extra_cap=2, length_step=2),
+    # a few CPU-minutes: the paper's looped model and both baselines on parity; looped-fp from the shipped weights
+    "quick": LoopedConfig(steps=700, baseline_steps=400, next_token_steps=800, schedule="constant", train_fp=False,
+                          n_eval=256),
+    # the shipped weights' settings, and three seeds of the paper's model; GPU-sized for copy and addition
+    "full": LoopedConfig(tasks=("parity", "copy", "addition"), steps=2000, baseline_steps=1000, fp_steps=600,
+                         seeds=(0, 1, 2), n_eval=1000),
+}
+
+
+def shipped_name(task: str, family: str = "looped-fp") -> str:
+    """``looped/parity-fp`` (the fixed-point looped model) or ``looped/parity-next-token`` (the baseline)."""
+    return f"looped/{task}-{family.removeprefix('looped-')}"
+
+
+@dataclass
+class LoopedResult:
+    config: LoopedConfig
+    models: dict  # (method family, task) -> trained model (CPU)
+    histories: dict  # (method family, task) -> History
+    traces: dict  # task -> {"confidence": (T, B) list, "correct": ..., "n": int} for the confidence figure
+    metrics: dict
+
+    def figures(self) -> dict:
+        """Every figure of the chapter, by name (what ``icl-course reproduce`` saves)."""
+        figs = {}
+        for task in self.config.tasks:
+            figs[f"accuracy_{task}"] = accuracy_figure(self.metrics, task)
+        for key, trace in self.traces.items():
+            figs[f"confidence_{key}"] = confidence_figure(trace, title=key)
+        if self.histories:
+            figs["loss_curves"] = loss_figure(self.histories, self.config.tasks)
+        return {k: v for k, v in figs.items() if v is not None}
+
+
+# --- evaluation --------------------------------------------------------------------------------------
+
+
+def evaluate_looped(model: LoopedTransformer, batch, max_loops: int, patience: int = 2,
+                    min_confidence: float = math.log(0.9)) -> dict:
+    """Accuracy of one looped model on one batch: oracle T(n), max-confidence and stable stopping.
+
+    Also returns the mean loop count each rule chose (``*_loops``).
+    """
+    L_ans = batch.answer.shape[1]
+    with torch.no_grad():
+        logits = model.trajectory(batch.prompt(), max(max_loops, batch.steps), last=L_ans)  # (T, B, L_ans, V)
+    adaptive, t_adaptive = max_confidence_stop(logits)
+    stable, t_stable = stable_stop(logits, patience, min_confidence)
+    return {
+        "oracle": accuracy(logits[batch.steps - 1].argmax(-1), batch.answer),
+        "adaptive": accuracy(adaptive, batch.answer),
+        "stable": accuracy(stable, batch.answer),
+        "adaptive_loops": t_adaptive.float().mean().item(),
+        "stable_loops": t_stable.float().mean().item(),
+    }
+
+
+def confidence_trace(model: LoopedTransformer, batch, max_loops: int, n_show: int = 8) -> dict:
+    """Per-loop confidence and correctness of a few sequences (the confidence figure's data)."""
+    L_ans = batch.answer.shape[1]
+    with torch.no_grad():
+        logits = model.trajectory(batch.prompt()[:n_show], max_loops, last=L_ans)
+    answers, conf = answer_confidence(logits)
+    correct = (answers == batch.answer[:n_show].unsqueeze(0)).all(-1)  # (T, B)
+    return {"n": batch.n, "steps": batch.steps, "confidence": conf.T.tolist(), "correct": correct.T.tolist()}
+
+
+def accuracy_by_loop(model: LoopedTransformer, batch, max_loops: int) -> list[float]:
+    """Exact-answer accuracy after each loop count 1..max_loops (one trajectory, no retraining)."""
+    L_ans = batch.answer.shape[1]
+    with torch.no_grad():
+        logits = model.trajectory(batch.prompt(), max_loops, last=L_ans)
+    return [accuracy(step.argmax(-1), batch.answer) for step in logits]
+
+
+def loops_figure(curves: dict[str, list[float]], steps: int, n: int):
+    """Accuracy against the number of loops at one input length, T(n) marked."""
+    fig, (ax,) = plots.figure(width=6.4, height=3.4)
+    for name, accs in curves.items():
+        ax.plot(range(1, len(accs) + 1), accs, marker="o", ms=3, label=name)
+    ax.axvline(steps, color="k", ls="--", lw=1, label=f"T(n) = {steps}")
+    ax.set(xlabel="loops", ylabel="exact-answer accuracy", ylim=(-0.03, 1.03), title=f"input length n = {n}")
+    ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def loss_figure(histories: dict, tasks) -> object:
+    """Training loss against step, one panel per task, one curve per model family (own step counts)."""
+    fig, axes = plots.figure(ncols=len(tasks), width=4.5)
+    for ax, task in zip(axes, tasks):
+        for (family, t), history in histories.items():
+            if t == task:
+                ax.plot([s + 1 for s in history.steps], history.losses, label=family)
+        ax.set(xlabel="step", ylabel="training loss (cross-entropy)", yscale="log", title=task)
+        ax.legend(fontsize=8)
+    return fig
+
+
+def accuracy_figure(metrics: dict, task: str, methods=None, length: int | None = None):
+    """Accuracy against input length, one curve per method, training lengths shaded."""
+    fig, (ax,) = plots.figure(width=6.4, height=3.8)
+    lo, hi = metrics["train_lengths"][task]
+    ax.axvspan(lo - 0.5, hi + 0.5, color="0.85", label="training lengths")
+    styles = {"looped-oracle": "-", "looped-adaptive": ":", "looped-stable": ":", "fixed-loop": "--", "next-token": "--"}
+    for method, per_task in metrics["accuracy"].items():
+        if task not in per_task or (methods is not None and method not in methods):
+            continue
+        lengths = sorted(int(n) for n in per_task[task])
+        ax.plot(lengths, [per_task[task][str(n)] for n in lengths], marker="o", ms=3,
+                ls=styles.get(method.replace("shipped-", "").replace("-fp", ""), "-"), label=method)
+    if length is not None:
+        ax.axvline(length, color="k", lw=0.8)
+    ax.set(xlabel="input length n", ylabel="exact-answer accuracy", ylim=(-0.03, 1.03), title=task)
+    ax.legend(fontsize=7, loc="lower left", ncols=2)
+    return fig
+
+
+def confidence_figure(trace: dict, title: str = ""):
+    """Confidence against loop step for a few sequences; filled markers where the answer is right."""
+    fig, (ax,) = plots.figure(width=6.4, height=3.4)
+    for i, (conf, ok) in enumerate(zip(trace["confidence"], trace["correct"])):
+        loops = range(1, len(conf) + 1)
+        ax.plot(loops, conf, color=f"C{i}", lw=0.8)
+        ax.scatter([t for t, c in zip(loops, ok) if c], [v for v, c in zip(conf, ok) if c], color=f"C{i}", s=10)
+        ax.scatter([t for t, c in zip(loops, ok) if not c], [v for v, c in zip(conf, ok) if not c],
+                   facecolors="none", edgecolors=f"C{i}", s=10)
+    ax.axvline(trace["steps"], color="k", ls="--", lw=1, label=f"T(n) = {trace['steps']}")
+    ax.set(xlabel="loop", ylabel="confidence (mean log-prob of the argmax)",
+           title=f"{title}, n = {trace['n']} (filled: answer right)")
+    ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def _accuracy_table(config: LoopedConfig, task: str, predictors: dict, device) -> dict:
+    """``{method: {length: accuracy}}`` for the predictors of one task, on the same test batches."""
+    spec = config.task(task)
+    cap = spec.steps(spec.test_lengths[1]) + config.extra_cap
+    table = {}
+    for n in range(1, spec.test_lengths[1] + 1, config.length_step):
+        batch = spec.sample_length(n, config.n_eval, generator(config.seed + 2 + 1000 * n), device=device)
+        for family, model in predictors.items():
+            if isinstance(model, NextTokenTransformer):
+                table.setdefault(family, {})[str(n)] = accuracy(model.predict(batch), batch.answer)
+            elif family == "fixed-loop":
+                table.setdefault(family, {})[str(n)] = accuracy(model.predict(batch, config_fixed_loops(config, task)), batch.answer)
+            else:
+                result = evaluate_looped(model, batch, cap, config.patience, config.min_confidence)
+                for rule in ("oracle", "adaptive", "stable"):
+                    table.setdefault(f"{family}-{rule}", {})[str(n)] = result[rule]
+    return table
+
+
+def config_fixed_loops(config: LoopedConfig, task: str) -> int:
+    """The fixed-loop baseline's loop count: T(longest training length), enough for every training input."""
+    spec = config.task(task)
+    return spec.steps(spec.train_lengths[1])
+
+
+def _train(model, objective, config: LoopedConfig, steps: int, offset: int, device, progress: bool, desc: str):
+    train_config = config.train_config(steps, offset)
+    bar = ProgressBar(steps, desc=desc) if progress else None
+    history = train(model, objective, train_config, callback=bar, device=device)
+    return model.eval(), history
+
+
+def train_models(config: LoopedConfig, task: str, device, progress: bool = False, seed: int | None = None,
+                 families=("looped", "looped-fp", "fixed-loop", "next-token")) -> tuple[dict, dict]:
+    """Train the requested model families on ``task``; return ``(models, histories)``."""
+    spec = config.task(task)
+    seed = config.seeds[0] if seed is None else seed
+    models, histories = {}, {}
+    for family in families:
+        if family == "looped-fp" and config.fp_steps:
+            # The fixed-point change as fine-tuning: start from the paper's model, then supervise at T(n) + k.
+            if "looped" not in models:
+                base, base_history = train_models(config, task, device, progress, seed, ("looped",))
+                models["looped"], histories["looped"] = base["looped"], base_history["looped"]
+            base = models["looped"]
+            model = LoopedTransformer(config.width, config.n_heads, seed=seed)
+            model.load_state_dict(base.state_dict())
+            objective = FullAnswerObjective(spec, extra_loops=config.extra_loops, unsure_weight=config.unsure_weight)
+            models[family], histories[family] = _train(model, objective, config, config.fp_steps, 1, device, progress,
+                                                       f"{task}: {family} (seed {seed})")
+            continue
+        if family == "next-token":
+            model = NextTokenTransformer(config.baseline_width, config.n_heads, config.baseline_layers, seed=seed)
+            objective, steps = NextTokenObjective(spec), config.next_token_steps
+        else:
+            model = LoopedTransformer(config.width, config.n_heads, seed=seed)
+            objective = FullAnswerObjective(
+                spec,
+                extra_loops=config.extra_loops if family == "looped-fp" else 0,
+                unsure_weight=config.unsure_weight if family == "looped-fp" else 0.0,
+                fixed_loops=config_fixed_loops(config, task) if family == "fixed-loop" else None,
+            )
+            steps = config.baseline_steps if family == "fixed-loop" else config.steps
+        models[family], histories[family] = _train(model, objective, config, steps, 0, device, progress,
+                                                   f"{task}: {family} (seed {seed})")
+    return models, histories
+
+
+# --- the experiment ----------------------------------------------------------------------------------
+
+
+def run(profile: str | None = None, progress: bool = False, config: LoopedConfig | None = None) -> LoopedResult:
+    """Train every method on every task of the profile and measure accuracy against length."""
+    profile = get_profile(profile)
+    config = config or CONFIGS[profile]
+    device = get_device()
+    start = time.perf_counter()
+    accuracy_, models, histories, traces, seeds_, shipped = {}, {}, {}, {}, {}, {}
+    for task in config.tasks:
+        spec = config.task(task)
+        families = ["looped", "fixed-loop", "next-token"] + (["looped-fp"] if config.train_fp else [])
+        trained, hist = train_models(config, task, device, progress, families=families)
+        predictors = dict(trained)
+        for family in ("looped-fp", "next-token"):  # the shipped models, trained longer
+            if config.pretrained and _has_shipped(task, family):
+                predictors[f"shipped-{family}"] = load(shipped_name(task, family)).to(device)
+                shipped.setdefault(task, {})[family] = _provenance(task, family)
+        for method, per_length in _accuracy_table(config, task, predictors, device).items():
+            accuracy_.setdefault(method, {})[task] = per_length
+        for family, model in trained.items():
+            models[(family, task)], histories[(family, task)] = model.cpu(), hist[family]
+
+        # The confidence traces behind the stopping rules: 8 test inputs of twice the longest training length.
+        n_long = spec.test_lengths[1]
+        batch = spec.sample_length(n_long, 8, generator(config.seed + 3), device=device)
+        cap = spec.steps(n_long) + config.extra_cap
+        traces[f"{task}-looped"] = confidence_trace(trained["looped"].to(device), batch, cap)
+        fp = trained.get("looped-fp", predictors.get("shipped-looped-fp"))
+        if fp is not None:
+            traces[f"{task}-looped-fp"] = confidence_trace(fp.to(device), batch, cap)
+
+        # Seeds: the paper's looped model with the oracle, retrained with every further seed.
+        seeds_[task] = {str(config.seeds[0]): accuracy_["looped-oracle"][task]}
+        for seed in config.seeds[1:]:
+            extra, _ = train_models(config, task, device, progress, seed=seed, families=("looped",))
+            table = _accuracy_table(config, task, {"looped": extra["looped"]}, device)
+            seeds_[task][str(seed)] = table["looped-oracle"]
+        for model in trained.values():
+            model.cpu()
+
+    metrics = {
+        "accuracy": accuracy_,
+        "train_lengths": {task: list(config.task(task).train_lengths) for task in config.tasks},
+        "test_lengths": {task: list(config.task(task).test_lengths) for task in config.tasks},
+        "oracle_accuracy_by_seed": seeds_,
+        "shipped": shipped,
+        "parameters": {family: sum(p.numel() for p in m.parameters()) for (family, _), m in models.items()},
+        "steps": {"looped": config.steps, "looped-fp": config.fp_steps, "fixed-loop": config.baseline_steps,
+                  "next-token": config.next_token_steps},
+        "train_seconds": {f"{fam}/{task}": h.seconds for (fam, task), h in histories.items()},
+        "total_seconds": time.perf_counter() - start,
+        "profile": profile,
+        "device": str(device),
+    }
+    return LoopedResult(config=config, models=models, histories=histories, traces=traces, metrics=metrics)
+
+
+def _has_shipped(task: str, family: str = "looped-fp") -> bool:
+    from ..pretrained import WEIGHTS_DIR
+
+    return (WEIGHTS_DIR / f"{shipped_name(task, family)}.pt").exists()
+
+
+def _provenance(task: str, family: str = "looped-fp") -> dict:
+    from ..pretrained import provenance
+
+    return provenance(shipped_name(task, family))
+
+
+# --- the shipped weights -----------------------------------------------------------------------------
+
+
+def ship(task: str, family: str, model, config: LoopedConfig, profile: str, seconds: float, folder: Path | None = None) -> dict:
+    """Measure ``model`` on fresh test inputs of every length and save it with its provenance."""
+    device = get_device()
+    table = _accuracy_table(replace(config, length_step=1), task, {family: model.to(device)}, device)
+    record = {
+        "task": task,
+        "method": family,
+        "train_lengths": list(config.task(task).train_lengths),
+        "profile": profile,
+        "config": {k: v for k, v in asdict(config).items() if k not in ("tasks", "seeds", "train_lengths")},
+        "seed": config.seeds[0],
+        "steps": config.next_token_steps if family == "next-token" else config.steps,
+        "fp_steps": config.fp_steps if family == "looped-fp" else 0,
+        "train_seconds": seconds,
+        "device": str(device),
+        "metrics": {"n_eval": config.n_eval, "accuracy": table},
+        "regenerate": f"python -m icl_course.experiments.looped --write-weights --tasks {task} --families {family} --profile {profile}",
+    }
+    save(shipped_name(task, family), model.cpu(), record, folder)
+    return record
+
+
+def write_weights(tasks=("parity",), folder: Path | None = None, progress: bool = True, steps: int | None = None,
+                  families=("looped", "looped-fp", "next-token"), profile: str | None = None) -> list[dict]:
+    """Train each task's models of ``families`` and save them with provenance under ``looped/``.
+
+    ``icl-course reproduce looped --write-weights`` calls this with the defaults: ``looped`` (the
+    paper's training) with the ``quick`` settings, the others with the ``full`` settings, unless
+    ``profile`` names one profile for all.
+    """
+    records = []
+    for task in tasks:
+        for family in families:
+            name = profile or ("quick" if family == "looped" else "full")
+            config = CONFIGS[name] if steps is None else replace(CONFIGS[name], steps=steps)
+            models, histories = train_models(config, task, get_device(), progress, families=(family,))
+            seconds = sum(h.seconds for h in histories.values())
+            records.append(ship(task, family, models[family], config, name, seconds, folder))
+    return records
+
+
+if __name__ == "__main__":  # python -m icl_course.experiments.looped --write-weights [--tasks parity copy] [--steps N]
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m icl_course.experiments.looped")
+    parser.add_argument("--write-weights", action="store_true", required=True)
+    parser.add_argument("--tasks", nargs="+", default=["parity"])
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--families", nargs="+", default=["looped", "looped-fp", "next-token"])
+    parser.add_argument("--profile", default=None, choices=sorted(CONFIGS))
+    parser.add_argument("--folder", type=Path, default=None)
+    args = parser.parse_args()
+    for rec in write_weights(tuple(args.tasks), args.folder, steps=args.steps, families=tuple(args.families), profile=args.profile):
+        print(rec["task"], {rule: {n: round(a, 3) for n, a in acc.items()} for rule, acc in rec["metrics"]["accuracy"].items()})

@@ -1,0 +1,324 @@
+"""Looped transformers (Fan et al. 2024, arXiv 2409.15647) and the baselines they are compared with.
+
+**The looped model.** One pre-LN decoder block ``f`` (causal softmax attention + MLP, *no*
+positional encoding) is applied ``T`` times, with the input embedding ``e`` added back at every
+loop (the paper's input injection, its Sec. 4):
+
+    h_0 = 0,    h_t = f(h_{t-1} + e)  for t = 1..T,    logits = head(LN(h_T)).
+
+The model sees a full-answer prompt ``input = _ ... _`` and writes the whole answer into the blank
+slots after the last loop. Trained with ``T = T(n)`` loops for an input of length ``n`` (the step
+count of the task's iterative solution), it can be run for more loops on longer inputs.
+
+**Baselines**, called the same way (``predict(batch) -> answer tokens``):
+
+- ``fixed-loop``: the same weight-tied block, trained and run with one fixed loop count;
+- ``next-token``: a stack of distinct blocks (same parameter count as the looped block), trained by
+  next-token prediction and decoded greedily.
+
+**Stopping without the oracle.** :func:`max_confidence_stop` is the paper's rule: run up to
+``max_loops`` and keep the loop whose decoded answer has the highest confidence (the mean
+log-probability of its own argmax tokens). :func:`stable_stop` keeps the first answer that stays
+unchanged for ``patience`` further loops. Which of them works depends on how the model was trained
+(see ``FullAnswerObjective.extra_loops``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .algorithmic_tasks import VOCAB_SIZE, AlgorithmicBatch
+
+__all__ = [
+    "Block", "LoopedTransformer", "NextTokenTransformer", "FullAnswerObjective", "NextTokenObjective",
+    "answer_confidence", "max_confidence_stop", "stable_stop", "accuracy", "save", "load",
+]
+
+
+class Block(nn.Module):
+    """Pre-LN causal decoder block without positions: ``h + attn(LN h)``, then ``+ mlp(LN h)``."""
+
+    def __init__(self, width: int, n_heads: int):
+        super().__init__()
+        if width % n_heads:
+            raise ValueError(f"width must be a multiple of n_heads, got width={width}, n_heads={n_heads}")
+        self.n_heads = n_heads
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, h: Tensor) -> Tensor:
+        B, L, W = h.shape
+        q, k, v = self.qkv(self.ln1(h)).split(W, dim=-1)
+        q, k, v = (t.view(B, L, self.n_heads, W // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B, nh, L, hs)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # causal mask is the only order signal
+        h = h + self.proj(a.transpose(1, 2).reshape(B, L, W))
+        return h + self.mlp(self.ln2(h))
+
+
+def _check_model_args(width, n_heads, seed):
+    if not isinstance(width, int) or width < 1:
+        raise ValueError(f"width must be an int >= 1, got {width!r}")
+    if not isinstance(n_heads, int) or n_heads < 1:
+        raise ValueError(f"n_heads must be an int >= 1, got {n_heads!r}")
+    if not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+
+
+class LoopedTransformer(nn.Module):
+    """One block looped ``n_loops`` times with the input embedding injected at every loop.
+
+    >>> model = LoopedTransformer(width=16, n_heads=2)
+    >>> model(torch.zeros(3, 7, dtype=torch.long), n_loops=4).shape
+    torch.Size([3, 7, 5])
+    """
+
+    def __init__(self, width: int = 64, n_heads: int = 4, vocab_size: int = VOCAB_SIZE, seed: int = 0):
+        super().__init__()
+        _check_model_args(width, n_heads, seed)
+        torch.manual_seed(seed)  # the init is a function of the seed alone
+        self.width, self.n_heads, self.vocab_size = width, n_heads, vocab_size
+        self.embed = nn.Embedding(vocab_size, width)
+        self.block = Block(width, n_heads)
+        self.ln_f, self.head = nn.LayerNorm(width), nn.Linear(width, vocab_size)
+
+    def trajectory(self, tokens: Tensor, n_loops: int, last: int | None = None) -> Tensor:
+        """Logits after every loop: ``(n_loops, B, L', vocab)``, ``L'`` the last ``last`` positions."""
+        if not isinstance(n_loops, int) or n_loops < 1:
+            raise ValueError(f"n_loops must be an int >= 1, got {n_loops!r}")
+        e = self.embed(tokens)  # (B, L, W)
+        h, out = torch.zeros_like(e), []
+        for _ in range(n_loops):
+            h = self.block(h + e)  # input injection: e re-enters at every loop
+            out.append(self.head(self.ln_f(h if last is None else h[:, -last:])))
+        return torch.stack(out)
+
+    def forward(self, tokens: Tensor, n_loops: int) -> Tensor:
+        """Logits after ``n_loops`` loops: ``(B, L, vocab)``."""
+        if not isinstance(n_loops, int) or n_loops < 1:
+            raise ValueError(f"n_loops must be an int >= 1, got {n_loops!r}")
+        e = self.embed(tokens)
+        h = torch.zeros_like(e)
+        for _ in range(n_loops):
+            h = self.block(h + e)
+        return self.head(self.ln_f(h))
+
+    def predict(self, batch: AlgorithmicBatch, n_loops: int) -> Tensor:
+        """The answer tokens after ``n_loops`` loops: ``(B, L_ans)``."""
+        L_ans = batch.answer.shape[1]
+        with torch.no_grad():
+            return self(batch.prompt(), n_loops)[:, -L_ans:].argmax(-1)
+
+
+class NextTokenTransformer(nn.Module):
+    """A fixed-depth stack of distinct blocks trained by next-token prediction (no positions)."""
+
+    def __init__(self, width: int = 32, n_heads: int = 4, n_layers: int = 4, vocab_size: int = VOCAB_SIZE, seed: int = 0):
+        super().__init__()
+        _check_model_args(width, n_heads, seed)
+        if not isinstance(n_layers, int) or n_layers < 1:
+            raise ValueError(f"n_layers must be an int >= 1, got {n_layers!r}")
+        torch.manual_seed(seed)
+        self.width, self.n_heads, self.n_layers, self.vocab_size = width, n_heads, n_layers, vocab_size
+        self.embed = nn.Embedding(vocab_size, width)
+        self.blocks = nn.ModuleList(Block(width, n_heads) for _ in range(n_layers))
+        self.ln_f, self.head = nn.LayerNorm(width), nn.Linear(width, vocab_size)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = self.embed(tokens)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.ln_f(h))
+
+    def predict(self, batch: AlgorithmicBatch) -> Tensor:
+        """Greedy decoding of the answer, one token at a time after ``input =``."""
+        L_ans = batch.answer.shape[1]
+        seq = batch.teacher_forced()[:, : batch.inputs.shape[1] + 1]  # input =
+        with torch.no_grad():
+            for _ in range(L_ans):
+                next_token = self(seq)[:, -1, :2].argmax(-1, keepdim=True)  # answers are bits
+                seq = torch.cat([seq, next_token], dim=1)
+        return seq[:, -L_ans:]
+
+
+# --- training objectives: the task's batches plus a loss, the contract of icl_course.training.train --
+
+
+@dataclass
+class FullAnswerObjective:
+    """Cross-entropy of the full answer after ``T(n) + k`` loops (or ``fixed_loops`` loops).
+
+    ``extra_loops = K > 0`` draws ``k`` uniformly from ``0..K`` for every group: the answer must
+    already be right after ``T(n)`` loops *and stay right* for ``K`` more, which makes it a fixed
+    point of the loop. ``K = 0`` is the paper's training (supervision at exactly ``T(n)``).
+    """
+
+    task: object  # an AlgorithmicTask
+    extra_loops: int = 0  # K: supervise at T(n) + k with k ~ U{0..K}
+    fixed_loops: int | None = None  # train with this many loops at every length (the fixed-loop baseline)
+    unsure_weight: float = 0.0  # weight of the "not done yet" loss on loops 1..T(n)-2 (0: off)
+    _gen: torch.Generator | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.extra_loops, int) or self.extra_loops < 0:
+            raise ValueError(f"extra_loops must be an int >= 0, got {self.extra_loops!r}")
+        if not self.unsure_weight >= 0:
+            raise ValueError(f"unsure_weight must be >= 0, got {self.unsure_weight!r}")
+        if self.fixed_loops is not None and (not isinstance(self.fixed_loops, int) or self.fixed_loops < 1):
+            raise ValueError(f"fixed_loops must be None or an int >= 1, got {self.fixed_loops!r}")
+
+    def sample(self, batch_size: int, gen: torch.Generator, device=None) -> list[AlgorithmicBatch]:
+        self._gen = gen  # k is drawn from the same stream as the data: same seed, same run
+        return self.task.sample(batch_size, gen, device=device)
+
+    def loops(self, batch: AlgorithmicBatch) -> int:
+        if self.fixed_loops is not None:
+            return self.fixed_loops
+        k = int(torch.randint(0, self.extra_loops + 1, (1,), generator=self._gen)) if self.extra_loops else 0
+        return batch.steps + k
+
+    def loss(self, model: LoopedTransformer, groups: list[AlgorithmicBatch]) -> Tensor:
+        """Mean over groups of CE(answer after the last loop) + unsure_weight * CE(uniform, loops < T(n) - 1).
+
+        The second term asks the loop to *say* it is not done yet: before T(n) - 1 loops its answer
+        distribution should be flat, so a confident answer can only come from a finished loop.
+        """
+        total = 0.0
+        for batch in groups:
+            L_ans = batch.answer.shape[1]
+            n_loops = self.loops(batch)
+            early = max(0, batch.steps - 2) if self.unsure_weight else 0
+            if early:
+                traj = model.trajectory(batch.prompt(), n_loops, last=L_ans)  # (T, B, L_ans, vocab)
+                logits = traj[-1]
+                total = total - self.unsure_weight * traj[:early].log_softmax(-1).mean()  # CE to uniform
+            else:
+                logits = model(batch.prompt(), n_loops)[:, -L_ans:]  # (B, L_ans, vocab)
+            total = total + F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.answer.reshape(-1))
+        return total / len(groups)
+
+
+@dataclass
+class NextTokenObjective:
+    """Teacher-forced cross-entropy of the answer tokens (the next-token baseline)."""
+
+    task: object
+
+    def sample(self, batch_size: int, gen: torch.Generator, device=None) -> list[AlgorithmicBatch]:
+        return self.task.sample(batch_size, gen, device=device)
+
+    def loss(self, model: NextTokenTransformer, groups: list[AlgorithmicBatch]) -> Tensor:
+        total = 0.0
+        for batch in groups:
+            L_ans = batch.answer.shape[1]
+            logits = model(batch.teacher_forced())[:, -L_ans - 1 : -1]  # the token before each answer token
+            total = total + F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.answer.reshape(-1))
+        return total / len(groups)
+
+
+# --- inference: accuracy and stopping rules ---------------------------------------------------------
+
+
+def accuracy(predicted: Tensor, answer: Tensor) -> float:
+    """Fraction of sequences whose *whole* answer is right."""
+    if predicted.shape != answer.shape:
+        raise ValueError(f"predicted has shape {tuple(predicted.shape)}, answer has {tuple(answer.shape)}")
+    return (predicted == answer).all(dim=1).float().mean().item()
+
+
+def answer_confidence(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Decoded answers and their confidence from per-loop logits ``(T, B, L_ans, vocab)``.
+
+    The confidence of loop ``t`` is the mean log-probability of its own argmax tokens, i.e. minus
+    the cross-entropy of the decoded answer against itself (Fan et al., Sec. 4). Returns
+    ``answers (T, B, L_ans)`` and ``confidence (T, B)``.
+    """
+    if logits.ndim != 4:
+        raise ValueError(f"logits must have shape (T, B, L_ans, vocab), got {tuple(logits.shape)}")
+    logp = logits.log_softmax(-1)
+    best, answers = logp.max(-1)  # (T, B, L_ans)
+    return answers, best.mean(-1)
+
+
+def max_confidence_stop(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """The paper's rule: per sequence, the answer of the most confident loop.
+
+    Returns ``answers (B, L_ans)`` and the chosen loop count ``(B,)`` (1-based).
+    """
+    answers, conf = answer_confidence(logits)
+    t = conf.argmax(0)  # (B,)
+    return answers[t, torch.arange(answers.shape[1])], t + 1
+
+
+def stable_stop(logits: Tensor, patience: int = 2, min_confidence: float = -math.inf) -> tuple[Tensor, Tensor]:
+    """Stop at the first loop whose answer is unchanged, and confident, for ``patience`` more loops.
+
+    Loops whose confidence (see :func:`answer_confidence`) is below ``min_confidence`` never count
+    as settled; the default counts every loop. A sequence whose answer never settles keeps its last
+    answer. Returns ``answers (B, L_ans)`` and the chosen loop count ``(B,)`` (1-based).
+    """
+    if not isinstance(patience, int) or patience < 1:
+        raise ValueError(f"patience must be an int >= 1, got {patience!r}")
+    if not min_confidence <= 0:
+        raise ValueError(f"min_confidence must be <= 0 (a log-probability), got {min_confidence!r}")
+    answers, conf = answer_confidence(logits)
+    T, B = answers.shape[:2]
+    sure = conf >= min_confidence  # (T, B)
+    same = (answers[1:] == answers[:-1]).all(-1) & sure[1:] & sure[:-1]  # (T-1, B): loop t+1 repeats loop t, both sure
+    chosen = torch.full((B,), T - 1, dtype=torch.long)
+    for t in range(T - 1 - patience, -1, -1):  # the earliest t with `patience` unchanged loops after it
+        settled = same[t : t + patience].all(0)
+        chosen = torch.where(settled.cpu(), torch.tensor(t), chosen)
+    chosen = chosen.to(answers.device)
+    return answers[chosen, torch.arange(B, device=answers.device)], chosen + 1
+
+
+# --- shipped weights: the checksummed record of icl_course.pretrained, for looped models ------------
+
+
+MODELS = {"LoopedTransformer": LoopedTransformer, "NextTokenTransformer": NextTokenTransformer}
+
+
+def save(name: str, model: nn.Module, provenance: dict, folder: Path | None = None) -> Path:
+    """Write ``model``'s weights and provenance (plus architecture and sha256) like :mod:`pretrained`."""
+    from . import pretrained
+
+    if type(model).__name__ not in MODELS:
+        raise ValueError(f"model must be one of {sorted(MODELS)}, got {type(model).__name__}")
+    weights, record = pretrained._paths(name, folder)
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    torch.save(state, weights)
+    architecture = {"model": type(model).__name__, "width": model.width, "n_heads": model.n_heads,
+                    "vocab_size": model.vocab_size}
+    if isinstance(model, NextTokenTransformer):
+        architecture["n_layers"] = model.n_layers
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    record.write_text(json.dumps({**provenance, "architecture": architecture, "sha256": digest}, indent=2, sort_keys=True) + "\n")
+    return weights
+
+
+def load(name: str, folder: Path | None = None) -> nn.Module:
+    """The shipped model ``name`` after checking its sha256 (CPU, eval mode)."""
+    from . import pretrained
+
+    weights, _ = pretrained._paths(name, folder)
+    record = pretrained.provenance(name, folder)
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    if digest != record["sha256"]:
+        raise pretrained.ChecksumError(
+            f"{weights} has sha256 {digest[:12]}..., but its provenance records {record['sha256'][:12]}...: "
+            "regenerate it with `icl-course reproduce looped --profile full`."
+        )
+    architecture = dict(record["architecture"])
+    model = MODELS[architecture.pop("model", "LoopedTransformer")](**architecture)
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return model.eval()
