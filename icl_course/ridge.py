@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .solvers import LinearSolver, Ridge
+from .solvers import LinearSolver, Ridge, golden_section
 from .tokens import check_shapes
 
 __all__ = ["OracleRidge", "ConstRR", "AdaRR", "TunedRR", "noise_estimate", "tune_const_ridge", "tune_tuned_ridge"]
@@ -132,15 +132,8 @@ def tune_const_ridge(batch, bounds: tuple[float, float] = (1e-3, 1e3)) -> ConstR
     losses = spec.losses(grid.exp())
     i = int(losses.argmin())
     a, b = grid[max(i - 1, 0)].item(), grid[min(i + 1, len(grid) - 1)].item()
-    ratio = (math.sqrt(5) - 1) / 2
     loss_at = lambda t: spec.losses(torch.tensor([math.exp(t)], dtype=torch.float64)).item()  # noqa: E731
-    while b - a > 1e-5:
-        c, e = b - ratio * (b - a), a + ratio * (b - a)
-        if loss_at(c) < loss_at(e):
-            b = e
-        else:
-            a = c
-    return ConstRR(math.exp((a + b) / 2))
+    return ConstRR(math.exp(golden_section(loss_at, a, b, tol=1e-5)))
 
 
 def tune_tuned_ridge(batch, n_grid: int = 21) -> TunedRR:

@@ -144,16 +144,20 @@ def tune_step_size(
     grid = torch.linspace(math.log(lo), math.log(hi), 61).tolist()
     losses = [loss_at(g) for g in grid]
     i = min(range(len(grid)), key=losses.__getitem__)
-    a, b = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+    log_eta = golden_section(loss_at, grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)], tol=1e-4)
+    return math.exp(log_eta), loss_at(log_eta)
+
+
+def golden_section(f, a: float, b: float, tol: float) -> float:
+    """The minimiser of a unimodal ``f`` on ``[a, b]``, by golden-section search to width ``tol``."""
     ratio = (math.sqrt(5) - 1) / 2
-    while b - a > 1e-4:
+    while b - a > tol:
         c, e = b - ratio * (b - a), a + ratio * (b - a)
-        if loss_at(c) < loss_at(e):
+        if f(c) < f(e):
             b = e
         else:
             a = c
-    log_eta = (a + b) / 2
-    return math.exp(log_eta), loss_at(log_eta)
+    return (a + b) / 2
 
 
 
