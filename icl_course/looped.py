@@ -84,11 +84,12 @@ class LoopedTransformer(nn.Module):
     def __init__(self, width: int = 64, n_heads: int = 4, vocab_size: int = VOCAB_SIZE, seed: int = 0):
         super().__init__()
         _check_model_args(width, n_heads, seed)
-        torch.manual_seed(seed)  # the init is a function of the seed alone
         self.width, self.n_heads, self.vocab_size = width, n_heads, vocab_size
-        self.embed = nn.Embedding(vocab_size, width)
-        self.block = Block(width, n_heads)
-        self.ln_f, self.head = nn.LayerNorm(width), nn.Linear(width, vocab_size)
+        with torch.random.fork_rng(devices=[]):  # the init is a function of the seed alone
+            torch.manual_seed(seed)
+            self.embed = nn.Embedding(vocab_size, width)
+            self.block = Block(width, n_heads)
+            self.ln_f, self.head = nn.LayerNorm(width), nn.Linear(width, vocab_size)
 
     def trajectory(self, tokens: Tensor, n_loops: int, last: int | None = None) -> Tensor:
         """Logits after every loop: ``(n_loops, B, L', vocab)``, ``L'`` the last ``last`` positions."""
@@ -126,11 +127,12 @@ class NextTokenTransformer(nn.Module):
         _check_model_args(width, n_heads, seed)
         if not isinstance(n_layers, int) or n_layers < 1:
             raise ValueError(f"n_layers must be an int >= 1, got {n_layers!r}")
-        torch.manual_seed(seed)
         self.width, self.n_heads, self.n_layers, self.vocab_size = width, n_heads, n_layers, vocab_size
-        self.embed = nn.Embedding(vocab_size, width)
-        self.blocks = nn.ModuleList(Block(width, n_heads) for _ in range(n_layers))
-        self.ln_f, self.head = nn.LayerNorm(width), nn.Linear(width, vocab_size)
+        with torch.random.fork_rng(devices=[]):  # the init is a function of the seed alone
+            torch.manual_seed(seed)
+            self.embed = nn.Embedding(vocab_size, width)
+            self.blocks = nn.ModuleList(Block(width, n_heads) for _ in range(n_layers))
+            self.ln_f, self.head = nn.LayerNorm(width), nn.Linear(width, vocab_size)
 
     def forward(self, tokens: Tensor) -> Tensor:
         h = self.embed(tokens)
