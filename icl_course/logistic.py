@@ -57,6 +57,12 @@ def _check_mu(mu) -> None:
         raise ValueError(f"mu must be > 0 (the regularization keeps the optimum finite), got {mu}")
 
 
+def _check_solver(mu, n_steps) -> None:
+    _check_mu(mu)
+    if not isinstance(n_steps, int) or n_steps < 0:
+        raise ValueError(f"n_steps must be an integer >= 0, got {n_steps!r}")
+
+
 @dataclass
 class LogisticBatch:
     """B sequences of n labelled points in dimension d."""
@@ -163,9 +169,7 @@ class LogisticNewton(LinearSolver):
     n_steps: int = 1
 
     def __post_init__(self):
-        _check_mu(self.mu)
-        if not isinstance(self.n_steps, int) or self.n_steps < 0:
-            raise ValueError(f"n_steps must be an integer >= 0, got {self.n_steps!r}")
+        _check_solver(self.mu, self.n_steps)
 
     def iterates(self, xs: Tensor, ys: Tensor) -> list[Tensor]:
         """``[w_0, ..., w_{n_steps}]``, each ``(B, d)``."""
@@ -197,9 +201,7 @@ class LogisticGD(LinearSolver):
     n_steps: int = 1
 
     def __post_init__(self):
-        _check_mu(self.mu)
-        if not isinstance(self.n_steps, int) or self.n_steps < 0:
-            raise ValueError(f"n_steps must be an integer >= 0, got {self.n_steps!r}")
+        _check_solver(self.mu, self.n_steps)
 
     def iterates(self, xs: Tensor, ys: Tensor, record: list[int] | None = None) -> dict[int, Tensor]:
         """``{k: w_k}`` for the steps in ``record`` (default: every step)."""

@@ -11,7 +11,7 @@ line (``icl-course reproduce gd-step``) and the tests all call this one function
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -142,9 +142,7 @@ def run(profile: str | None = None, progress: bool = False, config: GDStepConfig
 
     # Train, measuring the alignment with GD every few steps on a slice of the held-out tasks.
     model = linear_transformer(config.d, n_layers=1, n_heads=1, init_std=config.init_std, seed=config.seed)
-    train_config = config.train
-    train_config = TrainConfig(**{**asdict(train_config), "seed": config.seed + 1})
-    probe = held_out.to(device)
+    train_config = replace(config.train, seed=config.seed + 1)
     tracking = {"step": [], "lsa_loss": [], "model_cosine": [], "prediction_distance": []}
     every = max(1, train_config.steps // config.n_track)
     bar = ProgressBar(train_config.steps, desc="training LSA") if progress else None
@@ -154,9 +152,9 @@ def run(profile: str | None = None, progress: bool = False, config: GDStepConfig
             bar(step, loss)
         if step % every == 0 or step == train_config.steps - 1:
             tracking["step"].append(step + 1)
-            tracking["lsa_loss"].append(evaluate(model, probe))
-            tracking["model_cosine"].append(model_cosine(model, gd, probe))
-            tracking["prediction_distance"].append(prediction_distance(model, gd, probe))
+            tracking["lsa_loss"].append(evaluate(model, held_out))
+            tracking["model_cosine"].append(model_cosine(model, gd, held_out))
+            tracking["prediction_distance"].append(prediction_distance(model, gd, held_out))
 
     history = train(model, task, train_config, callback=callback, device=device)
     model.eval()
