@@ -119,11 +119,23 @@ class AlgorithmicTask:
         inputs, answer = self._draw(n, batch_size, gen)
         return AlgorithmicBatch(n, inputs, answer, self.steps(n)).to(device or "cpu")
 
-    def sample(self, batch_size: int, gen: torch.Generator, device=None) -> list[AlgorithmicBatch]:
+    def sample(self, batch_size: int, gen: torch.Generator, device=None, longest: int | None = None) -> list[AlgorithmicBatch]:
+        """``groups`` single-length batches, lengths uniform in ``train_lengths`` (capped at ``longest``)."""
         lo, hi = self.train_lengths
+        hi = hi if longest is None else max(lo, min(hi, longest))
         per_group = max(1, batch_size // self.groups)
         lengths = torch.randint(lo, hi + 1, (self.groups,), generator=gen).tolist()
         return [self.sample_length(n, per_group, gen, device) for n in lengths]
+
+    def longest_at(self, step: int, curriculum: int) -> int:
+        """A curriculum's longest training length at ``step``: it grows linearly from
+        ``min(shortest + 1, longest)`` to the longest training length over the first ``curriculum``
+        steps (0: no curriculum)."""
+        lo, hi = self.train_lengths
+        if curriculum <= 0 or step >= curriculum:
+            return hi
+        start = min(lo + 1, hi)
+        return start + int((hi - start + 1) * step / curriculum)
 
 
 def _bits(batch_size: int, n: int, gen: torch.Generator) -> Tensor:

@@ -167,7 +167,9 @@ class FullAnswerObjective:
     extra_loops: int = 0  # K: supervise at T(n) + k with k ~ U{0..K}
     fixed_loops: int | None = None  # train with this many loops at every length (the fixed-loop baseline)
     unsure_weight: float = 0.0  # weight of the "not done yet" loss on loops 1..T(n)-2 (0: off)
+    curriculum: int = 0  # the longest training length grows to its final value over this many steps (0: off)
     _gen: torch.Generator | None = None
+    _calls: int = 0
 
     def __post_init__(self):
         if not isinstance(self.extra_loops, int) or self.extra_loops < 0:
@@ -176,10 +178,13 @@ class FullAnswerObjective:
             raise ValueError(f"unsure_weight must be >= 0, got {self.unsure_weight!r}")
         if self.fixed_loops is not None and (not isinstance(self.fixed_loops, int) or self.fixed_loops < 1):
             raise ValueError(f"fixed_loops must be None or an int >= 1, got {self.fixed_loops!r}")
+        if not isinstance(self.curriculum, int) or self.curriculum < 0:
+            raise ValueError(f"curriculum must be an int >= 0 (steps), got {self.curriculum!r}")
 
     def sample(self, batch_size: int, gen: torch.Generator, device=None) -> list[AlgorithmicBatch]:
         self._gen = gen  # k is drawn from the same stream as the data: same seed, same run
-        return self.task.sample(batch_size, gen, device=device)
+        self._calls += 1  # one call per training step
+        return self.task.sample(batch_size, gen, device, self.task.longest_at(self._calls - 1, self.curriculum))
 
     def loops(self, batch: AlgorithmicBatch) -> int:
         if self.fixed_loops is not None:

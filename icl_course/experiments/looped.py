@@ -9,21 +9,23 @@ transformers of fixed depth fail. Their code is not public; the sizes here are o
 ``run(profile)`` trains, on the same data stream,
 
 - ``looped``: the paper's training, supervision after exactly ``T(n)`` loops;
-- ``looped-fp``: the same model supervised after ``T(n) + k`` loops, ``k ~ U{0..K}``, which makes the
-  answer a fixed point of the loop (our change, the one that makes stopping without the oracle work);
+- ``looped-fp``: the same model trained from scratch with supervision after ``T(n) + k`` loops,
+  ``k ~ U{0..K}``, and a flat answer before loop ``T(n) - 1`` (our change: the answer becomes a fixed
+  point of the loop, which stopping without the oracle needs);
 - ``fixed-loop``: the looped block with one fixed loop count at every length;
 - ``next-token``: four distinct blocks of half the width (the same parameter count), next-token trained;
 
 and measures exact-answer accuracy at every test length, with the oracle ``T(n)`` and with two
 stopping rules (maximum confidence, the paper's; and "the answer stopped changing"). Where the
 ``quick`` budget is too small, the chapter also evaluates the shipped ``looped/*`` weights, trained
-by ``python -m icl_course.experiments.looped --write-weights`` (the ``full`` profile's settings).
+with the settings of :data:`SHIPPED` by ``icl-course reproduce looped --write-weights``.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -49,7 +51,7 @@ from ..tasks import generator
 from ..training import TrainConfig, train
 
 __all__ = [
-    "LoopedConfig", "LoopedResult", "CONFIGS", "METHODS", "run", "train_models", "evaluate_looped", "accuracy_by_loop",
+    "LoopedConfig", "LoopedResult", "CONFIGS", "SHIPPED", "METHODS", "run", "train_models", "evaluate_looped", "accuracy_by_loop",
     "accuracy_figure", "confidence_figure", "loops_figure", "ship", "write_weights", "shipped_name",
 ]
 
@@ -76,10 +78,11 @@ class LoopedConfig:
     batch_size: int = 64  # sequences per step, split into `groups` single-length groups
     groups: int = 4
     lr: float = 1e-3  # AdamW, 5% warm-up, then `schedule`
-    schedule: str = "cosine"  # or "constant"
+    schedule: str = "constant"  # or "cosine"
     weight_decay: float = 0.01
     extra_loops: int = 6  # K of the fixed-point training: supervise after T(n) + k, k ~ U{0..K}
-    fp_steps: int = 300  # looped-fp fine-tunes the trained looped model this many steps (0: train it from scratch)
+    curriculum: int = 0  # looped-fp: the longest training length grows to its final value over this many steps
+    fp_steps: int = 600  # optimizer steps of the looped-fp model (trained from scratch)
     unsure_weight: float = 1.0  # looped-fp also learns a flat answer before loop T(n) - 1 (0: off)
     extra_cap: int = 8  # stopping rules may run up to T(longest test length) + extra_cap loops
     patience: int = 2  # the stable rule stops when the answer is unchanged for this many loops ...
@@ -93,11 +96,12 @@ class LoopedConfig:
 
     def __post_init__(self):
         for name in ("test_factor", "width", "n_heads", "baseline_width", "baseline_layers", "steps",
-                     "baseline_steps", "next_token_steps", "batch_size", "groups", "n_eval", "length_step", "patience"):
+                     "baseline_steps", "next_token_steps", "fp_steps", "batch_size", "groups", "n_eval", "length_step",
+                     "patience"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"LoopedConfig.{name} must be an integer >= 1, got {value!r}")
-        for name in ("extra_loops", "extra_cap", "fp_steps"):
+        for name in ("extra_loops", "extra_cap", "curriculum"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"LoopedConfig.{name} must be an integer >= 0, got {getattr(self, name)!r}")
         if not self.tasks or not self.seeds:
@@ -111,21 +115,31 @@ class LoopedConfig:
         lo, hi = tuple(self.train_lengths[name])
         return make_task(name, (lo, hi), (1, self.test_factor * hi), groups=self.groups)
 
-    def train_config(self, steps: int, seed_offset: int = 0) -> TrainConfig:
+    def train_config(self, steps: int) -> TrainConfig:
         return TrainConfig(steps=steps, batch_size=self.batch_size, lr=self.lr, warmup=0.05, schedule=self.schedule,
-                           weight_decay=self.weight_decay, seed=self.seed + 1 + seed_offset, log_every=20)
+                           weight_decay=self.weight_decay, seed=self.seed + 1, log_every=20)
 
 
 CONFIGS = {
-    # seconds: the pipeline and the shapes, not the claims (the shipped weights still show them)
+    # seconds: the pipeline and the shapes, not the claims (the shipped weights show them)
     "smoke": LoopedConfig(train_lengths={"parity": (1, 4)}, steps=10, baseline_steps=10, next_token_steps=10,
                           fp_steps=10, groups=2, n_eval=32, extra_cap=2, length_step=2),
-    # a few CPU-minutes: the paper's looped model and both baselines on parity; looped-fp from the shipped weights
-    "quick": LoopedConfig(steps=700, baseline_steps=400, next_token_steps=800, schedule="constant", train_fp=False,
-                          n_eval=256),
-    # the shipped weights' settings, and three seeds of the paper's model; GPU-sized for copy and addition
-    "full": LoopedConfig(tasks=("parity", "copy", "addition"), steps=2000, baseline_steps=1000, fp_steps=600,
-                         seeds=(0, 1, 2), n_eval=1000),
+    # a few CPU-minutes: the paper's looped model (three seeds) and both baselines on parity; looped-fp shipped
+    "quick": LoopedConfig(steps=1200, baseline_steps=400, next_token_steps=800, seeds=(0, 1, 2), train_fp=False),
+    # a GPU: three times the training, and copy and addition too
+    "full": LoopedConfig(tasks=("parity", "copy", "addition"), steps=2000, baseline_steps=1000, next_token_steps=1500,
+                         seeds=(0, 1, 2), train_fp=False, n_eval=1000),
+}
+
+# The settings of the shipped ``looped/parity-*`` weights, one family each (``write_weights``). Their
+# provenance files say where each was trained and how it was chosen.
+SHIPPED = {
+    # the paper's training, longer than in the quick profile
+    "looped": LoopedConfig(steps=2000, seeds=(1,), seed=1, n_eval=1000),
+    # the fixed-point training from scratch: supervision at T(n) + k, flat before T(n) - 1, curriculum on the length
+    "looped-fp": LoopedConfig(fp_steps=5000, batch_size=128, schedule="cosine", curriculum=2500, seeds=(0,), n_eval=1000),
+    # the next-token baseline, trained twice as long as in the quick profile
+    "next-token": LoopedConfig(next_token_steps=1500, schedule="cosine", n_eval=1000),
 }
 
 
@@ -278,11 +292,25 @@ def config_fixed_loops(config: LoopedConfig, task: str) -> int:
     return spec.steps(spec.train_lengths[1])
 
 
-def _train(model, objective, config: LoopedConfig, steps: int, offset: int, device, progress: bool, desc: str):
-    train_config = config.train_config(steps, offset)
+def _train(model, objective, config: LoopedConfig, steps: int, device, progress: bool, desc: str):
+    train_config = config.train_config(steps)
     bar = ProgressBar(steps, desc=desc) if progress else None
     history = train(model, objective, train_config, callback=bar, device=device)
     return model.eval(), history
+
+
+@contextmanager
+def _one_cpu_thread(device):
+    """Train with one torch thread on a CPU: the same seed then gives the same model whatever the
+    machine's core count (torch's reductions depend on the thread count). These small models gain
+    little from a second thread."""
+    threads = torch.get_num_threads()
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def train_models(config: LoopedConfig, task: str, device, progress: bool = False, seed: int | None = None,
@@ -291,33 +319,23 @@ def train_models(config: LoopedConfig, task: str, device, progress: bool = False
     spec = config.task(task)
     seed = config.seeds[0] if seed is None else seed
     models, histories = {}, {}
-    for family in families:
-        if family == "looped-fp" and config.fp_steps:
-            # The fixed-point change as fine-tuning: start from the paper's model, then supervise at T(n) + k.
-            if "looped" not in models:
-                base, base_history = train_models(config, task, device, progress, seed, ("looped",))
-                models["looped"], histories["looped"] = base["looped"], base_history["looped"]
-            base = models["looped"]
-            model = LoopedTransformer(config.width, config.n_heads, seed=seed)
-            model.load_state_dict(base.state_dict())
-            objective = FullAnswerObjective(spec, extra_loops=config.extra_loops, unsure_weight=config.unsure_weight)
-            models[family], histories[family] = _train(model, objective, config, config.fp_steps, 1, device, progress,
+    with _one_cpu_thread(device):
+        for family in families:
+            if family == "next-token":
+                model = NextTokenTransformer(config.baseline_width, config.n_heads, config.baseline_layers, seed=seed)
+                objective, steps = NextTokenObjective(spec), config.next_token_steps
+            else:
+                model = LoopedTransformer(config.width, config.n_heads, seed=seed)
+                objective = FullAnswerObjective(
+                    spec,
+                    extra_loops=config.extra_loops if family == "looped-fp" else 0,
+                    unsure_weight=config.unsure_weight if family == "looped-fp" else 0.0,
+                    curriculum=config.curriculum if family == "looped-fp" else 0,
+                    fixed_loops=config_fixed_loops(config, task) if family == "fixed-loop" else None,
+                )
+                steps = {"looped": config.steps, "looped-fp": config.fp_steps, "fixed-loop": config.baseline_steps}[family]
+            models[family], histories[family] = _train(model, objective, config, steps, device, progress,
                                                        f"{task}: {family} (seed {seed})")
-            continue
-        if family == "next-token":
-            model = NextTokenTransformer(config.baseline_width, config.n_heads, config.baseline_layers, seed=seed)
-            objective, steps = NextTokenObjective(spec), config.next_token_steps
-        else:
-            model = LoopedTransformer(config.width, config.n_heads, seed=seed)
-            objective = FullAnswerObjective(
-                spec,
-                extra_loops=config.extra_loops if family == "looped-fp" else 0,
-                unsure_weight=config.unsure_weight if family == "looped-fp" else 0.0,
-                fixed_loops=config_fixed_loops(config, task) if family == "fixed-loop" else None,
-            )
-            steps = config.baseline_steps if family == "fixed-loop" else config.steps
-        models[family], histories[family] = _train(model, objective, config, steps, 0, device, progress,
-                                                   f"{task}: {family} (seed {seed})")
     return models, histories
 
 
@@ -336,7 +354,7 @@ def run(profile: str | None = None, progress: bool = False, config: LoopedConfig
         families = ["looped", "fixed-loop", "next-token"] + (["looped-fp"] if config.train_fp else [])
         trained, hist = train_models(config, task, device, progress, families=families)
         predictors = dict(trained)
-        for family in ("looped-fp", "next-token"):  # the shipped models, trained longer
+        for family in SHIPPED:  # the shipped models, trained longer
             if config.pretrained and _has_shipped(task, family):
                 predictors[f"shipped-{family}"] = load(shipped_name(task, family)).to(device)
                 shipped.setdefault(task, {})[family] = _provenance(task, family)
@@ -345,8 +363,8 @@ def run(profile: str | None = None, progress: bool = False, config: LoopedConfig
         for family, model in trained.items():
             models[(family, task)], histories[(family, task)] = model.cpu(), hist[family]
 
-        # The confidence traces behind the stopping rules: 8 test inputs of twice the longest training length.
-        n_long = spec.test_lengths[1]
+        # The confidence traces behind the stopping rules: 8 test inputs of the longest training length.
+        n_long = spec.train_lengths[1]
         batch = spec.sample_length(n_long, 8, generator(config.seed + 3), device=device)
         cap = spec.steps(n_long) + config.extra_cap
         traces[f"{task}-looped"] = confidence_trace(trained["looped"].to(device), batch, cap)
@@ -395,57 +413,57 @@ def _provenance(task: str, family: str = "looped-fp") -> dict:
 # --- the shipped weights -----------------------------------------------------------------------------
 
 
-def ship(task: str, family: str, model, config: LoopedConfig, profile: str, seconds: float, folder: Path | None = None) -> dict:
-    """Measure ``model`` on fresh test inputs of every length and save it with its provenance."""
+def ship(task: str, family: str, model, config: LoopedConfig, seconds: float, folder: Path | None = None,
+         notes: dict | None = None) -> dict:
+    """Measure ``model`` on fresh test inputs of every length and save it with its provenance
+    (``notes`` adds or overrides fields, e.g. where a model was trained and how it was chosen)."""
     device = get_device()
     table = _accuracy_table(replace(config, length_step=1), task, {family: model.to(device)}, device)
+    seed = config.seeds[0]
     record = {
         "task": task,
         "method": family,
         "train_lengths": list(config.task(task).train_lengths),
-        "profile": profile,
         "config": {k: v for k, v in asdict(config).items() if k not in ("tasks", "seeds", "train_lengths")},
-        "seed": config.seeds[0],
-        "steps": config.next_token_steps if family == "next-token" else config.steps,
-        "fp_steps": config.fp_steps if family == "looped-fp" else 0,
+        "seed": seed,
+        "steps": {"looped": config.steps, "looped-fp": config.fp_steps, "next-token": config.next_token_steps}[family],
         "train_seconds": seconds,
         "device": str(device),
+        "torch": torch.__version__ + (", trained with one CPU thread" if device.type == "cpu" else ""),
         "metrics": {"n_eval": config.n_eval, "accuracy": table},
-        "regenerate": f"python -m icl_course.experiments.looped --write-weights --tasks {task} --families {family} --profile {profile}",
+        "regenerate": f"python -m icl_course.experiments.looped --write-weights --tasks {task} --families {family} --seed {seed}",
+        **(notes or {}),
     }
     save(shipped_name(task, family), model.cpu(), record, folder)
     return record
 
 
-def write_weights(tasks=("parity",), folder: Path | None = None, progress: bool = True, steps: int | None = None,
-                  families=("looped", "looped-fp", "next-token"), profile: str | None = None) -> list[dict]:
-    """Train each task's models of ``families`` and save them with provenance under ``looped/``.
+def write_weights(tasks=("parity",), folder: Path | None = None, progress: bool = True,
+                  families=("looped", "looped-fp", "next-token"), seed: int | None = None) -> list[dict]:
+    """Train each task's models of ``families`` with the settings of :data:`SHIPPED` (``seed``
+    replaces the shipped seed) and save them with provenance under ``looped/``.
 
-    ``icl-course reproduce looped --write-weights`` calls this with the defaults: ``looped`` (the
-    paper's training) with the ``quick`` settings, the others with the ``full`` settings, unless
-    ``profile`` names one profile for all.
+    ``icl-course reproduce looped --write-weights`` calls this with the defaults.
     """
     records = []
     for task in tasks:
         for family in families:
-            name = profile or ("quick" if family == "looped" else "full")
-            config = CONFIGS[name] if steps is None else replace(CONFIGS[name], steps=steps)
+            config = SHIPPED[family] if seed is None else replace(SHIPPED[family], seeds=(seed,))
             models, histories = train_models(config, task, get_device(), progress, families=(family,))
             seconds = sum(h.seconds for h in histories.values())
-            records.append(ship(task, family, models[family], config, name, seconds, folder))
+            records.append(ship(task, family, models[family], config, seconds, folder))
     return records
 
 
-if __name__ == "__main__":  # python -m icl_course.experiments.looped --write-weights [--tasks parity copy] [--steps N]
+if __name__ == "__main__":  # python -m icl_course.experiments.looped --write-weights [--families looped] [--seed N]
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m icl_course.experiments.looped")
     parser.add_argument("--write-weights", action="store_true", required=True)
     parser.add_argument("--tasks", nargs="+", default=["parity"])
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--families", nargs="+", default=["looped", "looped-fp", "next-token"])
-    parser.add_argument("--profile", default=None, choices=sorted(CONFIGS))
+    parser.add_argument("--families", nargs="+", default=list(SHIPPED), choices=list(SHIPPED))
+    parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--folder", type=Path, default=None)
     args = parser.parse_args()
-    for rec in write_weights(tuple(args.tasks), args.folder, steps=args.steps, families=tuple(args.families), profile=args.profile):
-        print(rec["task"], {rule: {n: round(a, 3) for n, a in acc.items()} for rule, acc in rec["metrics"]["accuracy"].items()})
+    for rec in write_weights(tuple(args.tasks), args.folder, families=tuple(args.families), seed=args.seed):
+        print(rec["task"], rec["method"], {rule: {n: round(a, 3) for n, a in acc.items()} for rule, acc in rec["metrics"]["accuracy"].items()})
