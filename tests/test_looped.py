@@ -251,6 +251,13 @@ def test_smoke_profile_and_registration():
     assert again.metrics["accuracy"] == m["accuracy"]  # same seed, same result
 
 
+def test_training_in_two_processes_gives_the_same_models():
+    config = replace(experiment.CONFIGS["smoke"], steps=4, baseline_steps=4, next_token_steps=4, n_eval=8,
+                     seeds=(0, 1), pretrained=False)
+    one, two = (experiment.run("smoke", config=replace(config, workers=w)).metrics for w in (1, 2))
+    assert one["accuracy"] == two["accuracy"] and one["oracle_accuracy_by_seed"] == two["oracle_accuracy_by_seed"]
+
+
 def test_copy_and_addition_run_through_the_pipeline():
     config = experiment.LoopedConfig(tasks=("copy", "addition"), train_lengths={"copy": (1, 3), "addition": (1, 2)},
                                      steps=2, baseline_steps=2, next_token_steps=2, fp_steps=2, groups=2, n_eval=4,

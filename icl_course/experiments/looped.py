@@ -24,7 +24,10 @@ with the settings of :data:`SHIPPED` by ``icl-course reproduce looped --write-we
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -89,6 +92,7 @@ class LoopedConfig:
     min_confidence: float = math.log(0.9)  # ... with a confidence (mean log-prob) at least this
     train_fp: bool = True  # train looped-fp here (else only the shipped weights show it)
     seeds: tuple[int, ...] = (0,)  # model seeds of the paper's looped model (figures use the first)
+    workers: int = 1  # on a CPU, train this many models at once, one process (and thread) each
     n_eval: int = 256  # test sequences per length
     length_step: int = 1  # test every length_step-th length
     pretrained: bool = True  # also evaluate the shipped looped/* weights
@@ -96,8 +100,8 @@ class LoopedConfig:
 
     def __post_init__(self):
         for name in ("test_factor", "width", "n_heads", "baseline_width", "baseline_layers", "steps",
-                     "baseline_steps", "next_token_steps", "fp_steps", "batch_size", "groups", "n_eval", "length_step",
-                     "patience"):
+                     "baseline_steps", "next_token_steps", "fp_steps", "batch_size", "groups", "workers", "n_eval",
+                     "length_step", "patience"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"LoopedConfig.{name} must be an integer >= 1, got {value!r}")
@@ -125,8 +129,9 @@ CONFIGS = {
     "smoke": LoopedConfig(train_lengths={"parity": (1, 4)}, steps=10, baseline_steps=10, next_token_steps=10,
                           fp_steps=10, groups=2, n_eval=32, extra_cap=2, length_step=2),
     # a few CPU-minutes: the paper's looped model (three seeds) and both baselines on parity; looped-fp shipped
-    "quick": LoopedConfig(steps=1200, baseline_steps=400, next_token_steps=800, seeds=(0, 1, 2), train_fp=False),
-    # a GPU: three times the training, and copy and addition too
+    "quick": LoopedConfig(steps=1200, baseline_steps=400, next_token_steps=800, seeds=(0, 1, 2), train_fp=False,
+                          workers=2),
+    # a GPU: longer training, and copy and addition too
     "full": LoopedConfig(tasks=("parity", "copy", "addition"), steps=2000, baseline_steps=1000, next_token_steps=1500,
                          seeds=(0, 1, 2), train_fp=False, n_eval=1000),
 }
@@ -138,7 +143,7 @@ SHIPPED = {
     "looped": LoopedConfig(steps=2000, seeds=(1,), seed=1, n_eval=1000),
     # the fixed-point training from scratch: supervision at T(n) + k, flat before T(n) - 1, curriculum on the length
     "looped-fp": LoopedConfig(fp_steps=5000, batch_size=128, schedule="cosine", curriculum=2500, seeds=(0,), n_eval=1000),
-    # the next-token baseline, trained twice as long as in the quick profile
+    # the next-token baseline, trained about twice as long as in the quick profile
     "next-token": LoopedConfig(next_token_steps=1500, schedule="cosine", n_eval=1000),
 }
 
@@ -339,6 +344,33 @@ def train_models(config: LoopedConfig, task: str, device, progress: bool = False
     return models, histories
 
 
+def _train_jobs(config: LoopedConfig, task: str, device, progress: bool, jobs: list) -> dict:
+    """Train every ``(seed, family)`` of ``jobs``: ``{(seed, family): (model, history)}``.
+
+    On a CPU with ``config.workers > 1`` the models train at once, one process each (same results as
+    one after the other: each trains with one thread); the bar then counts finished models.
+    """
+    workers = min(config.workers, len(jobs), os.cpu_count() or 1)
+    if torch.device(device).type != "cpu" or workers < 2:
+        done = {}
+        for seed, family in jobs:
+            models, histories = train_models(config, task, device, progress, seed, (family,))
+            done[(seed, family)] = models[family], histories[family]
+        return done
+    bar = ProgressBar(len(jobs), desc=f"{task}: {len(jobs)} models in {workers} processes", every=1) if progress else None
+    done = {}
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(train_models, config, task, "cpu", False, seed, (family,)): (seed, family)
+                   for seed, family in jobs}
+        for i, future in enumerate(as_completed(futures)):
+            seed, family = futures[future]
+            models, histories = future.result()
+            done[(seed, family)] = models[family], histories[family]
+            if bar is not None:
+                bar(i, histories[family].losses[-1])
+    return done
+
+
 # --- the experiment ----------------------------------------------------------------------------------
 
 
@@ -352,7 +384,10 @@ def run(profile: str | None = None, progress: bool = False, config: LoopedConfig
     for task in config.tasks:
         spec = config.task(task)
         families = ["looped", "fixed-loop", "next-token"] + (["looped-fp"] if config.train_fp else [])
-        trained, hist = train_models(config, task, device, progress, families=families)
+        jobs = [(seed, "looped") for seed in config.seeds] + [(config.seeds[0], f) for f in families[1:]]
+        done = _train_jobs(config, task, device, progress, jobs)
+        trained = {family: done[(config.seeds[0], family)][0] for family in families}
+        hist = {family: done[(config.seeds[0], family)][1] for family in families}
         predictors = dict(trained)
         for family in SHIPPED:  # the shipped models, trained longer
             if config.pretrained and _has_shipped(task, family):
@@ -372,11 +407,10 @@ def run(profile: str | None = None, progress: bool = False, config: LoopedConfig
         if fp is not None:
             traces[f"{task}-looped-fp"] = confidence_trace(fp.to(device), batch, cap)
 
-        # Seeds: the paper's looped model with the oracle, retrained with every further seed.
+        # Seeds: the paper's looped model with the oracle, trained with every further seed.
         seeds_[task] = {str(config.seeds[0]): accuracy_["looped-oracle"][task]}
         for seed in config.seeds[1:]:
-            extra, _ = train_models(config, task, device, progress, seed=seed, families=("looped",))
-            table = _accuracy_table(config, task, {"looped": extra["looped"]}, device)
+            table = _accuracy_table(config, task, {"looped": done[(seed, "looped")][0].to(device)}, device)
             seeds_[task][str(seed)] = table["looped-oracle"]
         for model in trained.values():
             model.cpu()
