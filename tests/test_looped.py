@@ -69,6 +69,19 @@ def test_prompts_and_sampling():
     assert all(torch.equal(a.inputs, b.inputs) for a, b in zip(groups, again))  # same seed, same batches
 
 
+
+def test_length_curriculum():
+    task = Parity(train_lengths=(1, 12), groups=8)
+    assert [task.longest_at(step, 100) for step in (0, 50, 99, 100, 5000)] == [2, 7, 12, 12, 12]
+    assert task.longest_at(0, 0) == 12  # no curriculum
+    objective = FullAnswerObjective(task, curriculum=1000)
+    gen = generator(2)
+    early = [g.n for _ in range(20) for g in objective.sample(16, gen)]  # steps 0-19: lengths 1-2
+    assert set(early) == {1, 2}
+    objective._calls = 1000
+    assert max(g.n for _ in range(20) for g in objective.sample(16, gen)) == 12
+
+
 # --- the looped model ----------------------------------------------------------------------------
 
 
@@ -159,6 +172,8 @@ def test_bad_input_names_the_parameter():
         (lambda: LoopedTransformer(16, 2)(torch.zeros(1, 3, dtype=torch.long), 0), "n_loops"),
         (lambda: FullAnswerObjective(Parity(), extra_loops=-1), "extra_loops"),
         (lambda: FullAnswerObjective(Parity(), unsure_weight=-1.0), "unsure_weight"),
+        (lambda: FullAnswerObjective(Parity(), curriculum=-5), "curriculum"),
+        (lambda: experiment.LoopedConfig(workers=0), "workers"),
         (lambda: stable_stop(torch.zeros(3, 2, 1, 5), patience=0), "patience"),
         (lambda: stable_stop(torch.zeros(3, 2, 1, 5), min_confidence=0.5), "min_confidence"),
         (lambda: answer_confidence(torch.zeros(3, 2, 5)), "logits"),
