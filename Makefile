@@ -39,9 +39,10 @@ test: $(VENV)/.test-installed
 exercises: $(VENV)/.test-installed
 	$(BIN)/python -m icl_course.notebooks student exercises/solutions exercises
 
-## Measure every chapter's run time in the quick profile (or PROFILE=full on a GPU) into timings.json.
+## Measure every chapter's run time in the quick profile (or PROFILE=full on a GPU) into timings.json;
+## CHAPTERS="05_ttt 06_looped" measures only those and keeps the others' times.
 timings: $(VENV)/.book-installed
-	$(BIN)/python -m icl_course.course timings $(or $(PROFILE),quick)
+	$(BIN)/python -m icl_course.course timings $(or $(PROFILE),quick) $(CHAPTERS)
 
 clean:
 	rm -rf _build .pytest_cache

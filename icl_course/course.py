@@ -126,8 +126,9 @@ def syllabus(root: Path = ROOT) -> str:
     return "\n".join(rows)
 
 
-def measure_timings(profile: str, root: Path = ROOT) -> dict:
-    """Run every available chapter notebook in a fresh kernel; record the wall-clock seconds."""
+def measure_timings(profile: str, root: Path = ROOT, stems=None) -> dict:
+    """Run the available chapter notebooks (or those of ``stems``) in fresh kernels; record the
+    wall-clock seconds."""
     import os
 
     import nbformat
@@ -137,7 +138,7 @@ def measure_timings(profile: str, root: Path = ROOT) -> dict:
     os.environ["ICL_COURSE_PROFILE"] = profile
     chapters = {}
     for ch in PLAN:
-        if available(ch, root):
+        if available(ch, root) and (not stems or ch.stem in stems):
             path = root / "chapters" / f"{ch.stem}.ipynb"
             nb = nbformat.read(path, as_version=4)
             start = time.perf_counter()
@@ -148,11 +149,14 @@ def measure_timings(profile: str, root: Path = ROOT) -> dict:
     return {"date": time.strftime("%Y-%m-%d"), "machine": f"{device}, {platform.machine()}", "chapters": chapters}
 
 
-if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] != "timings":
-        sys.exit("usage: python -m icl_course.course timings PROFILE")
+if __name__ == "__main__":  # python -m icl_course.course timings PROFILE [CHAPTER_STEM ...]
+    if len(sys.argv) < 3 or sys.argv[1] != "timings":
+        sys.exit("usage: python -m icl_course.course timings PROFILE [CHAPTER_STEM ...]")
     path = ROOT / TIMINGS
     record = json.loads(path.read_text()) if path.exists() else {}
-    record[sys.argv[2]] = measure_timings(sys.argv[2])
+    measured = measure_timings(sys.argv[2], stems=sys.argv[3:])
+    if sys.argv[3:]:  # a few chapters: keep the others' earlier times
+        measured["chapters"] = {**record.get(sys.argv[2], {}).get("chapters", {}), **measured["chapters"]}
+    record[sys.argv[2]] = measured
     path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     print(f"wrote {path}", file=sys.stderr)
