@@ -323,7 +323,7 @@ def load(name: str, folder: Path | None = None) -> nn.Module:
     if digest != record["sha256"]:
         raise pretrained.ChecksumError(
             f"{weights} has sha256 {digest[:12]}..., but its provenance records {record['sha256'][:12]}...: "
-            "regenerate it with `icl-course reproduce looped --profile full`."
+            "regenerate it with `icl-course reproduce looped --write-weights`."
         )
     architecture = dict(record["architecture"])
     model = MODELS[architecture.pop("model", "LoopedTransformer")](**architecture)
