@@ -129,6 +129,9 @@ def syllabus(root: Path = ROOT) -> str:
 def measure_timings(profile: str, root: Path = ROOT, stems=None) -> dict:
     """Run the available chapter notebooks (or those of ``stems``) in fresh kernels; record the
     wall-clock seconds."""
+    known = [ch.stem for ch in PLAN if available(ch, root)]
+    if stems and not set(stems) <= set(known):
+        raise ValueError(f"stems must name written chapters, got {sorted(set(stems) - set(known))}; valid: {known}")
     import os
 
     import nbformat
@@ -138,7 +141,7 @@ def measure_timings(profile: str, root: Path = ROOT, stems=None) -> dict:
     os.environ["ICL_COURSE_PROFILE"] = profile
     chapters = {}
     for ch in PLAN:
-        if available(ch, root) and (not stems or ch.stem in stems):
+        if ch.stem in (stems or known):
             path = root / "chapters" / f"{ch.stem}.ipynb"
             nb = nbformat.read(path, as_version=4)
             start = time.perf_counter()

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from icl_course import course
 
 
@@ -25,3 +27,8 @@ def test_tables(tmp_path):
     table = course.chapter_table(tmp_path)
     assert "| ~2 min | 1.5 min | not measured yet |" in table and "test box" in table
     assert course.reading_minutes(tmp_path / "chapters" / "01_gd_step.ipynb") == 2.5
+
+
+def test_timings_reject_unknown_chapters():
+    with pytest.raises(ValueError, match=r"stems must name written chapters, got \['06_loop'\].*06_looped"):
+        course.measure_timings("quick", stems=["06_loop"])
