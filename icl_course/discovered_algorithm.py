@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from .linear_transformer import DiagAttention, LinearTransformer
+from .runtime import require_finite
 from .solvers import LinearSolver
 
 __all__ = ["LayerCoefficients", "DiscoveredAlgorithm"]
@@ -55,6 +56,10 @@ class LayerCoefficients:
     w_yx: float  # minus the GD step size
     w_yy: float  # residual energy -> rescaling
 
+    def __post_init__(self):
+        for name in ("w_xx", "w_xy", "w_yx", "w_yy"):
+            require_finite(f"LayerCoefficients: {name}", getattr(self, name))
+
 
 @dataclass
 class DiscoveredAlgorithm(LinearSolver):
@@ -65,11 +70,13 @@ class DiscoveredAlgorithm(LinearSolver):
     def __post_init__(self):
         if len(self.layers) == 0:
             raise ValueError("layers must hold at least one LayerCoefficients")
+        if not all(isinstance(c, LayerCoefficients) for c in self.layers):
+            raise TypeError(f"layers must be a list of LayerCoefficients, got {[type(c).__name__ for c in self.layers]}")
 
     @classmethod
     def from_model(cls, model: LinearTransformer) -> "DiscoveredAlgorithm":
         """Read the coefficients of a trained DIAG or GD++ stack (``FULL`` has no such form)."""
-        if not all(isinstance(layer, DiagAttention) for layer in model.layers):
+        if not isinstance(model, LinearTransformer) or not all(isinstance(layer, DiagAttention) for layer in model.layers):
             raise ValueError("model must be a stack of DIAG or GD++ layers (DiagAttention)")
         layers = []
         for layer in model.layers:

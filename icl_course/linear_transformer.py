@@ -27,8 +27,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .runtime import require_finite
 from .tasks import generator
-from .tokens import make_tokens, read_prediction
+from .tokens import check_shapes, make_tokens, read_prediction
 
 __all__ = [
     "LinearSelfAttention",
@@ -77,6 +78,7 @@ class FullAttention(LinearSelfAttention):
 
     def __init__(self, d: int, n_heads: int = 1, init_std: float = 1e-3, gen: torch.Generator | None = None):
         super().__init__(d, n_heads)
+        require_finite("init_std", init_std, at_least=0)
         D = d + 1
         self.Q = nn.Parameter(init_std * torch.randn(n_heads, D, D, generator=gen))
         self.P = nn.Parameter(init_std * torch.randn(n_heads, D, D, generator=gen))
@@ -90,6 +92,7 @@ class DiagAttention(LinearSelfAttention):
 
     def __init__(self, d: int, n_heads: int = 1, init_std: float = 1e-3, gen: torch.Generator | None = None):
         super().__init__(d, n_heads)
+        require_finite("init_std", init_std, at_least=0)
         self.q_x, self.q_y, self.p_x, self.p_y = (
             nn.Parameter(init_std * torch.randn(n_heads, generator=gen)) for _ in range(4)
         )
@@ -137,14 +140,27 @@ class LinearTransformer(nn.Module):
         super().__init__()
         if len(layers) == 0:
             raise ValueError("layers must hold at least one layer")
-        if clamp is not None and not clamp > 0:
-            raise ValueError(f"clamp must be > 0 or None, got {clamp}")
+        if clamp is not None:
+            require_finite("clamp", clamp, above=0)
         self.layers = nn.ModuleList(layers)
         self.clamp = clamp
         self.d = layers[0].d
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the parameters: inputs must have it (``model.double()`` to run in float64)."""
+        return next(self.parameters()).dtype
+
+    def check_inputs(self, xs: Tensor, ys: Tensor, x_query: Tensor) -> None:
+        """``check_shapes`` against this model: ``xs`` of dimension ``d`` and the parameters' dtype."""
+        if torch.is_tensor(xs) and (xs.ndim != 3 or xs.shape[-1] != self.d):
+            raise ValueError(f"xs must have shape (B, n, d={self.d}), got {tuple(xs.shape)}")
+        check_shapes(xs, ys, x_query, dtype=self.dtype)
+
     def forward(self, Z: Tensor, return_all: bool = False) -> Tensor | list[Tensor]:
         """``Z`` after the last layer, or (``return_all``) the list ``[Z_0, Z_1, ..., Z_L]``."""
+        if not torch.is_tensor(Z) or Z.dtype != self.dtype:
+            raise ValueError(f"Z must be a {self.dtype} tensor (the model's dtype), got {getattr(Z, 'dtype', type(Z).__name__)}")
         states = [Z]
         for layer in self.layers:
             Z = layer(Z)
@@ -155,12 +171,12 @@ class LinearTransformer(nn.Module):
 
     def predict(self, xs: Tensor, ys: Tensor, x_query: Tensor) -> Tensor:
         """The shared predictor call: ``(B, n, d), (B, n), (B, d) -> (B,)``."""
-        if xs.ndim != 3 or xs.shape[-1] != self.d:
-            raise ValueError(f"xs must have shape (B, n, d={self.d}), got {tuple(xs.shape)}")
+        self.check_inputs(xs, ys, x_query)
         return read_prediction(self(make_tokens(xs, ys, x_query)))
 
     def predict_per_layer(self, xs: Tensor, ys: Tensor, x_query: Tensor) -> Tensor:
         """Predictions read out after each layer: ``(L, B)`` (row ``l`` is after layer ``l+1``)."""
+        self.check_inputs(xs, ys, x_query)
         states = self(make_tokens(xs, ys, x_query), return_all=True)
         return torch.stack([read_prediction(Z) for Z in states[1:]])
 
@@ -184,8 +200,7 @@ def linear_transformer(
         raise ValueError(f"attention must be one of {sorted(ATTENTIONS)}, got {attention!r}")
     if not isinstance(n_layers, int) or n_layers < 1:
         raise ValueError(f"n_layers must be an integer >= 1, got {n_layers!r}")
-    if init_std < 0:
-        raise ValueError(f"init_std must be >= 0, got {init_std}")
+    require_finite("init_std", init_std, at_least=0)
     gen = generator(seed)
     cls = ATTENTIONS[attention]
     return LinearTransformer([cls(d, n_heads, init_std, gen) for _ in range(n_layers)], clamp=clamp)
@@ -204,9 +219,13 @@ def gd_transformer(
     """
     if not isinstance(n_steps, int) or n_steps < 1:
         raise ValueError(f"n_steps must be an integer >= 1, got {n_steps!r}")
+    if not isinstance(d, int) or d < 1:
+        raise ValueError(f"d must be an integer >= 1, got {d!r}")
+    require_finite("eta", eta)
     gamma = torch.eye(d, dtype=dtype) if preconditioner is None else torch.as_tensor(preconditioner, dtype=dtype)
     if tuple(gamma.shape) != (d, d):
         raise ValueError(f"preconditioner must have shape ({d}, {d}), got {tuple(gamma.shape)}")
+    require_finite("preconditioner", gamma)
     layers = []
     for _ in range(n_steps):
         layer = FullAttention(d, n_heads=1, init_std=0.0).to(dtype)
@@ -227,6 +246,8 @@ def gdpp_transformer(d: int, eta: float, gamma: float, n_steps: int = 1, dtype=t
     """
     if not isinstance(n_steps, int) or n_steps < 1:
         raise ValueError(f"n_steps must be an integer >= 1, got {n_steps!r}")
+    require_finite("eta", eta)
+    require_finite("gamma", gamma)
     layers = []
     for _ in range(n_steps):
         layer = GDPPAttention(d, n_heads=1, init_std=0.0).to(dtype)

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from .linear_transformer import FullAttention, LinearTransformer
 from .metrics import mse_loss
+from .runtime import require_finite
 from .solvers import LinearSolver
 from .tasks import Gaussian, Uniform, generator
 from .tokens import check_shapes, make_tokens, read_prediction
@@ -53,8 +54,7 @@ def _check_labels(ys: Tensor) -> None:
 
 
 def _check_mu(mu) -> None:
-    if not mu > 0:
-        raise ValueError(f"mu must be > 0 (the regularization keeps the optimum finite), got {mu}")
+    require_finite("mu", mu, above=0)  # > 0 keeps the optimum finite
 
 
 def _check_solver(mu, n_steps) -> None:
@@ -117,6 +117,11 @@ class LogisticTask:
             raise ValueError(f"d must be an integer >= 1, got {self.d!r}")
         if not isinstance(self.n_ctx, int) or self.n_ctx < 1:
             raise ValueError(f"n_ctx must be an integer >= 1, got {self.n_ctx!r}")
+        if not isinstance(self.newton_steps, int) or self.newton_steps < 1:
+            raise ValueError(f"newton_steps must be an integer >= 1, got {self.newton_steps!r}")
+        for name in ("inputs", "weights"):
+            if not callable(getattr(getattr(self, name), "sample", None)):
+                raise TypeError(f"{name} must be a distribution such as Gaussian(), got {getattr(self, name)!r}")
 
     def sample(self, batch_size: int, gen: torch.Generator, device=None, dtype=torch.float32) -> LogisticBatch:
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -235,6 +240,9 @@ class TokenMLP(nn.Module):
         super().__init__()
         if not isinstance(width, int) or width < 1:
             raise ValueError(f"width must be an integer >= 1, got {width!r}")
+        if not isinstance(d, int) or d < 1:
+            raise ValueError(f"d must be an integer >= 1, got {d!r}")
+        require_finite("init_std", init_std, at_least=0)
         self.d = d  # the token dimension is d + 1, as for the attention layers
         D = d + 1
         self.W1 = nn.Parameter(torch.randn(width, D, generator=gen) / D**0.5)  # a usual fan-in init
@@ -252,7 +260,7 @@ class AttentionMLPTransformer(LinearTransformer):
 
     def predict_per_layer(self, xs: Tensor, ys: Tensor, x_query: Tensor) -> Tensor:
         """The query logit after every (attention, MLP) block: ``(n_blocks, B)``."""
-        check_shapes(xs, ys, x_query)
+        self.check_inputs(xs, ys, x_query)
         states = self(make_tokens(xs, ys, x_query), return_all=True)
         return torch.stack([read_prediction(Z) for Z in states[2::2]])
 

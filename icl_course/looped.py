@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .algorithmic_tasks import ONE, VOCAB_SIZE, ZERO, AlgorithmicBatch
+from .runtime import require_finite
 
 __all__ = [
     "Block", "LoopedTransformer", "Clock", "NextTokenTransformer", "FullAnswerObjective", "NextTokenObjective",
@@ -50,6 +51,9 @@ class Block(nn.Module):
 
     def __init__(self, width: int, n_heads: int):
         super().__init__()
+        for name, value in (("width", width), ("n_heads", n_heads)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if width % n_heads:
             raise ValueError(f"width must be a multiple of n_heads, got width={width}, n_heads={n_heads}")
         self.n_heads = n_heads
@@ -66,13 +70,23 @@ class Block(nn.Module):
         return h + self.mlp(self.ln2(h))
 
 
-def _check_model_args(width, n_heads, seed):
+def _check_model_args(width, n_heads, seed, vocab_size):
     if not isinstance(width, int) or width < 1:
         raise ValueError(f"width must be an int >= 1, got {width!r}")
     if not isinstance(n_heads, int) or n_heads < 1:
         raise ValueError(f"n_heads must be an int >= 1, got {n_heads!r}")
     if not isinstance(seed, int):
         raise ValueError(f"seed must be an int, got {seed!r}")
+    if not isinstance(vocab_size, int) or vocab_size < VOCAB_SIZE:
+        raise ValueError(f"vocab_size must be an int >= {VOCAB_SIZE} (the tasks' tokens), got {vocab_size!r}")
+
+
+def _check_tokens(tokens: Tensor, vocab_size: int) -> None:
+    if not torch.is_tensor(tokens) or tokens.ndim != 2 or tokens.dtype not in (torch.long, torch.int32):
+        raise ValueError(f"tokens must be a (B, L) tensor of token ids (torch.long), got "
+                         f"{getattr(tokens, 'dtype', type(tokens).__name__)} {tuple(getattr(tokens, 'shape', ()))}")
+    if tokens.numel() and not bool(((tokens >= 0) & (tokens < vocab_size)).all()):
+        raise ValueError(f"tokens must be ids in [0, {vocab_size}), got values in [{tokens.min().item()}, {tokens.max().item()}]")
 
 
 class LoopedTransformer(nn.Module):
@@ -85,7 +99,7 @@ class LoopedTransformer(nn.Module):
 
     def __init__(self, width: int = 64, n_heads: int = 4, vocab_size: int = VOCAB_SIZE, seed: int = 0):
         super().__init__()
-        _check_model_args(width, n_heads, seed)
+        _check_model_args(width, n_heads, seed, vocab_size)
         self.width, self.n_heads, self.vocab_size = width, n_heads, vocab_size
         with torch.random.fork_rng(devices=[]):  # the init is a function of the seed alone
             torch.manual_seed(seed)
@@ -97,6 +111,7 @@ class LoopedTransformer(nn.Module):
         """Logits after every loop: ``(n_loops, B, L', vocab)``, ``L'`` the last ``last`` positions."""
         if not isinstance(n_loops, int) or n_loops < 1:
             raise ValueError(f"n_loops must be an int >= 1, got {n_loops!r}")
+        _check_tokens(tokens, self.vocab_size)
         e = self.embed(tokens)  # (B, L, W)
         h, out = torch.zeros_like(e), []
         for _ in range(n_loops):
@@ -108,6 +123,7 @@ class LoopedTransformer(nn.Module):
         """Logits after ``n_loops`` loops: ``(B, L, vocab)``."""
         if not isinstance(n_loops, int) or n_loops < 1:
             raise ValueError(f"n_loops must be an int >= 1, got {n_loops!r}")
+        _check_tokens(tokens, self.vocab_size)
         e = self.embed(tokens)
         h = torch.zeros_like(e)
         for _ in range(n_loops):
@@ -141,7 +157,7 @@ class NextTokenTransformer(nn.Module):
 
     def __init__(self, width: int = 32, n_heads: int = 4, n_layers: int = 4, vocab_size: int = VOCAB_SIZE, seed: int = 0):
         super().__init__()
-        _check_model_args(width, n_heads, seed)
+        _check_model_args(width, n_heads, seed, vocab_size)
         if not isinstance(n_layers, int) or n_layers < 1:
             raise ValueError(f"n_layers must be an int >= 1, got {n_layers!r}")
         self.width, self.n_heads, self.n_layers, self.vocab_size = width, n_heads, n_layers, vocab_size
@@ -152,6 +168,7 @@ class NextTokenTransformer(nn.Module):
             self.ln_f, self.head = nn.LayerNorm(width), nn.Linear(width, vocab_size)
 
     def forward(self, tokens: Tensor) -> Tensor:
+        _check_tokens(tokens, self.vocab_size)
         h = self.embed(tokens)
         for block in self.blocks:
             h = block(h)
@@ -191,8 +208,7 @@ class FullAnswerObjective:
     def __post_init__(self):
         if not isinstance(self.extra_loops, int) or self.extra_loops < 0:
             raise ValueError(f"extra_loops must be an int >= 0, got {self.extra_loops!r}")
-        if not self.unsure_weight >= 0:
-            raise ValueError(f"unsure_weight must be >= 0, got {self.unsure_weight!r}")
+        require_finite("FullAnswerObjective: unsure_weight", self.unsure_weight, at_least=0)
         if self.fixed_loops is not None and (not isinstance(self.fixed_loops, int) or self.fixed_loops < 1):
             raise ValueError(f"fixed_loops must be None or an int >= 1, got {self.fixed_loops!r}")
         if not isinstance(self.curriculum, int) or self.curriculum < 0:
@@ -255,12 +271,9 @@ class HaltingObjective:
     scale: float = 4.0  # the ramp's margin at t = 2 T(n), about; sets the loss's units
 
     def __post_init__(self):
-        if not self.horizon >= 1:
-            raise ValueError(f"horizon must be >= 1 (the ramp must reach T(n)), got {self.horizon!r}")
-        if not 0 < self.offset < 1:
-            raise ValueError(f"offset must be in (0, 1) loops, got {self.offset!r}")
-        if not self.scale > 0:
-            raise ValueError(f"scale must be > 0, got {self.scale!r}")
+        require_finite("HaltingObjective: horizon", self.horizon, at_least=1)
+        require_finite("HaltingObjective: offset", self.offset, above=0, below=1)
+        require_finite("HaltingObjective: scale", self.scale, above=0)
 
     def sample(self, batch_size: int, gen: torch.Generator, device=None) -> list[AlgorithmicBatch]:
         return self.task.sample(batch_size, gen, device=device)

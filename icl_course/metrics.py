@@ -28,18 +28,30 @@ def mse_loss(y_hat: Tensor, y: Tensor) -> Tensor:
     """The course's loss: ``0.5 * mean((y_hat - y)^2)``."""
     if y_hat.shape != y.shape:
         raise ValueError(f"y_hat has shape {tuple(y_hat.shape)} but y has shape {tuple(y.shape)}")
+    if y.numel() == 0:
+        raise ValueError("y_hat and y are empty: the mean loss of no predictions is undefined")
     return 0.5 * ((y_hat - y) ** 2).mean()
+
+
+def _check_batch(batch) -> None:
+    """Every metric averages over the batch's sequences: it must hold at least one."""
+    if not hasattr(batch, "xs") or not hasattr(batch, "x_query"):
+        raise TypeError(f"batch must be a RegressionBatch (with xs, ys, x_query), got {type(batch).__name__}")
+    if len(batch.xs) == 0:
+        raise ValueError("batch is empty (B = 0 sequences): its mean loss is undefined")
 
 
 @torch.no_grad()
 def evaluate(predictor, batch) -> float:
     """0.5·MSE of ``predictor`` on the queries of ``batch``."""
+    _check_batch(batch)
     return mse_loss(predictor.predict(batch.xs, batch.ys, batch.x_query), batch.y_query).item()
 
 
 @torch.no_grad()
 def prediction_distance(a, b, batch) -> float:
     """Mean over sequences of ``|y_hat_a - y_hat_b|`` on the queries of ``batch``."""
+    _check_batch(batch)
     return (a.predict(batch.xs, batch.ys, batch.x_query) - b.predict(batch.xs, batch.ys, batch.x_query)).abs().mean().item()
 
 
@@ -64,7 +76,7 @@ def implicit_weights_per_layer(model, xs: Tensor, ys: Tensor, x_query: Tensor) -
     (what ``model.predict_per_layer`` returns), so ``y_hat_l = <w_l, x_q>`` exactly for a stack
     without a token clamp.
     """
-    check_shapes(xs, ys, x_query)
+    check_shapes(xs, ys, x_query, dtype=getattr(model, "dtype", None))
     x_query = x_query.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         states = model(make_tokens(xs, ys, x_query), return_all=True)[1:]  # L tensors (B, n+1, d+1)
@@ -74,6 +86,7 @@ def implicit_weights_per_layer(model, xs: Tensor, ys: Tensor, x_query: Tensor) -
 
 def model_cosine(a, b, batch) -> float:
     """Mean cosine similarity of the two predictors' implicit models over the sequences of ``batch``."""
+    _check_batch(batch)
     wa = implicit_weights(a, batch.xs, batch.ys, batch.x_query)
     wb = implicit_weights(b, batch.xs, batch.ys, batch.x_query)
     return torch.nn.functional.cosine_similarity(wa, wb, dim=-1).mean().item()
@@ -81,6 +94,7 @@ def model_cosine(a, b, batch) -> float:
 
 def model_distance(a, b, batch) -> float:
     """Mean L2 distance ``||w_a - w_b||`` of the two predictors' implicit models."""
+    _check_batch(batch)
     wa = implicit_weights(a, batch.xs, batch.ys, batch.x_query)
     wb = implicit_weights(b, batch.xs, batch.ys, batch.x_query)
     return (wa - wb).norm(dim=-1).mean().item()

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from .linear_transformer import FullAttention, LinearTransformer
+from .runtime import require_finite
 from .solvers import LinearSolver
 from .tokens import check_shapes, read_prediction
 
@@ -90,8 +91,8 @@ def newton_schulz(A: Tensor, n_iters: int, alpha: float | None = None) -> list[T
     """
     _check_square(A)
     _check_iters(n_iters)
-    if alpha is not None and not alpha > 0:
-        raise ValueError(f"alpha must be > 0, got {alpha}")
+    if alpha is not None:
+        require_finite("alpha", alpha, above=0)
     eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
     X = (_default_alpha(A) if alpha is None else alpha) * A.mT
     iterates = [X]
@@ -139,6 +140,8 @@ def iterations_to_tolerance(A: Tensor, tol: float = 1e-8, method: str = "newton"
         raise ValueError(f"tol must be in (0, 1), got {tol}")
     if method not in ("newton", "gd"):
         raise ValueError(f"method must be 'newton' or 'gd', got {method!r}")
+    if not isinstance(max_iters, int) or max_iters < 1:
+        raise ValueError(f"max_iters must be an integer >= 1, got {max_iters!r}")
     s = torch.linalg.svdvals(A.double()) ** 2
     s = s / s.max(dim=-1, keepdim=True).values
     rho = (1 - s.min()).item()  # the slowest mode's contraction per GD step
@@ -178,8 +181,8 @@ class IterativeNewton(LinearSolver):
     def __post_init__(self):
         if not isinstance(self.n_steps, int) or self.n_steps < 0:
             raise ValueError(f"n_steps must be an integer >= 0, got {self.n_steps!r}")
-        if self.alpha is not None and not self.alpha > 0:
-            raise ValueError(f"alpha must be > 0 or None, got {self.alpha}")
+        if self.alpha is not None:
+            require_finite("IterativeNewton: alpha", self.alpha, above=0)
 
     def iterates(self, S: Tensor) -> list[Tensor]:
         """``[M_0, ..., M_{n_steps}]`` for a batch of second-moment matrices ``S`` ``(B, d, d)``."""
@@ -282,11 +285,12 @@ class NewtonTransformer(LinearTransformer):
         self.d_input, self.n_ctx = d, n_ctx
 
     def tokens(self, xs: Tensor, ys: Tensor, x_query: Tensor) -> Tensor:
-        if xs.ndim != 3 or xs.shape[-1] != self.d_input or xs.shape[1] != self.n_ctx:
+        if not torch.is_tensor(xs) or xs.ndim != 3 or xs.shape[-1] != self.d_input or xs.shape[1] != self.n_ctx:
             raise ValueError(
                 f"xs must have shape (B, n_ctx={self.n_ctx}, d={self.d_input}) (the weights hold n_ctx), "
-                f"got {tuple(xs.shape)}"
+                f"got {tuple(getattr(xs, 'shape', ()))}"
             )
+        check_shapes(xs, ys, x_query, dtype=self.dtype)
         return newton_tokens(xs, ys, x_query)
 
     def predict(self, xs: Tensor, ys: Tensor, x_query: Tensor) -> Tensor:
@@ -315,8 +319,7 @@ def newton_transformer(d: int, n_ctx: int, n_steps: int, alpha: float, dtype=tor
         raise ValueError(f"n_ctx must be an integer >= 1, got {n_ctx!r}")
     if not isinstance(n_steps, int) or n_steps < 0:
         raise ValueError(f"n_steps must be an integer >= 0, got {n_steps!r}")
-    if not alpha > 0:
-        raise ValueError(f"alpha must be > 0, got {alpha}")
+    require_finite("alpha", alpha, above=0)
     x, u, _, y = _blocks(d)
     N = n_ctx + d
     eye = torch.eye(d, dtype=dtype)

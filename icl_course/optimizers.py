@@ -98,8 +98,8 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Upda
     for name, b in (("b1", b1), ("b2", b2)):
         if not (isinstance(b, (int, float)) and 0 <= b < 1):
             raise ValueError(f"{name} must be in [0, 1), got {b!r}")
-    if not (isinstance(eps, (int, float)) and eps >= 0):
-        raise ValueError(f"eps must be >= 0, got {eps!r}")
+    if not (isinstance(eps, (int, float)) and 0 <= eps < math.inf):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
 
     def init(params):
         return 0, [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]

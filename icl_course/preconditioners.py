@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .linear_transformer import LinearSelfAttention
+from .runtime import require_finite
 
 __all__ = [
     "rotated_covariance",
@@ -46,6 +47,7 @@ def _check_cov(cov: Tensor) -> Tensor:
     cov = torch.as_tensor(cov, dtype=torch.float64)
     if cov.ndim != 2 or cov.shape[0] != cov.shape[1]:
         raise ValueError(f"cov must be a square matrix, got shape {tuple(cov.shape)}")
+    require_finite("cov", cov)
     if not torch.allclose(cov, cov.T, atol=1e-10):
         raise ValueError("cov must be symmetric")
     return cov
@@ -68,8 +70,10 @@ def rotated_covariance(scales=(1.0, 1.0, 0.5, 0.25, 1.0), seed: int = 0) -> Tens
     [0.0625, 0.25, 1.0, 1.0, 1.0]
     """
     scales = torch.as_tensor(scales, dtype=torch.float64)
-    if scales.ndim != 1 or len(scales) < 1 or not (scales > 0).all():
-        raise ValueError(f"scales must be a non-empty 1-D sequence of positive numbers, got {scales.tolist()}")
+    if scales.ndim != 1 or len(scales) < 1 or not (scales > 0).all() or not torch.isfinite(scales).all():
+        raise ValueError(f"scales must be a non-empty 1-D sequence of finite positive numbers, got {scales.tolist()}")
+    if not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
     d = len(scales)
     gen = torch.Generator().manual_seed(seed)
     U, R = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
@@ -112,6 +116,7 @@ def preconditioned_step_loss(gamma: Tensor, cov: Tensor, n_ctx: int) -> float:
     gamma = torch.as_tensor(gamma, dtype=torch.float64)
     if tuple(gamma.shape) != tuple(cov.shape):
         raise ValueError(f"gamma must have shape {tuple(cov.shape)}, got {tuple(gamma.shape)}")
+    require_finite("gamma", gamma)
     M = second_moment_of_S(cov, n_ctx)
     mse = torch.trace(gamma.T @ cov @ gamma @ M) - 2 * torch.trace(cov @ gamma @ cov) + torch.trace(cov)
     return 0.5 * mse.item()
@@ -149,6 +154,8 @@ def layer_preconditioner(layer: LinearSelfAttention) -> Tensor:
     between them. (The other two parts, ``x_q^T Q_xx S P_yx`` and ``x_q^T Q_xy P_yy ||y||^2 / n``,
     only add error; a trained layer drives them to zero.) ``(d, d)``, detached.
     """
+    if not isinstance(layer, LinearSelfAttention):
+        raise TypeError(f"layer must be a LinearSelfAttention layer (e.g. model.layers[0]), got {type(layer).__name__}")
     Q, P = (m.detach() for m in layer.matrices())  # (H, D, D) each
     d = layer.d
     main = P[:, d, d, None, None] * Q[:, :d, :d]  # (H, d, d): the GD path y_j -> value, x_j -> score
@@ -161,4 +168,6 @@ def relative_error(a: Tensor, b: Tensor) -> float:
     a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
     if a.shape != b.shape:
         raise ValueError(f"a has shape {tuple(a.shape)} but b has shape {tuple(b.shape)}")
+    if not bool((b != 0).any()):
+        raise ValueError("b must not be zero: the error relative to a zero reference is undefined")
     return ((a - b).norm() / b.norm()).item()

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .solvers import LinearSolver, Ridge, golden_section
+from .runtime import require_finite
+from .solvers import LinearSolver, Ridge, _check_bounds, golden_section
 from .tokens import check_shapes
 
 __all__ = ["OracleRidge", "ConstRR", "AdaRR", "TunedRR", "noise_estimate", "tune_const_ridge", "tune_tuned_ridge"]
@@ -44,10 +45,7 @@ class OracleRidge(LinearSolver):
     """Ridge with ``lam = sigma^2`` per sequence: the posterior mean under ``w ~ N(0, I)``."""
 
     def __init__(self, sigma: Tensor | float):
-        sigma = torch.as_tensor(sigma)
-        if (sigma < 0).any():
-            raise ValueError("OracleRidge sigma must be >= 0")
-        self.sigma = sigma
+        self.sigma = require_finite("OracleRidge: sigma", torch.as_tensor(sigma), at_least=0)
 
     def weights(self, xs, ys):
         return Ridge(self.sigma.to(xs) ** 2).weights(xs, ys)
@@ -60,8 +58,7 @@ class ConstRR(LinearSolver):
     lam: float
 
     def __post_init__(self):
-        if not self.lam >= 0:
-            raise ValueError(f"ConstRR lam must be >= 0, got {self.lam}")
+        require_finite("ConstRR: lam", self.lam, at_least=0)
 
     def weights(self, xs, ys):
         return Ridge(self.lam).weights(xs, ys)
@@ -77,8 +74,7 @@ class TunedRR(LinearSolver):
     def __post_init__(self):
         if not self.cap > 0:
             raise ValueError(f"TunedRR cap must be > 0, got {self.cap}")
-        if not self.scale > 0:
-            raise ValueError(f"TunedRR scale must be > 0, got {self.scale}")
+        require_finite("TunedRR: scale", self.scale, above=0)
 
     def weights(self, xs, ys):
         lam = self.scale * noise_estimate(xs, ys).clamp(max=self.cap)  # (B,)
@@ -124,9 +120,7 @@ class _Spectrum:
 
 def tune_const_ridge(batch, bounds: tuple[float, float] = (1e-3, 1e3)) -> ConstRR:
     """The ``ConstRR`` whose ``lam`` has the lowest 0.5·MSE on ``batch`` (log grid, then golden section)."""
-    lo, hi = bounds
-    if not 0 < lo < hi:
-        raise ValueError(f"bounds must satisfy 0 < low < high, got {bounds}")
+    lo, hi = _check_bounds(bounds)
     spec = _Spectrum(batch)
     grid = torch.linspace(math.log(lo), math.log(hi), 81, dtype=torch.float64)
     losses = spec.losses(grid.exp())
@@ -142,6 +136,8 @@ def tune_tuned_ridge(batch, n_grid: int = 21) -> TunedRR:
     A grid over ``scale`` in [0.1, 10] (log) and ``cap`` at quantiles of the batch's ``sigma_hat^2``
     (plus no cap), then a finer grid around the best point.
     """
+    if not isinstance(n_grid, int) or n_grid < 2:
+        raise ValueError(f"n_grid must be an integer >= 2, got {n_grid!r}")
     spec = _Spectrum(batch)
     if spec.sigma_hat2 is None:
         raise ValueError("tune_tuned_ridge needs n > d context pairs")

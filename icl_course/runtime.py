@@ -11,10 +11,15 @@ A *profile* sets the scale of every chapter's experiment:
 
 The environment variable ``ICL_COURSE_PROFILE`` picks one (``auto``, the default, picks ``full``
 on CUDA and ``quick`` otherwise); an explicit ``profile=`` argument wins over the variable.
+
+``require_finite`` is the one check every number that comes into the package passes.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 import os
 
 import torch
@@ -34,6 +39,8 @@ def get_profile(profile: str | None = None) -> str:
     >>> get_profile("smoke")
     'smoke'
     """
+    if profile is not None and not isinstance(profile, str):
+        raise TypeError(f"profile must be a str, one of {PROFILES} or 'auto', got {type(profile).__name__}")
     name = profile if profile is not None else os.environ.get(PROFILE_ENV, "auto")
     name = name.strip().lower()
     if name == "auto":
@@ -42,3 +49,33 @@ def get_profile(profile: str | None = None) -> str:
         source = "profile" if profile is not None else PROFILE_ENV
         raise ValueError(f"{source} must be one of {PROFILES} or 'auto', got {name!r}")
     return name
+
+
+_BOUNDS = {"at_least": (">=", operator.ge), "above": (">", operator.gt), "at_most": ("<=", operator.le),
+           "below": ("<", operator.lt)}
+
+
+def require_finite(name: str, value, **bounds):
+    """Return ``value`` if it is a finite real number, or a real tensor of them, within ``bounds``.
+
+    ``bounds`` are any of ``at_least``, ``above``, ``at_most``, ``below``. Otherwise raises
+    ``TypeError`` (not a real number) or ``ValueError``, naming ``name`` and what was expected.
+
+    >>> require_finite("Ridge: lam", 0.5, at_least=0)
+    0.5
+    """
+    limits = [(*_BOUNDS[key], bound) for key, bound in bounds.items() if bound is not None]
+    wanted = "".join(f" {'and ' if i else ''}{sign} {bound}" for i, (sign, _, bound) in enumerate(limits))
+    if torch.is_tensor(value):
+        v = value.detach()
+        if v.is_complex() or v.dtype == torch.bool:
+            raise TypeError(f"{name} must hold real numbers, got a {v.dtype} tensor")
+        if not (bool(torch.isfinite(v).all()) and all(bool(op(v, bound).all()) for _, op, bound in limits)):
+            shown = v.tolist() if v.numel() <= 8 else f"a {tuple(v.shape)} tensor, entries in [{v.min()}, {v.max()}]"
+            raise ValueError(f"{name} must hold finite numbers{wanted}, got {shown}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    if not (math.isfinite(value) and all(op(value, bound) for _, op, bound in limits)):
+        raise ValueError(f"{name} must be a finite number{wanted}, got {value!r}")
+    return value

@@ -24,6 +24,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ttt
+from .runtime import require_finite
+
+
+def _check_counts(**counts) -> None:
+    for name, value in counts.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 __all__ = ["Views", "LinearAttention", "DeltaRule", "SoftmaxAttention", "TTTMixer", "SequenceModel", "make_mixer", "MIXERS"]
 
@@ -33,6 +40,7 @@ class Views(nn.Module):
 
     def __init__(self, width: int, n_heads: int, conv: int = 4):
         super().__init__()
+        _check_counts(width=width, n_heads=n_heads, conv=conv)
         if width % n_heads:
             raise ValueError(f"width ({width}) must be a multiple of n_heads ({n_heads})")
         self.n_heads, self.conv = n_heads, conv
@@ -58,6 +66,7 @@ class LinearAttention(nn.Module):
 
     def __init__(self, width: int, n_heads: int, chunk: int = 64):
         super().__init__()
+        _check_counts(chunk=chunk)
         self.views, self.out = Views(width, n_heads), nn.Linear(width, width, bias=False)
         self.chunk = chunk
 
@@ -99,8 +108,7 @@ class TTTMixer(nn.Module):
         super().__init__()
         if not isinstance(mini_batch, int) or mini_batch < 1:
             raise ValueError(f"mini_batch must be an integer >= 1, got {mini_batch!r}")
-        if not eta_base > 0:
-            raise ValueError(f"eta_base must be > 0, got {eta_base}")
+        require_finite("eta_base", eta_base, above=0)
         self.views, self.out = Views(width, n_heads), nn.Linear(width, width, bias=False)
         self.n_heads, self.f = n_heads, width // n_heads
         self.mini_batch, self.eta_base, self.normalize_qk, self.dual = mini_batch, eta_base, normalize_qk, dual
@@ -140,6 +148,7 @@ class DeltaRule(nn.Module):
 
     def __init__(self, width: int, n_heads: int, chunk: int = 16):
         super().__init__()
+        _check_counts(chunk=chunk)
         self.views, self.out = Views(width, n_heads), nn.Linear(width, width, bias=False)
         self.lr_gate, self.chunk = nn.Linear(width, n_heads), chunk
 
@@ -174,9 +183,10 @@ class SequenceModel(nn.Module):
     def __init__(self, d_in: int, d_out: int, mixer: str = "ttt-linear", width: int = 64, n_layers: int = 2,
                  n_heads: int = 4, mini_batch: int = 16, seed: int = 0, **mixer_kwargs):
         super().__init__()
-        for name, value in (("d_in", d_in), ("d_out", d_out), ("width", width), ("n_layers", n_layers), ("n_heads", n_heads)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        _check_counts(d_in=d_in, d_out=d_out, width=width, n_layers=n_layers, n_heads=n_heads)
+        if not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        self.d_in = d_in
         self.mixer_name = mixer
         with torch.random.fork_rng(devices=[]):  # the initialisation is a function of the seed alone
             torch.manual_seed(seed)
@@ -189,6 +199,11 @@ class SequenceModel(nn.Module):
             self.readout = nn.Linear(width, d_out)
 
     def forward(self, tokens: Tensor) -> Tensor:
+        dtype = self.embed.weight.dtype
+        if not torch.is_tensor(tokens) or tokens.ndim != 3 or tokens.shape[-1] != self.d_in or tokens.dtype != dtype:
+            got = f"{tokens.dtype} {tuple(tokens.shape)}" if torch.is_tensor(tokens) else type(tokens).__name__
+            raise ValueError(f"tokens must be a {dtype} tensor of shape (B, T, d_in={self.d_in}) (cast the batch, or the "
+                             f"model with .double() / .float()), got {got}")
         h = self.embed(tokens)  # (B, T, D)
         for i, (mixer, mlp) in enumerate(zip(self.mixers, self.mlps)):
             h = h + mixer(self.norms[2 * i](h))  # (B, T, D)

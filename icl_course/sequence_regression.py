@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .metrics import mse_loss
+from .runtime import require_finite
 from .tasks import Gaussian, RegressionBatch, RegressionTask
 
 __all__ = ["SequenceRegressionTask", "ridge_by_position"]
@@ -43,8 +44,7 @@ class SequenceRegressionTask:
             raise ValueError(f"d must be an integer >= 1, got {self.d!r}")
         if not isinstance(self.n_points, int) or self.n_points < 1:
             raise ValueError(f"n_points must be an integer >= 1, got {self.n_points!r}")
-        if not self.noise >= 0:
-            raise ValueError(f"noise must be >= 0, got {self.noise}")
+        require_finite("noise", self.noise, at_least=0)
 
     @property
     def token_dim(self) -> int:

@@ -137,6 +137,9 @@ class SoftmaxAttentionClassifier(nn.Module):
         """Softmax scores ``S[i, l, l'] = softmax_l'(<W_Q x_l, W_K x_l'>)``: ``(n, 2, 2)``, rows sum to 1."""
         if X.ndim != 3 or X.shape[-1] != self.d:
             raise ValueError(f"X must have shape (n, patches, {self.d}), got {tuple(X.shape)}")
+        if X.dtype != self.W_Q.dtype:
+            raise ValueError(f"X has dtype {X.dtype} but the model's parameters are {self.W_Q.dtype}: cast the batch "
+                             f"(batch.to(dtype={self.W_Q.dtype})) or the model (model.double() / model.float())")
         q = X @ self.W_Q.T  # (n, L, d) @ (d, m_k) -> (n, L, m_k)
         k = X @ self.W_K.T  # (n, L, m_k)
         return torch.softmax(q @ k.transpose(1, 2), dim=-1)  # (n, L_query, L_key)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .metrics import mse_loss
+from .runtime import require_finite
 from .tokens import check_shapes
 
 __all__ = ["LinearSolver", "GradientDescent", "GDPlusPlus", "LeastSquares", "Ridge", "tune_step_size", "tune_gdpp"]
@@ -45,13 +46,21 @@ class GradientDescent(LinearSolver):
     preconditioner: Tensor | None = None
 
     def __post_init__(self):
+        require_finite("GradientDescent: eta", self.eta)
         if not isinstance(self.n_steps, int) or self.n_steps < 0:
             raise ValueError(f"n_steps must be an integer >= 0, got {self.n_steps!r}")
+        if self.preconditioner is not None:
+            gamma = torch.as_tensor(self.preconditioner)
+            if gamma.ndim != 2 or gamma.shape[0] != gamma.shape[1]:
+                raise ValueError(f"GradientDescent: preconditioner must be a square matrix, got shape {tuple(gamma.shape)}")
+            require_finite("GradientDescent: preconditioner", gamma)
 
     def weights(self, xs, ys):
-        n = xs.shape[1]
+        n, d = xs.shape[1:]
         w = torch.zeros_like(xs[:, 0])  # (B, d)
         gamma = None if self.preconditioner is None else torch.as_tensor(self.preconditioner).to(xs)
+        if gamma is not None and tuple(gamma.shape) != (d, d):
+            raise ValueError(f"GradientDescent: preconditioner must have shape (d, d) = {(d, d)}, got {tuple(gamma.shape)}")
         for _ in range(self.n_steps):
             residual = torch.einsum("bnd,bd->bn", xs, w) - ys  # (B, n)
             grad = torch.einsum("bnd,bn->bd", xs, residual) / n  # (B, d)
@@ -81,23 +90,30 @@ class GDPlusPlus(LinearSolver):
     n_steps: int = 1
 
     def __post_init__(self):
+        require_finite("GDPlusPlus: eta", self.eta)
+        require_finite("GDPlusPlus: gamma", self.gamma)
         if not isinstance(self.n_steps, int) or self.n_steps < 0:
             raise ValueError(f"n_steps must be an integer >= 0, got {self.n_steps!r}")
 
     def weights(self, xs, ys):
-        B, n, d = xs.shape
-        eye = torch.eye(d, dtype=xs.dtype, device=xs.device)
-        X, r = xs, ys  # (B, n, d) current inputs, (B, n) current residuals
-        T = eye.expand(B, d, d)  # (B, d, d): the query after k steps is T_k x_q
-        w = torch.zeros_like(xs[:, 0])  # (B, d)
-        for _ in range(self.n_steps):
-            h = torch.einsum("bnd,bn->bd", X, r) / n  # (B, d): minus the gradient at the current fit
-            w = w + self.eta * torch.einsum("bij,bi->bj", T, h)  # += eta T^T h
-            r = r - self.eta * torch.einsum("bnd,bd->bn", X, h)  # (B, n)
-            M = eye - self.gamma * (X.transpose(1, 2) @ X) / n  # (B, d, d), symmetric: I - gamma S_k
-            X = X @ M  # every row x_i <- M x_i
-            T = M @ T
-        return w
+        return _gdpp_weights(xs, ys, self.eta, self.gamma, self.n_steps)
+
+
+def _gdpp_weights(xs, ys, eta, gamma, n_steps: int) -> Tensor:
+    """GD++'s ``w`` (``GDPlusPlus``), unchecked: ``tune_gdpp`` differentiates it in ``(eta, gamma)``."""
+    B, n, d = xs.shape
+    eye = torch.eye(d, dtype=xs.dtype, device=xs.device)
+    X, r = xs, ys  # (B, n, d) current inputs, (B, n) current residuals
+    T = eye.expand(B, d, d)  # (B, d, d): the query after k steps is T_k x_q
+    w = torch.zeros_like(xs[:, 0])  # (B, d)
+    for _ in range(n_steps):
+        h = torch.einsum("bnd,bn->bd", X, r) / n  # (B, d): minus the gradient at the current fit
+        w = w + eta * torch.einsum("bij,bi->bj", T, h)  # += eta T^T h
+        r = r - eta * torch.einsum("bnd,bd->bn", X, h)  # (B, n)
+        M = eye - gamma * (X.transpose(1, 2) @ X) / n  # (B, d, d), symmetric: I - gamma S_k
+        X = X @ M  # every row x_i <- M x_i
+        T = M @ T
+    return w
 
 
 class LeastSquares(LinearSolver):
@@ -113,15 +129,31 @@ class Ridge(LinearSolver):
 
     lam: float | Tensor
 
+    def __post_init__(self):
+        require_finite("Ridge: lam", self.lam, at_least=0)
+        if torch.is_tensor(self.lam) and self.lam.ndim > 1:
+            raise ValueError(f"Ridge: lam must be a number or one per sequence, shape (B,), got shape {tuple(self.lam.shape)}")
+
     def weights(self, xs, ys):
         lam = torch.as_tensor(self.lam).to(xs)
-        if (lam < 0).any():
-            raise ValueError("Ridge lam must be >= 0")
-        d = xs.shape[-1]
+        B, n, d = xs.shape
+        if lam.ndim == 1 and lam.shape[0] != B:
+            raise ValueError(f"Ridge: lam must be a number or one per sequence, shape (B,) = ({B},), got shape {tuple(lam.shape)}")
+        if n < d and bool((lam == 0).any()):
+            raise ValueError(
+                f"Ridge: lam = 0 with fewer context points than dimensions (n={n} < d={d}) leaves X^T X singular: "
+                "use a positive lam, or LeastSquares() for the minimum-norm solution"
+            )
         gram = xs.transpose(1, 2) @ xs  # (B, d, d)
         eye = torch.eye(d, dtype=xs.dtype, device=xs.device)
         A = gram + lam.reshape(-1, 1, 1) * eye
-        return torch.linalg.solve(A, torch.einsum("bnd,bn->bd", xs, ys))
+        try:
+            return torch.linalg.solve(A, torch.einsum("bnd,bn->bd", xs, ys))
+        except torch.linalg.LinAlgError as error:
+            raise ValueError(
+                f"Ridge: X^T X + lam I is singular for some sequence (lam = 0 and repeated or dependent inputs?): "
+                "use a positive lam, or LeastSquares() for the minimum-norm solution"
+            ) from error
 
 
 def tune_step_size(
@@ -132,9 +164,7 @@ def tune_step_size(
     A log-spaced grid over ``bounds`` brackets the minimum, then golden-section search narrows it
     to a relative width of 1e-4. Steps that diverge count as infinite loss.
     """
-    lo, hi = bounds
-    if not 0 < lo < hi:
-        raise ValueError(f"bounds must satisfy 0 < low < high, got {bounds}")
+    lo, hi = _check_bounds(bounds)
 
     def loss_at(log_eta: float) -> float:
         y_hat = GradientDescent(math.exp(log_eta), n_steps, preconditioner).predict(batch.xs, batch.ys, batch.x_query)
@@ -146,6 +176,14 @@ def tune_step_size(
     i = min(range(len(grid)), key=losses.__getitem__)
     log_eta = golden_section(loss_at, grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)], tol=1e-4)
     return math.exp(log_eta), loss_at(log_eta)
+
+
+def _check_bounds(bounds) -> tuple[float, float]:
+    """``(low, high)`` with ``0 < low < high``, both finite (the ends of a log-spaced search)."""
+    lo, hi = bounds
+    if not (0 < lo < hi and math.isfinite(hi)):
+        raise ValueError(f"bounds must satisfy 0 < low < high, both finite, got {bounds}")
+    return lo, hi
 
 
 def golden_section(f, a: float, b: float, tol: float) -> float:
@@ -171,12 +209,14 @@ def tune_gdpp(batch, n_steps: int = 1, max_iter: int = 50) -> tuple[float, float
     """
     if not isinstance(n_steps, int) or n_steps < 1:
         raise ValueError(f"n_steps must be an integer >= 1, got {n_steps!r}")
+    if not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
     b = batch.to(dtype=torch.float64)
     eta0, loss0 = tune_step_size(b, n_steps)
     params = torch.tensor([math.log(eta0), 0.0], dtype=torch.float64, requires_grad=True)
 
     def loss_fn():
-        y_hat = GDPlusPlus(params[0].exp(), params[1], n_steps).predict(b.xs, b.ys, b.x_query)
+        y_hat = torch.einsum("bd,bd->b", _gdpp_weights(b.xs, b.ys, params[0].exp(), params[1], n_steps), b.x_query)
         return mse_loss(y_hat, b.y_query)
 
     opt = torch.optim.LBFGS([params], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")

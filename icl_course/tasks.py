@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .metrics import mse_loss
+from .runtime import require_finite
 
 __all__ = ["Uniform", "Gaussian", "Choice", "IllConditioned", "RegressionTask", "RegressionBatch", "generator"]
 
@@ -41,6 +42,8 @@ class Uniform:
     high: float = 0.5
 
     def __post_init__(self):
+        require_finite("Uniform: low", self.low)
+        require_finite("Uniform: high", self.high)
         if not self.low < self.high:
             raise ValueError(f"Uniform needs low < high, got low={self.low}, high={self.high}")
 
@@ -56,12 +59,12 @@ class Gaussian:
     std: float = 1.0
 
     def __post_init__(self):
-        if self.std < 0:
-            raise ValueError(f"Gaussian std must be >= 0, got {self.std}")
+        require_finite("Gaussian: std", self.std, at_least=0)
         if self.cov is not None:
             cov = torch.as_tensor(self.cov, dtype=torch.float64)
             if cov.ndim != 2 or cov.shape[0] != cov.shape[1]:
                 raise ValueError(f"Gaussian cov must be a square matrix, got shape {tuple(cov.shape)}")
+            require_finite("Gaussian: cov", cov)
             if not torch.allclose(cov, cov.T, atol=1e-8):
                 raise ValueError("Gaussian cov must be symmetric")
             if torch.linalg.eigvalsh(cov).min() < -1e-8:
@@ -95,6 +98,8 @@ class Choice:
     def __post_init__(self):
         if len(self.values) == 0:
             raise ValueError("Choice needs at least one value")
+        for value in self.values:
+            require_finite("Choice: values", value)
 
     def sample(self, shape, gen: torch.Generator, dtype=torch.float32) -> Tensor:
         idx = torch.randint(len(self.values), shape, generator=gen)
@@ -117,8 +122,7 @@ class IllConditioned:
     def __post_init__(self):
         if not isinstance(self.d, int) or self.d < 1:
             raise ValueError(f"IllConditioned d must be an integer >= 1, got {self.d!r}")
-        if not self.kappa >= 1:
-            raise ValueError(f"IllConditioned kappa (condition number) must be >= 1, got {self.kappa}")
+        require_finite("IllConditioned: kappa (condition number)", self.kappa, at_least=1)
 
     @property
     def dim(self) -> int:
@@ -203,12 +207,13 @@ class RegressionTask:
         if not isinstance(self.n_ctx, int) or self.n_ctx < 1:
             raise ValueError(f"n_ctx must be an integer >= 1, got {self.n_ctx!r}")
         for name in ("inputs", "weights"):
+            if not callable(getattr(getattr(self, name), "sample", None)):
+                raise TypeError(f"{name} must be a distribution such as Uniform() or Gaussian(), got {getattr(self, name)!r}")
             dim = getattr(getattr(self, name), "dim", None)
             if dim is not None and dim != self.d:
                 raise ValueError(f"{name} covariance is {dim}x{dim} but d={self.d}")
-        if isinstance(self.noise, (int, float)):
-            if self.noise < 0:
-                raise ValueError(f"noise must be >= 0, got {self.noise}")
+        if not callable(getattr(self.noise, "sample", None)):
+            require_finite("noise", self.noise, at_least=0)
         elif _support_min(self.noise) < 0:
             raise ValueError(f"noise levels must be >= 0, got {self.noise}")
 
@@ -216,10 +221,12 @@ class RegressionTask:
         """Draw ``batch_size`` fresh sequences (on the CPU with ``gen``, then moved to ``device``)."""
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating-point torch.dtype such as torch.float32, got {dtype!r}")
         B, n, d = batch_size, self.n_ctx, self.d
         x_all = self.inputs.sample((B, n + 1, d), gen, dtype)  # (B, n+1, d): context, then query
         w = self.weights.sample((B, d), gen, dtype)  # (B, d)
-        if isinstance(self.noise, (int, float)):
+        if not callable(getattr(self.noise, "sample", None)):
             sigma = torch.full((B,), float(self.noise), dtype=dtype)
         else:
             sigma = self.noise.sample((B,), gen, dtype)

@@ -31,8 +31,15 @@ def read_prediction(Z: Tensor) -> Tensor:
     return -Z[:, -1, -1]
 
 
-def check_shapes(xs: Tensor, ys: Tensor, x_query: Tensor) -> None:
-    """Raise ``ValueError`` unless ``xs, ys, x_query`` are ``(B, n, d), (B, n), (B, d)``."""
+def check_shapes(xs: Tensor, ys: Tensor, x_query: Tensor, dtype: torch.dtype | None = None) -> None:
+    """Raise unless ``xs, ys, x_query`` are ``(B, n, d), (B, n), (B, d)`` tensors of one floating dtype.
+
+    With ``dtype`` (a model's), that dtype: a float64 batch into a float32 model is a ``ValueError``
+    that says how to cast one of them, never a silent cast or an error from deep inside torch.
+    """
+    for name, t in (("xs", xs), ("ys", ys), ("x_query", x_query)):
+        if not torch.is_tensor(t):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if xs.ndim != 3:
         raise ValueError(f"xs must have shape (B, n, d), got {tuple(xs.shape)}")
     B, n, d = xs.shape
@@ -42,3 +49,13 @@ def check_shapes(xs: Tensor, ys: Tensor, x_query: Tensor) -> None:
         raise ValueError(f"ys must have shape (B, n) = {(B, n)}, got {tuple(ys.shape)}")
     if tuple(x_query.shape) != (B, d):
         raise ValueError(f"x_query must have shape (B, d) = {(B, d)}, got {tuple(x_query.shape)}")
+    for name, t in (("xs", xs), ("ys", ys), ("x_query", x_query)):
+        if dtype is not None and t.dtype != dtype:
+            raise ValueError(
+                f"{name} has dtype {t.dtype} but the model's parameters are {dtype}: cast the batch "
+                f"(batch.to(dtype={dtype})) or the model (model.double() for float64, model.float() for float32)"
+            )
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}: cast it with .float() or .double()")
+        if t.dtype != xs.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but xs has {xs.dtype}: give the inputs one dtype (batch.to(dtype=...))")

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .runtime import require_finite
+
 __all__ = [
     "InnerParams",
     "init_inner_params",
@@ -82,10 +84,15 @@ def init_inner_params(f: int, n_heads: int, kind: str = "linear", hidden_mult: i
         raise ValueError(f"kind must be 'linear' or 'mlp', got {kind!r}")
     if not isinstance(f, int) or f < 1:
         raise ValueError(f"f must be an integer >= 1, got {f!r}")
+    for name, value in (("n_heads", n_heads), ("hidden_mult", hidden_mult)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     dims = [f, f] if kind == "linear" else [f, hidden_mult * f, f]
     stds = tuple(std) if isinstance(std, (tuple, list)) else (std,) * (len(dims) - 1)
     if len(stds) != len(dims) - 1:
         raise ValueError(f"std must be one number or one per layer ({len(dims) - 1}), got {std!r}")
+    for s in stds:
+        require_finite("std", s, at_least=0)
     params = []
     for f_in, f_out, s in zip(dims[:-1], dims[1:], stds):
         W = s * torch.randn(n_heads, f_in, f_out, generator=gen)  # (H, f_in, f_out)
@@ -160,6 +167,8 @@ def _check(q: Tensor, k: Tensor, v: Tensor, eta: Tensor, mini_batch: int, names=
         raise ValueError(f"{names[0]} must have shape (B, H, T) = {tuple(q.shape[:3])}, got {tuple(eta.shape)}")
     if not isinstance(mini_batch, int) or mini_batch < 1:
         raise ValueError(f"{names[1]} must be an integer >= 1, got {mini_batch!r}")
+    if not (q.is_floating_point() and q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
 def _expand(params: InnerParams, B: int) -> InnerParams:
@@ -248,6 +257,7 @@ def one_gd_step_full_batch(q: Tensor, k: Tensor, v: Tensor, eta: float) -> Tenso
     The gradient of ``sum_i ||k_i W - v_i||^2`` is taken by autograd, so this is the definition, not
     a formula: with ``eta = 1/2`` the result is ``q K^T V``, unnormalised linear attention.
     """
+    require_finite("eta", eta)
     W = torch.zeros(*q.shape[:-2], q.shape[-1], v.shape[-1], dtype=q.dtype, device=q.device, requires_grad=True)
     loss = ((k @ W - v) ** 2).sum()
     (grad,) = torch.autograd.grad(loss, W)
@@ -284,6 +294,7 @@ def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor) -> Tensor:
 
     ``beta`` is (B, H, T). Written as the recurrence, one token at a time.
     """
+    _check(q, k, v, beta, 1, names=("beta", "chunk"))
     B, H, T, f = q.shape
     S = q.new_zeros(B, H, v.shape[-1], f)  # (B, H, f_v, f_k): the fast-weight memory, S_0 = 0
     outputs = []
@@ -324,6 +335,7 @@ def nadaraya_watson(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, bandwi
     It is the inner model that minimises ``sum_i kappa(q_t, k_i) ||c - v_i||^2`` over a constant ``c``:
     weighted least squares, solved in closed form. Stabilised by subtracting the largest score.
     """
+    require_finite("bandwidth", bandwidth, above=0)
     scores = q @ k.transpose(-1, -2) / bandwidth  # [.., T, f] @ [.., f, T] -> [.., T, T]
     if causal:
         mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
@@ -334,4 +346,5 @@ def nadaraya_watson(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, bandwi
 
 def softmax_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float = 1.0) -> Tensor:
     """Softmax attention as transformers compute it (``scale`` multiplies ``q . k``)."""
+    require_finite("scale", scale)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
