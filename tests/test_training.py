@@ -1,7 +1,11 @@
+import math
+import os
+
 import pytest
 import torch
 
 import icl_course as icl
+from icl_course import training
 
 TASK = icl.RegressionTask(d=3, n_ctx=8)
 
@@ -55,3 +59,225 @@ def test_schedule():
 def test_bad_config_names_the_field(kwargs, word):
     with pytest.raises(ValueError, match=word):
         icl.TrainConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [(dict(betas=(2, 0.5)), "betas"), (dict(betas=(0.9, 1.0)), "betas"), (dict(betas=(-0.1, 0.9)), "betas"),
+     (dict(betas=(0.9,)), "betas"), (dict(weight_decay=-1), "weight_decay"), (dict(weight_decay=math.nan), "weight_decay"),
+     (dict(seed=1.5), "seed"), (dict(seed=True), "seed"), (dict(min_lr_frac=-1), "min_lr_frac"),
+     (dict(min_lr_frac=1.5), "min_lr_frac"), (dict(lr=math.inf), "lr"), (dict(lr=math.nan), "lr"),
+     (dict(grad_clip=math.inf), "grad_clip"), (dict(warmup=math.nan), "warmup"), (dict(steps=True), "steps")],
+)
+def test_bad_numbers_name_the_field(kwargs, word):
+    with pytest.raises(ValueError, match=rf"TrainConfig\.{word}"):
+        icl.TrainConfig(**kwargs)
+
+
+def test_finite_blow_up_is_caught_early():
+    """The issue's case: lr=1e3 "succeeded" with a final loss thousands of times the trained one."""
+    seen = []
+    model = icl.linear_transformer(d=3, n_layers=1)
+    with pytest.raises(icl.TrainingDiverged, match="blew up.*smaller TrainConfig.lr"):
+        icl.train(model, TASK, icl.TrainConfig(steps=500, batch_size=64, lr=1e3), callback=lambda s, l: seen.append(l),
+                  device="cpu")
+    assert len(seen) < 2 * training.DIVERGENCE_WINDOW and all(math.isfinite(v) for v in seen)
+
+
+def test_a_few_spikes_are_not_divergence():
+    """The window's median ignores isolated spikes: here one step in seven costs 10^4 times more."""
+    class Spiky:
+        def __init__(self):
+            self.calls = 0
+
+        def sample(self, batch_size, gen, device=None):
+            self.calls += 1
+            return TASK.sample(batch_size, gen, device=device)
+
+        def loss(self, model, batch):
+            return TASK.loss(model, batch) * (1e4 if self.calls % 7 == 0 else 1.0)
+
+    seen = []
+    icl.train(icl.linear_transformer(d=3), Spiky(), icl.TrainConfig(steps=60, batch_size=64, lr=1e-2),
+              callback=lambda s, l: seen.append(l), device="cpu")
+    assert max(seen) > 1e3 * seen[0] and len(seen) == 60
+
+
+class NaNData:
+    """Regression batches whose inputs hold a NaN from the ``at``-th draw on."""
+
+    def __init__(self, at):
+        self.at, self.calls = at, 0
+
+    def sample(self, batch_size, gen, device=None):
+        self.calls += 1
+        batch = TASK.sample(batch_size, gen, device=device)
+        if self.calls > self.at:
+            batch.xs[0, 0, 0] = math.nan
+        return batch
+
+    def loss(self, model, batch):
+        return TASK.loss(model, batch)
+
+
+def test_non_finite_data_is_blamed_not_the_learning_rate():
+    model = icl.linear_transformer(d=3)
+    with pytest.raises(icl.TrainingDiverged, match=r"step 3 because the data is not finite: batch\.xs .*NaNData") as err:
+        icl.train(model, NaNData(at=3), icl.TrainConfig(steps=10, batch_size=8), device="cpu")
+    assert "smaller TrainConfig.lr" not in str(err.value)
+
+
+# --- checkpoints -------------------------------------------------------------------------------------
+
+
+class Counting:
+    """A task with a counter that changes its data (like a curriculum): a resume must restore it."""
+
+    def __init__(self):
+        self._calls = 0
+
+    def __repr__(self):
+        return "Counting()"
+
+    def sample(self, batch_size, gen, device=None):
+        self._calls += 1
+        batch = TASK.sample(batch_size, gen, device=device)
+        batch.y_query = batch.y_query * (1 + self._calls / 100)
+        return batch
+
+    def loss(self, model, batch):
+        return TASK.loss(model, batch)
+
+
+RESUME = dict(steps=60, batch_size=32, lr=3e-2, warmup=0.1, schedule="cosine", weight_decay=0.01, log_every=7)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_at(step):
+    def callback(s, loss):
+        if s == step:
+            raise Interrupt
+    return callback
+
+
+def resumable_run(path, stop=None, every=10, seed=0):
+    model = icl.linear_transformer(d=3, n_layers=2, seed=seed)
+    history = icl.train(model, Counting(), icl.TrainConfig(**RESUME), callback=None if stop is None else interrupt_at(stop),
+                        device="cpu", checkpoint=path, checkpoint_every=every)
+    return model, history
+
+
+def same_weights(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+@pytest.mark.parametrize("stop, every", [(34, 10), (43, 9), (5, 10)])
+def test_resumed_run_is_bit_identical(tmp_path, stop, every):
+    model = icl.linear_transformer(d=3, n_layers=2)
+    reference = icl.train(model, Counting(), icl.TrainConfig(**RESUME), device="cpu")
+    path = tmp_path / "run.pt"
+    with pytest.raises(Interrupt):
+        resumable_run(path, stop=stop, every=every)
+    done = stop // every * every  # the steps the last checkpoint holds (here mid-window of the history)
+    assert (torch.load(path, weights_only=True)["step"] if done else 0) == done
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["run.pt"] if done else [])  # no temporary file left
+    seen, resumed = [], icl.linear_transformer(d=3, n_layers=2)
+    history = icl.train(resumed, Counting(), icl.TrainConfig(**RESUME), callback=lambda s, l: seen.append(s),
+                        device="cpu", checkpoint=path, checkpoint_every=every)
+    assert seen == list(range(done, 60))  # only the steps the checkpoint lacked
+    assert history.steps == reference.steps and history.losses == reference.losses
+    assert same_weights(model, resumed)
+    again, history = resumable_run(path, every=every)  # finished: loads the final state, trains nothing
+    assert history.steps == reference.steps and history.losses == reference.losses
+    assert same_weights(model, again)
+
+
+def test_resume_restores_a_curriculum(tmp_path):
+    """Chapter 6's looped-fp objective counts its calls to grow the lengths; a resume restores the count."""
+    from icl_course.algorithmic_tasks import make_task
+    from icl_course.looped import FullAnswerObjective, LoopedTransformer
+
+    spec = make_task("parity", (1, 6), (1, 8), groups=2)
+
+    def run(checkpoint=None, stop=None):
+        model = LoopedTransformer(16, 2, seed=0)
+        objective = FullAnswerObjective(spec, extra_loops=2, curriculum=20)
+        history = icl.train(model, objective, icl.TrainConfig(steps=30, batch_size=16, log_every=5), device="cpu",
+                            callback=None if stop is None else interrupt_at(stop), checkpoint=checkpoint, checkpoint_every=4)
+        return model, history
+
+    model, reference = run()
+    with pytest.raises(Interrupt):
+        run(tmp_path / "run.pt", stop=13)
+    resumed, history = run(tmp_path / "run.pt")
+    assert history.losses == reference.losses and same_weights(model, resumed)
+
+
+def test_checkpoint_of_another_run_is_refused(tmp_path):
+    path = tmp_path / "run.pt"
+    with pytest.raises(Interrupt):
+        resumable_run(path, stop=12)
+    with pytest.raises(ValueError, match=r"another run.*config \(lr: 0\.03 there, 0\.01 here\)"):
+        icl.train(icl.linear_transformer(d=3, n_layers=2), Counting(), icl.TrainConfig(**{**RESUME, "lr": 1e-2}),
+                  device="cpu", checkpoint=path)
+    with pytest.raises(ValueError, match="another run.*model"):
+        resumable_run(path, seed=1)
+    with pytest.raises(ValueError, match="another run.*task"):
+        icl.train(icl.linear_transformer(d=3, n_layers=2), TASK, icl.TrainConfig(**RESUME), device="cpu", checkpoint=path)
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot be read"):
+        resumable_run(path)
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "run.pt"
+    with pytest.raises(Interrupt):
+        resumable_run(path, stop=12)
+    real_save = torch.save
+
+    def half_save(obj, f):
+        f.write(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", half_save)
+    with pytest.raises(KeyboardInterrupt):
+        resumable_run(path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.pt"]
+    assert torch.load(path, weights_only=True)["step"] == 10
+
+
+def test_checkpointing_resumes_an_interrupted_experiment(tmp_path, monkeypatch):
+    """An experiment interrupted under ``checkpointing`` and run again gives the uninterrupted metrics."""
+    from icl_course.experiments import newton
+
+    def untimed(metrics):
+        return {k: v for k, v in metrics.items() if not k.endswith("seconds")}
+
+    reference = untimed(newton.run("smoke").metrics)
+    real_save, saves = training._save, []
+
+    def save_then_stop(path, state):
+        real_save(path, state)
+        saves.append(state["step"])
+        if len(saves) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "_save", save_then_stop)
+    with training.checkpointing(tmp_path / "ckpt", every=5):
+        with pytest.raises(KeyboardInterrupt):
+            newton.run("smoke")
+        assert saves == [5, 10, 15]
+        monkeypatch.setattr(training, "_save", real_save)
+        assert untimed(newton.run("smoke").metrics) == reference
+    assert training.CHECKPOINT_ENV not in os.environ
+    files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert [f.split("-")[0] for f in files] == ["AttentionMLPTransformer", "LinearTransformer"]
+    assert all(torch.load(tmp_path / "ckpt" / f, weights_only=True)["step"] > 0 for f in files)
+
+
+def test_checkpointing_skips_callbacks_that_record():
+    assert training._resumable(None) and not training._resumable(lambda s, l: None)
