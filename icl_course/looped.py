@@ -27,8 +27,6 @@ when to stop the first.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -388,37 +386,32 @@ MODELS = {"LoopedTransformer": LoopedTransformer, "Clock": Clock, "NextTokenTran
 
 
 def save(name: str, model: nn.Module, provenance: dict, folder: Path | None = None) -> Path:
-    """Write ``model``'s weights and provenance (plus architecture and sha256) like :mod:`pretrained`."""
+    """Write ``model``'s weights and provenance (plus architecture and checksums) with :mod:`pretrained`."""
     from . import pretrained
 
     if type(model).__name__ not in MODELS:
         raise ValueError(f"model must be one of {sorted(MODELS)}, got {type(model).__name__}")
-    weights, record = pretrained._paths(name, folder)
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    torch.save(state, weights)
     architecture = {"model": type(model).__name__, "width": model.width, "n_heads": model.n_heads,
                     "vocab_size": model.vocab_size}
     if isinstance(model, NextTokenTransformer):
         architecture["n_layers"] = model.n_layers
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
-    record.write_text(json.dumps({**provenance, "architecture": architecture, "sha256": digest}, indent=2, sort_keys=True) + "\n")
-    return weights
+    return pretrained.save_state(name, model, architecture, provenance, folder)
+
+
+def _fields(architecture: dict) -> tuple[str, ...]:
+    extra = ("n_layers",) if architecture.get("model") == "NextTokenTransformer" else ()
+    return ("model", "width", "n_heads", "vocab_size", *extra)
+
+
+def _build(architecture: dict) -> nn.Module:
+    kind = architecture.pop("model")
+    if kind not in MODELS:
+        raise ValueError(f"model must be one of {sorted(MODELS)}, got {kind!r}")
+    return MODELS[kind](**architecture)
 
 
 def load(name: str, folder: Path | None = None) -> nn.Module:
-    """The shipped model ``name`` after checking its sha256 (CPU, eval mode)."""
+    """The shipped model ``name`` after checking its file and record (CPU, eval mode), see :mod:`pretrained`."""
     from . import pretrained
 
-    weights, _ = pretrained._paths(name, folder)
-    record = pretrained.provenance(name, folder)
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
-    if digest != record["sha256"]:
-        raise pretrained.ChecksumError(
-            f"{weights} has sha256 {digest[:12]}..., but its provenance records {record['sha256'][:12]}...: "
-            "regenerate it with `icl-course reproduce looped --write-weights`."
-        )
-    architecture = dict(record["architecture"])
-    model = MODELS[architecture.pop("model", "LoopedTransformer")](**architecture)
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    return model.eval()
+    return pretrained.load_state(name, _build, _fields, folder)
