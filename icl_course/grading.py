@@ -156,19 +156,28 @@ def table(results: list[SubmissionResult]) -> str:
 
 
 def write_report(results: list[SubmissionResult], path: Path) -> None:
-    """CSV (one row per student and exercise) or JSON, by the file's extension."""
+    """CSV (one row per student and exercise) or JSON, by the file's extension.
+
+    Written to a temporary file beside ``path`` and moved over it, so ``path`` holds the old report
+    or the whole new one, never half of one.
+    """
     path = Path(path)
-    if path.suffix == ".json":
-        path.write_text(json.dumps([{**asdict(r), "score": r.score} for r in results], indent=2) + "\n")
-    elif path.suffix == ".csv":
-        with open(path, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["student", "chapter", "submission_status", "exercise", "status", "message"])
-            for res in results:
-                for r in res.results or [{"exercise": "", "status": "", "message": " ".join(res.notes)[:500]}]:
-                    writer.writerow([res.student, res.chapter, res.status, r["exercise"], r["status"], r["message"]])
-    else:
+    if path.suffix not in (".csv", ".json"):
         raise ValueError(f"--out must end in .csv or .json, got {path.name}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        with open(tmp, "w", newline="") as f:
+            if path.suffix == ".json":
+                f.write(json.dumps([{**asdict(r), "score": r.score} for r in results], indent=2) + "\n")
+            else:
+                writer = csv.writer(f)
+                writer.writerow(["student", "chapter", "submission_status", "exercise", "status", "message"])
+                for res in results:
+                    for r in res.results or [{"exercise": "", "status": "", "message": " ".join(res.notes)[:500]}]:
+                        writer.writerow([res.student, res.chapter, res.status, r["exercise"], r["status"], r["message"]])
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _limit_file_size() -> None:
