@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 # Tests use both cores: one pytest worker per core.
 WORKERS ?= 2
 
-.PHONY: book test exercises timings clean
+.PHONY: book test margins exercises timings clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ book: $(VENV)/.book-installed
 test: $(VENV)/.test-installed
 	ICL_COURSE_PROFILE=smoke OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(WORKERS) --dist loadfile \
 		--nbval-lax --nbval-current-env tests chapters exercises
+
+## Measure every claim test over seeds 0-4 and 1 and 2 threads into tests/margins.md (about 15 minutes);
+## MARGINS="-k preconditioning" measures only the matching claims and keeps the others' rows.
+margins: $(VENV)/.test-installed
+	$(BIN)/python tests/margins.py $(MARGINS)
 
 ## Regenerate the student versions of the exercises from their solution sources.
 exercises: $(VENV)/.test-installed
