@@ -117,21 +117,25 @@ def render(record: dict) -> str:
     lines = [
         "# Measured margins of the claim tests",
         "",
-        "Written by `make margins` (`tests/margins.py`): each claim measured at seeds "
-        f"{record['seeds']} with torch threads {record['threads']} ({record['machine']}, {record['date']}). "
+        "Written by `make margins` (`tests/margins.py`): each claim measured at every seed and torch "
+        "thread count of its row (data and initialisation both follow the seed). "
         f"`z` is the distance from the mean to the bound in standard deviations (required: >= {Z_REQUIRED:g}); "
-        "`worst` is the worst single run.",
+        "`worst` is the worst single run. A claim whose runs do not depend on the seed has std 0 and z inf.",
         "",
-        "| claim | value | bound | mean | std | worst | z | runs | ok |",
+        "| claim | value | bound | mean | std | worst | z | seeds x threads | ok |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    machines = set()
     for name in sorted(record["claims"]):
-        for r in record["claims"][name]["rows"]:
+        entry = record["claims"][name]
+        machines.add(f"{entry['machine']}, {entry['date']}")
+        for r in entry["rows"]:
             z = "inf" if math.isinf(r["z"]) else f"{r['z']:.1f}"
             lines.append(
                 f"| `{r['claim']}` | {r['value']} | {r['op']} {r['bound']:g} | {r['mean']:.4g} | {r['std']:.2g} "
-                f"| {r['worst']:.4g} | {z} | {r['runs']} | {'yes' if r['ok'] else '**no**'} |"
+                f"| {r['worst']:.4g} | {z} | {len(entry['seeds'])} x {entry['threads']} | {'yes' if r['ok'] else '**no**'} |"
             )
+    lines += ["", "Measured on: " + "; ".join(sorted(machines)) + "."]
     lines.append("")
     return "\n".join(lines)
 
@@ -150,12 +154,11 @@ def main(argv=None) -> int:
     if args.seeds < 2:
         parser.error(f"--seeds must be >= 2 (a spread needs two runs), got {args.seeds}")
 
+    machine = f"{platform.processor() or platform.machine()}, torch {torch.__version__}"
     chosen = {n: c for n, c in load_all().items() if args.k in n}
     if not chosen:
         parser.error(f"no claim matches -k {args.k!r}; claims: {', '.join(sorted(CLAIMS))}")
-    record = json.loads(RECORD.read_text()) if RECORD.exists() else {"claims": {}}
-    record.update(seeds=list(range(args.seeds)), threads=args.threads, date=time.strftime("%Y-%m-%d"),
-                  machine=f"{platform.processor() or platform.machine()}, torch {torch.__version__}")
+    measured = {}
     for name, c in chosen.items():
         runs = []
         for threads in args.threads:
@@ -167,15 +170,18 @@ def main(argv=None) -> int:
                              "seconds": round(time.perf_counter() - start, 1)})
                 print(f"{name} seed {seed} threads {threads}: "
                       + ", ".join(f"{k}={values[k]:.4g}" for k in c.bounds), flush=True)
-        record["claims"][name] = {"rows": summarize(c, runs), "runs": runs}
-    # drop the records of claims that no longer exist
-    record["claims"] = {n: v for n, v in record["claims"].items() if n in CLAIMS}
+        measured[name] = {"rows": summarize(c, runs), "runs": runs, "seeds": list(range(args.seeds)),
+                          "threads": args.threads, "date": time.strftime("%Y-%m-%d"), "machine": machine}
+    # read the record only now, so that runs of other claims in parallel (-k) keep their rows
+    record = json.loads(RECORD.read_text()) if RECORD.exists() else {"claims": {}}
+    record["claims"].update(measured)
+    record["claims"] = {n: v for n, v in record["claims"].items() if n in CLAIMS}  # drop claims that are gone
     table = render(record)
     print(table)
     if not args.dry_run:
         RECORD.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
         TABLE.write_text(table)
-    return 0 if all(r["ok"] for n in chosen for r in record["claims"][n]["rows"]) else 1
+    return 0 if all(r["ok"] for n in chosen for r in measured[n]["rows"]) else 1
 
 
 if __name__ == "__main__":
