@@ -29,7 +29,7 @@ from .runtime import get_device, get_profile
 from .solvers import GDPlusPlus, GradientDescent, LeastSquares, Ridge, tune_gdpp, tune_step_size
 from .tasks import Choice, Gaussian, RegressionBatch, RegressionTask, Uniform, generator
 from .tokens import make_tokens, read_prediction
-from .training import History, TrainConfig, TrainingDiverged, train
+from .training import History, TrainConfig, TrainingDiverged, checkpointing, train
 
 __version__ = "0.1.0"
 
@@ -50,6 +50,7 @@ __all__ = [
     "TrainConfig",
     "TrainingDiverged",
     "Uniform",
+    "checkpointing",
     "evaluate",
     "gd_transformer",
     "gdpp_transformer",
