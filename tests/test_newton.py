@@ -20,6 +20,7 @@ from icl_course.logistic import (
 )
 from icl_course.tasks import IllConditioned, RegressionTask
 from icl_course.training import TrainConfig
+from margins import claim
 
 
 @pytest.fixture(scope="module")
@@ -116,19 +117,39 @@ def test_irls_reaches_the_optimum_quadratically_and_beats_gd():
 # --- the headline claim on a trained model ---------------------------------------------------------
 
 
-def test_trained_layers_match_newton_linearly_and_gd_faster_than_linearly():
-    """At a small scale: 4 layers, 400 steps of batch 512 (~15 CPU-s).
+@claim(
+    newton_min_step=(">", 0),  # fewest extra Newton iterations matched by one more layer (layers 2..4): counts rise
+    newton_total_rise=(">", 0),  # Newton count of the last layer minus the first layer's
+    gd_increment_growth=(">", 0),  # GD increment from layer 3 to 4 minus that from layer 2 to 3: faster than linear
+)
+def trained_newton_claims(seed):
+    """At a small scale: 4 layers, 400 steps of batch 512 (~10 CPU-s); ``seed`` seeds init, training and held-out data.
 
     3 layers also showed it (two seeds) but with GD increments of 4 then 5: too thin a margin to test.
+    Measured but not bounded: the growth of GD's first increments (layer 1 to 2 against 2 to 3), integer
+    step counts of 1 to 5 that vary too much across seeds for a bound with z >= 4.
     """
-    config = replace(newton.CONFIGS["quick"], n_layers=4, train=TrainConfig(steps=400, batch_size=512, lr=5e-3), n_eval=2000)
+    config = replace(newton.CONFIGS["quick"], n_layers=4, train=TrainConfig(steps=400, batch_size=512, lr=5e-3),
+                     n_eval=2000, seed=seed)
     task = RegressionTask(d=config.d, n_ctx=config.n_ctx, inputs=IllConditioned(config.d, config.kappa))
     held_out = task.sample(config.n_eval, icl.generator(config.seed + 2), dtype=torch.float64)
     _, _, newton_match, gd_match, _ = newton.train_and_match(config, task, held_out, torch.device("cpu"))
     nw, gd = newton_match["by_prediction"], gd_match["by_prediction"]
-    assert all(b > a for a, b in zip(nw[1:], nw[2:])) and nw[-1] > nw[0]  # Newton count rises with depth
     gd_steps_up = [b - a for a, b in zip(gd, gd[1:])]
-    assert all(b > a for a, b in zip(gd_steps_up, gd_steps_up[1:]))  # GD's increments grow: faster than linear
+    return {
+        "newton_min_step": min(b - a for a, b in zip(nw[1:], nw[2:])),
+        "newton_total_rise": nw[-1] - nw[0],
+        "gd_increment_growth": gd_steps_up[-1] - gd_steps_up[-2],
+        "gd_first_increment_growth": gd_steps_up[1] - gd_steps_up[0],  # recorded in margins.json, not bounded
+    }
+
+
+def test_trained_layers_match_newton_linearly():
+    trained_newton_claims.check(keys=["newton_min_step", "newton_total_rise"])
+
+
+def test_trained_layers_match_gd_faster_than_linearly():
+    trained_newton_claims.check(keys=["gd_increment_growth"])
 
 
 # --- the experiment, bad input, the checks -----------------------------------------------------------

@@ -1,5 +1,8 @@
 """Chapter 5: the TTT layer equals the closed forms it should, its two forms agree, and the claim holds."""
 
+import statistics
+import time
+
 import pytest
 import torch
 
@@ -10,6 +13,7 @@ from icl_course.sequence_models import SequenceModel, TTTMixer, make_mixer
 from icl_course.sequence_regression import SequenceRegressionTask, ridge_by_position
 from icl_course.tasks import generator
 from icl_course.training import TrainConfig, train
+from margins import claim
 
 
 def qkv(seed=0, B=2, H=2, T=48, f=8, dtype=torch.float64):
@@ -99,38 +103,98 @@ def test_hand_written_inner_gradient_matches_autograd(float64):
             assert (by_hand - auto[layer]).abs().max() < 1e-10
 
 
+@claim(
+    primal_over_dual_seconds=(">", 1.0),  # median over 9 back-to-back pairs of primal time / dual time
+    max_abs_err=("<", 1e-5),  # largest |primal - dual| over outputs and final states, float32
+)
+def dual_form_timing_claims(seed):
+    """One sequence of 1024 tokens, one head of 64 features, mini-batch 16, TTT-Linear, on the CPU.
+
+    Timed on one thread, primal and dual back to back and the median of the 9 ratios, so that a
+    change of load (the tests share the CPU with whatever else runs) hits both forms of a pair
+    alike. Measured: about 2.4 on one thread and 1.8 on two, whose difference alone puts a bound of 1
+    at z < 4 when the thread count is left to the caller. The inputs are fixed (seed 0): ``seed``
+    only repeats the timing.
+    """
+    args, kwargs = experiment._ttt_inputs(1024, 64, 1, "linear", torch.device("cpu"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            z_p, s_p = ttt.ttt_primal(*args, 16, **kwargs)  # also the warm-up
+            z_d, s_d = ttt.ttt_dual(*args, 16, **kwargs)
+            ratios = []
+            for _ in range(9):
+                start = time.perf_counter()
+                ttt.ttt_primal(*args, 16, **kwargs)
+                middle = time.perf_counter()
+                ttt.ttt_dual(*args, 16, **kwargs)
+                ratios.append((middle - start) / (time.perf_counter() - middle))
+    finally:
+        torch.set_num_threads(threads)
+    diffs = [(z_p - z_d).abs().max()] + [(a - b).abs().max() for pa, pd in zip(s_p, s_d) for a, b in zip(pa, pd)]
+    return {"primal_over_dual_seconds": statistics.median(ratios), "max_abs_err": max(d.item() for d in diffs)}
+
+
 def test_dual_form_is_faster_on_1024_tokens():
-    torch.manual_seed(0)
-    result = experiment.primal_dual(T=1024, f=64, H=1, mini_batch=16, kind="linear", repeats=5, device=torch.device("cpu"))
-    assert result["max_abs_err"] < 1e-5
-    assert result["dual_seconds"] < result["primal_seconds"]
+    dual_form_timing_claims.check()
 
 
-# --- the outer loop: TTT-Linear and the delta rule beat linear attention ---------------------------
+# --- the outer loop: the delta rule beats linear attention ----------------------------------------
 
 
-def test_ttt_linear_and_delta_rule_beat_linear_attention_on_regression():
-    # The smallest scale where the chapter's claim holds (see the chapter for the quick profile).
+@claim(
+    linear_attention_over_delta_rule=(">", 1.0),  # held-out error of linear attention over the delta rule's
+    best_error_over_variance=("<", 0.5),  # the best mixer's error relative to Var(y): something was learned
+)
+def mixer_regression_claims(seed):
+    """One block of width 16 per mixer, 500 outer steps (see the chapter for the quick profile); error
+    on the last 4 of 16 points, 512 held-out sequences. ``seed`` seeds the models' init (seed),
+    training data (seed + 1) and held-out data (seed + 2).
+
+    Measured but not bounded: linear attention's error over TTT-Linear's, about 1.2-1.5 on four seeds
+    of five but 0.3 on seed 2, where TTT-Linear had not left the plateau after 500 steps (1000 steps:
+    1.2-1.5 on all five, still z < 4). At this scale only the delta rule reliably beats linear attention."""
     task = SequenceRegressionTask(d=4, n_points=16, noise=0.1)
-    held_out = task.sample(512, generator(2))
-    config = TrainConfig(steps=500, batch_size=32, lr=1e-2, warmup=0.05, schedule="cosine", seed=1)
+    held_out = task.sample(512, generator(seed + 2))
+    config = TrainConfig(steps=500, batch_size=32, lr=1e-2, warmup=0.05, schedule="cosine", seed=seed + 1)
     errors = {}
     for mixer in ("linear-attention", "delta-rule", "ttt-linear"):
-        model = SequenceModel(task.token_dim, 1, mixer, width=16, n_layers=1, n_heads=1, mini_batch=4, seed=0)
+        model = SequenceModel(task.token_dim, 1, mixer, width=16, n_layers=1, n_heads=1, mini_batch=4, seed=seed)
         train(model, task, config, device=torch.device("cpu"))
         errors[mixer] = task.error_by_position(model, held_out)[-4:].mean().item()
-    assert errors["delta-rule"] < errors["linear-attention"]
-    assert errors["ttt-linear"] < errors["linear-attention"]
-    assert min(errors.values()) < 0.5 * task.y_variance  # and something was learned
+    return {
+        "linear_attention_over_delta_rule": errors["linear-attention"] / errors["delta-rule"],
+        "linear_attention_over_ttt_linear": errors["linear-attention"] / errors["ttt-linear"],
+        "best_error_over_variance": min(errors.values()) / task.y_variance,
+    }
+
+
+def test_delta_rule_beats_linear_attention_on_regression():
+    mixer_regression_claims.check(keys=["linear_attention_over_delta_rule"])
+
+
+def test_the_trained_mixers_learn_something():
+    mixer_regression_claims.check(keys=["best_error_over_variance"])
+
+
+@claim(
+    late_over_first_error=("<", 0.2),  # error on the last 8 of 32 points over the error on the first (W0 = 0)
+    late_error_over_ridge=(">", 1.0),  # ... over the Bayes-optimal ridge predictor's on the same points
+)
+def hand_made_inner_loop_claims(seed):
+    """Online GD (b = 1, eta = 0.05) with hand-made views on 256 sequences drawn from ``seed + 3``."""
+    task = SequenceRegressionTask(d=4, n_points=32, noise=0.1)
+    batch = task.sample(256, generator(seed + 3))
+    errors = experiment.inner_loop_errors(batch, eta=0.05, mini_batch=1)
+    assert errors.shape == (32,)
+    late = errors[-8:].mean().item()
+    return {"late_over_first_error": late / errors[0].item(),
+            "late_error_over_ridge": late / ridge_by_position(task, batch)[-8:].mean().item()}
 
 
 def test_hand_made_inner_loop_learns_in_context():
-    task = SequenceRegressionTask(d=4, n_points=32, noise=0.1)
-    batch = task.sample(256, generator(3))
-    errors = experiment.inner_loop_errors(batch, eta=0.05, mini_batch=1)
-    assert errors.shape == (32,)
-    assert errors[-8:].mean() < 0.2 * errors[0]  # online GD on (x_i, y_i) learns w
-    assert errors[-8:].mean() > ridge_by_position(task, batch)[-8:].mean()  # but not better than Bayes
+    hand_made_inner_loop_claims.check()  # online GD on (x_i, y_i) learns w, but not better than Bayes
 
 
 # --- determinism, bad input, the experiment ---------------------------------------------------------
