@@ -26,6 +26,7 @@ from icl_course.looped import (
 )
 from icl_course.pretrained import ChecksumError
 from icl_course.tasks import generator
+from margins import claim
 
 
 @pytest.fixture(autouse=True)
@@ -223,63 +224,109 @@ def _shipped(family):
     return load(experiment.shipped_name("parity", family)), record, task, record["train_lengths"][1]
 
 
-def test_looping_longer_generalizes_where_fixed_depth_does_not():
+def _gen(seed, offset):
+    """The evaluation data's generator: ``seed`` 0 gives the inputs these tests always drew."""
+    return generator(1000 * seed + offset)
+
+
+@claim(
+    baseline_min_short_accuracy=(">=", 0.95),  # next-token model, worst length 1..hi/2 (200 inputs each)
+    looped_min_long_accuracy=(">=", 0.95),  # looped model run T(n) = n loops, worst length hi+1..2hi (300 each)
+    baseline_accuracy_at_2hi=("<", 0.6),  # next-token model at length 2 hi
+)
+def length_generalization_claims(seed):
     """The headline claim, on the shipped models (trained on parity lengths 1-12; training our own
     here would take minutes, and on lengths 1-4 or 1-6 the looped model did not generalize at all).
-
-    The looped model trained the paper's way, run for T(n) = n loops, is right on >= 95% of fresh
-    inputs at every length up to twice the longest training length, where the next-token model of
-    the same parameter count (perfect on the shorter training lengths) is below 60%.
-    """
+    ``seed`` seeds the fresh evaluation inputs."""
     model, record, task, hi = _shipped("looped")
     baseline, _, _, _ = _shipped("next-token")
     assert isinstance(baseline, NextTokenTransformer)
-    for n in range(1, hi // 2 + 1):
-        batch = task.sample_length(n, 200, generator(10 + n))
-        assert accuracy(baseline.predict(batch), batch.answer) >= 0.95
+    short = [accuracy(baseline.predict(b), b.answer)
+             for b in (task.sample_length(n, 200, _gen(seed, 10 + n)) for n in range(1, hi // 2 + 1))]
+    long, batch = [], None
     for n in range(hi + 1, 2 * hi + 1):
-        batch = task.sample_length(n, 300, generator(30 + n))
-        assert accuracy(model.predict(batch, n), batch.answer) >= 0.95
-    assert accuracy(baseline.predict(batch), batch.answer) < 0.6  # batch: length 2 * hi
+        batch = task.sample_length(n, 300, _gen(seed, 30 + n))
+        long.append(accuracy(model.predict(batch, n), batch.answer))
+    return {"baseline_min_short_accuracy": min(short), "looped_min_long_accuracy": min(long),
+            "baseline_accuracy_at_2hi": accuracy(baseline.predict(batch), batch.answer)}  # batch: length 2 hi
+
+
+def test_looping_longer_generalizes_where_fixed_depth_does_not():
+    """The looped model trained the paper's way, run for T(n) = n loops, is right on >= 95% of fresh
+    inputs at every length up to twice the longest training length, where the next-token model of
+    the same parameter count (perfect on the shorter training lengths) is below 60%."""
+    length_generalization_claims.check()
+
+
+@claim(
+    paper_min_oracle=(">=", 0.95),  # paper-style model stopped at T(n), worst length 1..hi (200 inputs each)
+    fp_min_adaptive=(">=", 0.9),  # fixed-point model, maximum-confidence stopping, worst length 1..hi
+    fp_min_stable=(">=", 0.9),  # fixed-point model, stable-answer stopping, worst length 1..hi
+    paper_mean_adaptive=("<", 0.75),  # paper-style model, maximum-confidence stopping, mean over lengths 1..hi
+    max_gap_to_provenance=("<", 0.1),  # largest |fresh - recorded| accuracy at length hi (1600 inputs), 3 rules x 2 models
+)
+def stopping_rule_claims(seed):
+    """The shipped paper-style and fixed-point models on fresh inputs drawn from ``seed``."""
+    paper, paper_record, task, hi = _shipped("looped")
+    fp, fp_record, _, _ = _shipped("looped-fp")
+    cap = 2 * hi + fp_record["config"]["extra_cap"]
+    before, after = [], []
+    for n in range(1, hi + 1):
+        batch = task.sample_length(n, 200, _gen(seed, 40 + n))
+        before.append(experiment.evaluate_looped(paper, batch, max_loops=cap))
+        after.append(experiment.evaluate_looped(fp, batch, max_loops=cap))
+    gaps = []
+    for model, record, family in ((paper, paper_record, "looped"), (fp, fp_record, "looped-fp")):
+        batch = task.sample_length(hi, 1600, _gen(seed, 50))
+        result = experiment.evaluate_looped(model, batch, max_loops=cap)
+        recorded = record["metrics"]["accuracy"]
+        gaps += [abs(result[rule] - recorded[f"{family}-{rule}"][str(hi)]) for rule in ("oracle", "adaptive", "stable")]
+    return {
+        "paper_min_oracle": min(r["oracle"] for r in before),
+        "fp_min_adaptive": min(r["adaptive"] for r in after),
+        "fp_min_stable": min(r["stable"] for r in after),
+        "paper_mean_adaptive": sum(r["adaptive"] for r in before) / len(before),
+        "max_gap_to_provenance": max(gaps),
+    }
 
 
 def test_stopping_rules_fail_then_work_after_the_training_change():
     """Inside the training lengths, both stopping rules without the oracle are >= 90% right on the
     fixed-point model (supervised at T(n) + k, flat before T(n) - 1), while maximum-confidence
     stopping on the model trained at exactly T(n) averages below 75% there, although its oracle is
-    perfect. Fresh samples agree with the recorded provenance."""
-    paper, paper_record, task, hi = _shipped("looped")
-    fp, fp_record, _, _ = _shipped("looped-fp")
-    cap = 2 * hi + fp_record["config"]["extra_cap"]
-    paper_adaptive = []
-    for n in range(1, hi + 1):
-        batch = task.sample_length(n, 200, generator(40 + n))
-        before = experiment.evaluate_looped(paper, batch, max_loops=cap)
-        after = experiment.evaluate_looped(fp, batch, max_loops=cap)
-        assert before["oracle"] >= 0.95 and after["adaptive"] >= 0.9 and after["stable"] >= 0.9
-        paper_adaptive.append(before["adaptive"])
-    assert sum(paper_adaptive) / len(paper_adaptive) < 0.75
-    for model, record, family in ((paper, paper_record, "looped"), (fp, fp_record, "looped-fp")):
-        batch = task.sample_length(hi, 400, generator(50))
-        result = experiment.evaluate_looped(model, batch, max_loops=cap)
-        for rule in ("oracle", "adaptive", "stable"):
-            assert result[rule] == pytest.approx(record["metrics"]["accuracy"][f"{family}-{rule}"][str(hi)], abs=0.1)
+    >= 95% right."""
+    stopping_rule_claims.check(keys=["paper_min_oracle", "fp_min_adaptive", "fp_min_stable", "paper_mean_adaptive"])
+
+
+def test_fresh_samples_agree_with_the_recorded_provenance_of_the_stopping_rules():
+    stopping_rule_claims.check(keys=["max_gap_to_provenance"])
+
+
+@claim(
+    clock_misses=("<", 0.5),  # inputs, over all lengths 1..2hi (200 each), where the clock did not stop at T(n)
+    clocked_min_accuracy=(">=", 0.9),  # the paper-style model stopped by the clock, worst length 1..2hi
+    gap_to_provenance=("<", 0.05),  # |fresh - recorded| accuracy so stopped, at length 2 hi
+)
+def clock_claims(seed):
+    """The shipped clock (trained on lengths 1-12 to count loops against the input length, never
+    told T(n) at test time) stopping the shipped paper-style model, on fresh inputs drawn from ``seed``."""
+    clock, record, task, hi = _shipped("clock")
+    solver, solver_record, _, _ = _shipped("looped")
+    assert isinstance(clock, Clock) and record["solver"]["sha256"] == solver_record["sha256"]
+    results = []
+    for n in range(1, 2 * hi + 1):
+        batch = task.sample_length(n, 200, _gen(seed, 60 + n))
+        results.append(experiment.evaluate_looped(solver, batch, max_loops=n + 4, clock=clock))
+    recorded = record["metrics"]["accuracy"]["looped-clock"][str(2 * hi)]
+    return {"clock_misses": sum(round(200 * (1 - r["clock_exact"])) for r in results),
+            "clocked_min_accuracy": min(r["clock"] for r in results),
+            "gap_to_provenance": abs(results[-1]["clock"] - recorded)}
 
 
 def test_a_clock_stops_the_paper_model_without_the_oracle():
-    """The shipped clock (trained on lengths 1-12 to count loops against the input length, never
-    told T(n) at test time) stops the shipped paper-style model at exactly T(n) on every input up to
-    twice the longest training length, where the model so stopped is >= 90% right. Fresh samples
-    agree with the recorded provenance."""
-    clock, record, task, hi = _shipped("clock")
-    solver, _, _, _ = _shipped("looped")
-    assert isinstance(clock, Clock) and record["solver"]["sha256"] == _shipped("looped")[1]["sha256"]
-    for n in range(1, 2 * hi + 1):
-        batch = task.sample_length(n, 200, generator(60 + n))
-        result = experiment.evaluate_looped(solver, batch, max_loops=n + 4, clock=clock)
-        assert result["clock_exact"] == 1.0 and result["clock"] >= 0.9, (n, result)
-    recorded = record["metrics"]["accuracy"]["looped-clock"][str(2 * hi)]
-    assert result["clock"] == pytest.approx(recorded, abs=0.05)
+    """The clock stops the model at exactly T(n) on every input up to twice the longest training
+    length, where the model so stopped is >= 90% right. Fresh samples agree with the recorded provenance."""
+    clock_claims.check()
 
 
 def test_shipped_weights_are_checksummed(tmp_path):
