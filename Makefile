@@ -35,7 +35,7 @@ test: $(VENV)/.test-installed
 	ICL_COURSE_PROFILE=smoke OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(WORKERS) --dist loadfile \
 		--nbval-lax --nbval-current-env tests chapters exercises
 
-## Measure every claim test over seeds 0-4 and 1 and 2 threads into tests/margins.md (about 15 minutes);
+## Measure every claim test over seeds 0-4 and 1 and 2 threads into tests/margins.md (about 30 minutes);
 ## MARGINS="-k preconditioning" measures only the matching claims and keeps the others' rows.
 margins: $(VENV)/.test-installed
 	$(BIN)/python tests/margins.py $(MARGINS)
