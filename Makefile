@@ -42,7 +42,7 @@ margins: $(VENV)/.test-installed
 
 ## Regenerate the student versions of the exercises from their solution sources.
 exercises: $(VENV)/.test-installed
-	$(BIN)/python -m icl_course.notebooks student exercises/solutions exercises
+	$(BIN)/python -m icl_course.course.notebooks student exercises/solutions exercises
 
 ## Measure every chapter's run time in the quick profile (or PROFILE=full on a GPU) into timings.json;
 ## CHAPTERS="05_ttt 06_looped" measures only those and keeps the others' times.

@@ -1,12 +1,16 @@
 """icl_course: the companion package of the course *In-context learning as optimization*.
 
-Data flows one way, and so do the modules:
+The top level is the core every chapter shares, and data flows one way through it:
 ``tasks`` (sampling sequences) -> ``tokens`` (building Z) -> ``linear_transformer`` (models) ->
-``training`` -> ``solvers`` and ``metrics`` (classical learners and comparisons) -> ``plots``.
-Each chapter's experiment lives in ``icl_course.experiments``; exercise checks in
-``icl_course.checks``. Importing the package only defines things.
+``training`` -> ``solvers`` and ``metrics`` (classical learners and comparisons) -> ``plots``;
+``runtime`` (device, profile, input checks), ``progress``, ``pretrained`` (shipped weights) and
+``checking`` (the exercises' check machinery) serve them all.
+Each chapter's own code lives in its folder under ``icl_course.topics`` (the registry of chapters);
+the course's tooling (command line, notebooks, grading, landing page) in ``icl_course.course``.
+Importing the package only defines things.
 """
 
+from . import _moved
 from .linear_transformer import (
     DiagAttention,
     FullAttention,
@@ -32,6 +36,13 @@ from .tokens import make_tokens, read_prediction
 from .training import History, TrainConfig, TrainingDiverged, checkpointing, train
 
 __version__ = "0.1.0"
+
+_moved.install()  # module names of the layout before icl_course.topics keep importing
+
+
+def __getattr__(name: str):
+    return _moved.attribute(name)
+
 
 __all__ = [
     "Choice",

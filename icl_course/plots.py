@@ -8,8 +8,8 @@ so a figure is never drawn twice.
 from __future__ import annotations
 
 import matplotlib
-import matplotlib.ticker
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 import torch
 
 __all__ = ["figure", "loss_curve", "curves", "matrices", "step_size", "panels", "bars"]

@@ -15,7 +15,7 @@ non-finite tensors, so a corrupted, swapped or edited model fails loudly instead
 other numbers: :class:`ChecksumError` for a checksum that differs, :class:`RecordError` for a
 provenance file that is not JSON, lacks a field loading needs, or holds non-finite weights; both
 name the file. :func:`save_state` and :func:`load_state` are the shared implementation, given a
-model's architecture record and a function that builds the model from it (``icl_course.looped``
+model's architecture record and a function that builds the model from it (``icl_course.topics.looped.models``
 uses them for its models).
 
 >>> model = load("mixed_noise/diag-4l-u5")            # doctest: +SKIP

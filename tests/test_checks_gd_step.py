@@ -2,7 +2,7 @@
 
 import torch
 
-from icl_course.checks import gd_step as checks
+from icl_course.topics.gd_step import checks
 
 
 def right_weights(d, eta):

@@ -10,8 +10,9 @@ from types import SimpleNamespace
 import pytest
 from matplotlib.figure import Figure
 
-from icl_course import cli, grading
-from icl_course.cli import main
+from icl_course import topics
+from icl_course.course import cli, grading
+from icl_course.course.cli import main
 
 
 def test_info(capsys):
@@ -65,7 +66,7 @@ def fake_experiment(monkeypatch, run=None):
         return {name: Figure() for name in ("first", "second")}
 
     default = lambda profile, progress: SimpleNamespace(metrics={"new": True}, figures=figures)  # noqa: E731
-    monkeypatch.setattr(cli, "load", lambda topic: SimpleNamespace(run=run or default))
+    monkeypatch.setattr(topics.Topic, "experiment", lambda self: SimpleNamespace(run=run or default))
 
 
 def training_must_not_start(profile, progress):
@@ -74,7 +75,7 @@ def training_must_not_start(profile, progress):
 
 def start_reproduce(out, *extra):
     """``icl-course reproduce gd-step`` in a subprocess (Ctrl-C raises KeyboardInterrupt in it, as in a terminal)."""
-    argv = [sys.executable, "-m", "icl_course.cli", "reproduce", "gd-step", "--profile", "smoke", "--out", str(out), "--quiet", *extra]
+    argv = [sys.executable, "-m", "icl_course.course.cli", "reproduce", "gd-step", "--profile", "smoke", "--out", str(out), "--quiet", *extra]
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"},
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -165,7 +166,7 @@ def test_resume_continues_an_interrupted_run_and_gives_the_same_numbers(tmp_path
         weights = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).tolist()
         return SimpleNamespace(metrics={"weights": weights}, figures=dict)
 
-    monkeypatch.setattr(cli, "load", lambda topic: SimpleNamespace(run=run))
+    monkeypatch.setattr(topics.Topic, "experiment", lambda self: SimpleNamespace(run=run))
     argv = ["reproduce", "gd-step", "--quiet", "--resume"]
     assert main([*argv, "--out", str(tmp_path / "straight")]) == 0
     straight = json.loads((tmp_path / "straight" / "metrics.json").read_text())

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from icl_course import course
+from icl_course.course import book as course
 
 
 def test_every_chapter_notebook_is_on_the_path():

@@ -2,8 +2,9 @@
 
 from dataclasses import replace
 
-from icl_course.experiments import gd_step
 from margins import claim
+
+from icl_course.topics.gd_step import experiment as gd_step
 
 
 @claim(

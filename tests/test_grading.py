@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from icl_course import grading, notebooks
-from icl_course.cli import main
+from icl_course.course import grading, notebooks
+from icl_course.course.cli import main
 
 SOURCES = notebooks.exercise_sources()
 SOURCE = notebooks.read(SOURCES["01_gd_step"])

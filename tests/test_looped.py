@@ -5,12 +5,14 @@ from dataclasses import replace
 
 import pytest
 import torch
+from margins import claim
 
-from icl_course import checks as checks_core
-from icl_course.algorithmic_tasks import BLANK, EQUALS, PLUS, Addition, Copy, Parity, make_task, show
-from icl_course.checks import looped as checks
-from icl_course.experiments import TOPICS, looped as experiment
-from icl_course.looped import (
+from icl_course import checking as checks_core
+from icl_course import topics
+from icl_course.pretrained import ChecksumError
+from icl_course.tasks import generator
+from icl_course.topics.looped import checks, experiment
+from icl_course.topics.looped.models import (
     Clock,
     FullAnswerObjective,
     HaltingObjective,
@@ -24,9 +26,7 @@ from icl_course.looped import (
     max_confidence_stop,
     stable_stop,
 )
-from icl_course.pretrained import ChecksumError
-from icl_course.tasks import generator
-from margins import claim
+from icl_course.topics.looped.tasks import BLANK, EQUALS, PLUS, Addition, Copy, Parity, make_task, show
 
 
 @pytest.fixture(autouse=True)
@@ -344,7 +344,7 @@ def test_shipped_weights_are_checksummed(tmp_path):
 
 
 def test_smoke_profile_and_registration():
-    assert TOPICS["looped"] == "icl_course.experiments.looped"
+    assert topics.get("looped").experiment() is experiment
     config = replace(experiment.CONFIGS["smoke"], steps=4, baseline_steps=4, n_eval=8, pretrained=False)
     first = experiment.run("smoke", config=config)
     m = first.metrics

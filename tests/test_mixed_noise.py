@@ -5,15 +5,15 @@ import shutil
 
 import pytest
 import torch
+from margins import claim
 
 import icl_course as icl
 from icl_course import pretrained
-from icl_course.checks import mixed_noise as checks
-from icl_course.discovered_algorithm import DiscoveredAlgorithm, LayerCoefficients
-from icl_course.experiments import mixed_noise as mn
-from icl_course.ridge import AdaRR, ConstRR, OracleRidge, TunedRR, noise_estimate, tune_const_ridge
 from icl_course.solvers import GDPlusPlus, GradientDescent
-from margins import claim
+from icl_course.topics.mixed_noise import checks
+from icl_course.topics.mixed_noise import experiment as mn
+from icl_course.topics.mixed_noise.discovered_algorithm import DiscoveredAlgorithm, LayerCoefficients
+from icl_course.topics.mixed_noise.ridge import AdaRR, ConstRR, OracleRidge, TunedRR, noise_estimate, tune_const_ridge
 
 
 @functools.lru_cache(maxsize=1)

@@ -5,12 +5,14 @@ from dataclasses import replace
 
 import pytest
 import torch
+from margins import claim
 
 import icl_course as icl
-from icl_course import newton as nt
-from icl_course.checks import newton as checks
-from icl_course.experiments import newton
-from icl_course.logistic import (
+from icl_course.tasks import IllConditioned, RegressionTask
+from icl_course.topics.newton import checks
+from icl_course.topics.newton import experiment as newton
+from icl_course.topics.newton import matrix_inverse as nt
+from icl_course.topics.newton.logistic import (
     LogisticGD,
     LogisticNewton,
     LogisticTask,
@@ -18,9 +20,7 @@ from icl_course.logistic import (
     regularized_gradient,
     regularized_loss,
 )
-from icl_course.tasks import IllConditioned, RegressionTask
 from icl_course.training import TrainConfig
-from margins import claim
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +234,7 @@ def test_checks_pass_the_solutions_and_name_planted_mistakes():
 def test_docstring_examples_run():
     import doctest
 
-    from icl_course import logistic
+    from icl_course.topics.newton import logistic
 
     for module in (nt, logistic):
         assert doctest.testmod(module).failed == 0

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from icl_course import checks, notebooks
+from icl_course import checking as checks
+from icl_course.course import notebooks
 
 ROOT = Path(__file__).resolve().parent.parent
 ALL = sorted(p.relative_to(ROOT).as_posix() for p in ROOT.glob("*/**/*.ipynb") if ".venv" not in p.parts and "_build" not in p.parts)
@@ -34,7 +35,7 @@ def test_stored_without_outputs(path):
 def test_colab_header_comes_from_the_one_repository_url(path):
     nb = notebooks.read(ROOT / path)
     assert nb["cells"][:2] == notebooks.colab_header(path, URL), (
-        f"{path}: run `python -m icl_course.notebooks header {Path(path).parent}`"
+        f"{path}: run `python -m icl_course.course.notebooks header {Path(path).parent}`"
     )
 
 

@@ -5,15 +5,15 @@ from dataclasses import replace
 
 import pytest
 import torch
+from margins import claim
 
 import icl_course as icl
-from icl_course import preconditioners as pc
-from icl_course.checks import preconditioning as checks
-from icl_course.experiments import preconditioning as pre
 from icl_course.linear_transformer import gdpp_transformer
 from icl_course.metrics import implicit_weights_per_layer
 from icl_course.solvers import GDPlusPlus, tune_gdpp
-from margins import claim
+from icl_course.topics.preconditioning import checks
+from icl_course.topics.preconditioning import experiment as pre
+from icl_course.topics.preconditioning import preconditioners as pc
 
 QUICK = pre.CONFIGS["quick"]
 COV = pre.covariance(QUICK)  # the rotated Sigma, condition number 16

@@ -7,9 +7,10 @@ import shutil
 import pytest
 import torch
 
-from icl_course import looped, pretrained
+from icl_course import pretrained
 from icl_course.linear_transformer import linear_transformer
 from icl_course.pretrained import ChecksumError, RecordError
+from icl_course.topics.looped import models as looped
 
 SHIPPED = "mixed_noise/diag-2l-u5"
 

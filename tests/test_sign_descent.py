@@ -8,11 +8,13 @@ from dataclasses import replace
 
 import pytest
 import torch
+from margins import claim
 
-from icl_course import optimizers as opt
-from icl_course.checks import sign_descent as checks
-from icl_course.experiments import sign_descent as sd
-from icl_course.signal_noise import (
+from icl_course.tasks import generator
+from icl_course.topics.sign_descent import checks
+from icl_course.topics.sign_descent import experiment as sd
+from icl_course.topics.sign_descent import optimizers as opt
+from icl_course.topics.sign_descent.signal_noise import (
     SignalNoiseTask,
     SoftmaxAttentionClassifier,
     accuracy,
@@ -20,9 +22,7 @@ from icl_course.signal_noise import (
     stage_quantities,
     value_noise,
 )
-from icl_course.tasks import generator
 from icl_course.training import TrainingDiverged
-from margins import claim
 
 
 def random_grads(gen, shapes, steps, scale=1.0):
@@ -357,7 +357,7 @@ def test_check_reports_not_implemented():
 
 
 def test_reproduce_from_the_command_line(tmp_path):
-    from icl_course.cli import main
+    from icl_course.course.cli import main
 
     assert main(["reproduce", "sign-descent", "--profile", "smoke", "--out", str(tmp_path), "--quiet"]) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())

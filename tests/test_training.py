@@ -3,10 +3,10 @@ import os
 
 import pytest
 import torch
+from margins import claim
 
 import icl_course as icl
 from icl_course import training
-from margins import claim
 
 TASK = icl.RegressionTask(d=3, n_ctx=8)
 
@@ -209,8 +209,8 @@ def test_resumed_run_is_bit_identical(tmp_path, stop, every):
 
 def test_resume_restores_a_curriculum(tmp_path):
     """Chapter 6's looped-fp objective counts its calls to grow the lengths; a resume restores the count."""
-    from icl_course.algorithmic_tasks import make_task
-    from icl_course.looped import FullAnswerObjective, LoopedTransformer
+    from icl_course.topics.looped.models import FullAnswerObjective, LoopedTransformer
+    from icl_course.topics.looped.tasks import make_task
 
     spec = make_task("parity", (1, 6), (1, 8), groups=2)
 
@@ -264,7 +264,7 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 def test_checkpointing_resumes_an_interrupted_experiment(tmp_path, monkeypatch):
     """An experiment interrupted under ``checkpointing`` and run again gives the uninterrupted metrics."""
-    from icl_course.experiments import newton
+    from icl_course.topics.newton import experiment as newton
 
     def untimed(metrics):
         return {k: v for k, v in metrics.items() if not k.endswith("seconds")}

@@ -5,15 +5,14 @@ import time
 
 import pytest
 import torch
-
-from icl_course import ttt
-from icl_course.checks import ttt as checks
-from icl_course.experiments import ttt as experiment
-from icl_course.sequence_models import SequenceModel, TTTMixer, make_mixer
-from icl_course.sequence_regression import SequenceRegressionTask, ridge_by_position
-from icl_course.tasks import generator
-from icl_course.training import TrainConfig, train
 from margins import claim
+
+from icl_course.tasks import generator
+from icl_course.topics.ttt import checks, experiment
+from icl_course.topics.ttt import layers as ttt
+from icl_course.topics.ttt.models import SequenceModel, TTTMixer, make_mixer
+from icl_course.topics.ttt.task import SequenceRegressionTask, ridge_by_position
+from icl_course.training import TrainConfig, train
 
 
 def qkv(seed=0, B=2, H=2, T=48, f=8, dtype=torch.float64):

@@ -6,18 +6,21 @@ import pytest
 import torch
 
 import icl_course as icl
-from icl_course import looped, newton, optimizers, ttt
-from icl_course import preconditioners as pc
-from icl_course.algorithmic_tasks import Parity
-from icl_course.discovered_algorithm import DiscoveredAlgorithm, LayerCoefficients
-from icl_course.logistic import LogisticNewton, LogisticTask, TokenMLP
 from icl_course.metrics import implicit_weights_per_layer
-from icl_course.ridge import ConstRR, OracleRidge, TunedRR, tune_const_ridge, tune_tuned_ridge
 from icl_course.runtime import require_finite
-from icl_course.sequence_models import SequenceModel, TTTMixer, Views
-from icl_course.sequence_regression import SequenceRegressionTask
-from icl_course.signal_noise import SoftmaxAttentionClassifier
 from icl_course.tasks import IllConditioned
+from icl_course.topics.looped import models as looped
+from icl_course.topics.looped.tasks import Parity
+from icl_course.topics.mixed_noise.discovered_algorithm import DiscoveredAlgorithm, LayerCoefficients
+from icl_course.topics.mixed_noise.ridge import ConstRR, OracleRidge, TunedRR, tune_const_ridge, tune_tuned_ridge
+from icl_course.topics.newton import matrix_inverse as newton
+from icl_course.topics.newton.logistic import LogisticNewton, LogisticTask, TokenMLP
+from icl_course.topics.preconditioning import preconditioners as pc
+from icl_course.topics.sign_descent import optimizers
+from icl_course.topics.sign_descent.signal_noise import SoftmaxAttentionClassifier
+from icl_course.topics.ttt import layers as ttt
+from icl_course.topics.ttt.models import SequenceModel, TTTMixer, Views
+from icl_course.topics.ttt.task import SequenceRegressionTask
 
 nan, inf = math.nan, math.inf
 B, N, D = 4, 6, 3

@@ -1,0 +1,227 @@
+"""Notebook tooling: student versions of the exercises, and the Colab header of every notebook.
+
+**One source.** An exercise notebook is written once, with its solutions, in
+``exercises/solutions/``. Solution code sits between marker lines::
+
+    def best_step_size(batch):
+        ### BEGIN SOLUTION
+        ...
+        ### END SOLUTION
+
+and written answers between ``<!-- BEGIN SOLUTION -->`` and ``<!-- END SOLUTION -->`` in markdown.
+:func:`student_version` replaces each marked block with a stub (``raise NotImplementedError`` at
+the block's indentation, or a prompt in markdown) and drops every output, so the student version
+runs top to bottom and every check reports "not implemented".
+
+**One repository URL.** ``_config.yml`` (``repository.url``) holds it; every notebook starts with
+an Open-in-Colab badge and an install cell made from it by :func:`colab_header`.
+
+Command line (``make exercises`` runs the first)::
+
+    python -m icl_course.course.notebooks student exercises/solutions exercises
+    python -m icl_course.course.notebooks header chapters exercises/solutions
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import sys
+from pathlib import Path
+
+from icl_course import topics
+
+__all__ = [
+    "student_version", "has_solution", "colab_header", "stamp_header", "read", "write", "repository_url",
+    "exercise_sources", "resolve_exercise", "assign",
+]
+
+BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
+MD_BEGIN, MD_END = "<!-- BEGIN SOLUTION -->", "<!-- END SOLUTION -->"
+STUB = 'raise NotImplementedError("your code here")'
+MD_STUB = "*Write your answer here.*"
+HEADER_TAG = "colab-header"  # cell tag of the badge and install cells
+
+
+def read(path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def write(nb: dict, path) -> None:
+    Path(path).write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+
+
+def cell_source(cell) -> str:
+    src = cell.get("source", "")
+    return "".join(src) if isinstance(src, list) else src
+
+
+def _set_source(cell, text: str) -> None:
+    cell["source"] = text.splitlines(keepends=True)
+
+
+def _replace_blocks(text: str, begin: str, end: str, stub: str, code: bool) -> str:
+    out, lines, i = [], text.splitlines(keepends=True), 0
+    while i < len(lines):
+        line = lines[i]
+        if line.strip() == begin:
+            indent = line[: len(line) - len(line.lstrip())]
+            j = i + 1
+            while j < len(lines) and lines[j].strip() != end:
+                j += 1
+            if j == len(lines):
+                raise ValueError(f"a {begin!r} block has no {end!r}")
+            out.append(f"{indent}{stub}\n" if code else f"{stub}\n")
+            i = j + 1
+        else:
+            out.append(line)
+            i += 1
+    return "".join(out)
+
+
+def student_version(nb: dict) -> dict:
+    """The notebook with every solution block replaced by a stub and all outputs removed."""
+    nb = copy.deepcopy(nb)
+    for cell in nb["cells"]:
+        text = cell_source(cell)
+        if cell["cell_type"] == "code":
+            _set_source(cell, _replace_blocks(text, BEGIN, END, STUB, code=True))
+            cell["outputs"], cell["execution_count"] = [], None
+        elif cell["cell_type"] == "markdown":
+            _set_source(cell, _replace_blocks(text, MD_BEGIN, MD_END, MD_STUB, code=False))
+        cell.get("metadata", {}).pop("solution", None)
+    return nb
+
+
+def has_solution(nb: dict) -> bool:
+    """Whether any solution marker is left anywhere in the notebook (sources or metadata)."""
+    blob = json.dumps(nb)
+    return any(marker in blob for marker in (BEGIN, END, MD_BEGIN, MD_END))
+
+
+def repository_url(config_path="_config.yml") -> str:
+    """The repository URL from the book's ``_config.yml`` (``repository: url:``)."""
+    text = Path(config_path).read_text()
+    match = re.search(r"^repository:\s*\n(?:\s+.*\n)*?\s+url:\s*(\S+)", text, flags=re.M)
+    if not match:
+        raise ValueError(f"{config_path} has no repository url")
+    return match.group(1).strip("\"'")
+
+
+def colab_header(relpath: str, url: str) -> list[dict]:
+    """The two first cells of a notebook at ``relpath`` (relative to the repository root)."""
+    github = url.removeprefix("https://github.com/").rstrip("/")
+    badge = (
+        f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
+        f"(https://colab.research.google.com/github/{github}/blob/main/{relpath})"
+    )
+    install = (
+        "# Installs the course package on Colab (or anywhere it is missing); does nothing otherwise.\n"
+        "import importlib.util, subprocess, sys\n"
+        'if importlib.util.find_spec("icl_course") is None:\n'
+        f'    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "icl-course[widgets] @ git+{url}"])'
+    )
+    meta = {"tags": [HEADER_TAG]}
+    return [
+        {"cell_type": "markdown", "id": "colab-badge", "metadata": dict(meta), "source": badge.splitlines(keepends=True)},
+        {"cell_type": "code", "id": "colab-install", "metadata": dict(meta), "source": install.splitlines(keepends=True),
+         "outputs": [], "execution_count": None},
+    ]
+
+
+def stamp_header(nb: dict, relpath: str, url: str) -> dict:
+    """Replace (or add) the tagged header cells of ``nb``."""
+    nb = copy.deepcopy(nb)
+    body = [c for c in nb["cells"] if HEADER_TAG not in c.get("metadata", {}).get("tags", [])]
+    nb["cells"] = colab_header(relpath, url) + body
+    return nb
+
+
+def exercise_sources(root: Path | None = None) -> dict[str, Path]:
+    """The exercise sources (with solutions) by stem, e.g. ``{"01_gd_step": Path(...)}``."""
+    root = Path(root) if root else Path(__file__).resolve().parents[2]
+    folder = root / "exercises" / "solutions"
+    if not folder.is_dir():
+        raise ValueError(f"no exercise sources at {folder}: run from a clone of the course repository")
+    return {p.stem: p for p in sorted(folder.glob("*.ipynb"))}
+
+
+def resolve_exercise(name: str, sources: dict[str, Path]) -> str:
+    """The stem for ``name``: the stem itself, its number (``1``, ``01``), its topic (``gd_step``,
+    ``gd-step``) or an earlier stem of the chapter (``03_momentum``); see :func:`icl_course.topics.get`."""
+    try:
+        stem = topics.get(name).stem
+    except ValueError:
+        stem = None
+    if stem not in sources:
+        raise ValueError(f"chapter must be one of {sorted(sources)} (or their numbers), got {name!r}")
+    return stem
+
+
+STUDENT_README = """# Exercises: {chapters}
+
+Each notebook has exercises: a function to write, followed by a check that runs your function on fresh
+random inputs and tells you what is wrong (or that it is right). The notebook runs top to bottom
+whether you have finished or not.
+
+## On Google Colab (recommended)
+1. Go to https://colab.research.google.com, choose *File -> Upload notebook*, and pick the notebook.
+2. Optional: *Runtime -> Change runtime type -> GPU*. The exercises run fine on a CPU.
+3. Run the first code cell: it installs the course package. Then work through the exercises.
+4. When done: *File -> Download -> Download .ipynb*.
+
+## Locally
+`pip install "icl-course[widgets] @ git+{url}"`, then open the notebook in Jupyter.
+
+## Submitting
+Submit the `.ipynb` file, named after yourself (e.g. `ada_lovelace.ipynb`), as your instructor asks.
+Keep the function names, and do not worry about the check cells: grading runs its own checks on your
+functions with new random inputs, so every answer must be computed, not pasted.
+"""
+
+
+def assign(chapters: list[str], out: Path, root: Path | None = None) -> list[Path]:
+    """Write student versions to ``out/student`` (with a README) and solutions to ``out/solutions``."""
+    sources = exercise_sources(root)
+    stems = [resolve_exercise(c, sources) for c in chapters]
+    url = repository_url(Path(root or Path(__file__).resolve().parents[2]) / "_config.yml")
+    out = Path(out)
+    (out / "student").mkdir(parents=True, exist_ok=True)
+    (out / "solutions").mkdir(parents=True, exist_ok=True)
+    written = []
+    for stem in stems:
+        source = read(sources[stem])
+        student = stamp_header(student_version(source), f"exercises/{stem}.ipynb", url)
+        if has_solution(student):
+            raise ValueError(f"{stem}: a solution marker survived; check the BEGIN/END markers")
+        write(student, out / "student" / f"{stem}.ipynb")
+        write(source, out / "solutions" / f"{stem}.ipynb")
+        written += [out / "student" / f"{stem}.ipynb", out / "solutions" / f"{stem}.ipynb"]
+    readme = out / "student" / "README.md"
+    readme.write_text(STUDENT_README.format(chapters=", ".join(stems), url=url))
+    return [*written, readme]
+
+
+def _main(argv: list[str]) -> int:
+    if len(argv) < 2 or argv[0] not in ("student", "header"):
+        print(__doc__.split("Command line")[1], file=sys.stderr)
+        return 2
+    url = repository_url()
+    if argv[0] == "student":
+        src, dst = Path(argv[1]), Path(argv[2])
+        for path in sorted(src.glob("*.ipynb")):
+            out = dst / path.name
+            nb = student_version(read(path))
+            write(stamp_header(nb, out.as_posix(), url), out)
+            print(f"wrote {out}")
+    else:
+        for folder in argv[1:]:
+            for path in sorted(Path(folder).glob("*.ipynb")):
+                write(stamp_header(read(path), path.as_posix(), url), path)
+                print(f"stamped {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv[1:]))

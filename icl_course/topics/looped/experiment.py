@@ -1,0 +1,572 @@
+"""Chapter 6's experiment: looped transformers generalize to longer inputs by looping longer.
+
+Fan et al. 2024 (arXiv 2409.15647) train one decoder block, looped ``T(n)`` times for an input of
+length ``n``, to emit the whole answer of parity, copy or addition, and find that it keeps working
+on inputs longer than any seen in training if it is simply looped longer, where next-token
+transformers of fixed depth fail. Their code is not public; the sizes here are ours
+(``LoopedConfig``).
+
+``run(profile)`` trains, on the same data stream,
+
+- ``looped``: the paper's training, supervision after exactly ``T(n)`` loops;
+- ``looped-fp``: the same model trained from scratch with supervision after ``T(n) + k`` loops,
+  ``k ~ U{0..K}``, and a flat answer before loop ``T(n) - 1`` (our change: the answer becomes a fixed
+  point of the loop, which stopping without the oracle needs);
+- ``fixed-loop``: the looped block with one fixed loop count at every length;
+- ``next-token``: four distinct blocks of half the width (the same parameter count), next-token trained;
+
+and measures exact-answer accuracy at every test length, with the oracle ``T(n)`` and with three
+stopping rules: maximum confidence (the paper's), "the answer stopped changing", and a *clock*, a
+second looped model that only learns to count loops against the input length
+(:class:`~icl_course.topics.looped.models.HaltingObjective`; shipped as ``looped/parity-clock``). Where the
+``quick`` budget is too small, the chapter also evaluates the shipped ``looped/*`` weights, trained
+with the settings of :data:`SHIPPED` by ``icl-course reproduce looped --write-weights``.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from icl_course import plots
+from icl_course.pretrained import WEIGHTS_DIR, provenance
+from icl_course.progress import ProgressBar
+from icl_course.runtime import get_device, get_profile
+from icl_course.tasks import generator
+from icl_course.training import TrainConfig, train
+
+from .models import (
+    Clock,
+    FullAnswerObjective,
+    HaltingObjective,
+    LoopedTransformer,
+    NextTokenObjective,
+    NextTokenTransformer,
+    accuracy,
+    answer_confidence,
+    clock_stop,
+    load,
+    max_confidence_stop,
+    save,
+    stable_stop,
+)
+from .tasks import make_task
+
+__all__ = [
+    "LoopedConfig", "LoopedResult", "CONFIGS", "SHIPPED", "METHODS", "run", "train_models", "evaluate_looped", "accuracy_by_loop",
+    "accuracy_figure", "clock_figure", "confidence_figure", "loops_figure", "ship", "write_weights", "shipped_name",
+]
+
+# Every method of the accuracy table, in the order of the figures.
+METHODS = (
+    "looped-oracle", "looped-adaptive", "looped-stable",
+    "looped-fp-oracle", "looped-fp-adaptive", "looped-fp-stable",
+    "fixed-loop", "next-token",
+)
+
+
+@dataclass(frozen=True)
+class LoopedConfig:
+    tasks: tuple[str, ...] = ("parity",)  # which tasks to train and test (parity, copy, addition)
+    train_lengths: dict = field(default_factory=lambda: {"parity": (1, 12), "copy": (1, 10), "addition": (1, 8)})
+    test_factor: int = 2  # test lengths run from 1 to test_factor x the longest training length
+    width: int = 64  # the looped block's width ...
+    n_heads: int = 4  # ... and heads
+    baseline_width: int = 32  # next-token: n_layers blocks of this width (4 x 32^2 = 64^2 parameters)
+    baseline_layers: int = 4
+    steps: int = 600  # optimizer steps of each looped model
+    baseline_steps: int = 600  # ... of the fixed-loop baseline
+    next_token_steps: int = 1500  # ... of the next-token baseline (one pass per step: cheap)
+    batch_size: int = 64  # sequences per step, split into `groups` single-length groups
+    groups: int = 4
+    lr: float = 1e-3  # AdamW, 5% warm-up, then `schedule`
+    schedule: str = "constant"  # or "cosine"
+    weight_decay: float = 0.01
+    extra_loops: int = 6  # K of the fixed-point training: supervise after T(n) + k, k ~ U{0..K}
+    curriculum: int = 0  # looped-fp: the longest training length grows to its final value over this many steps
+    fp_steps: int = 600  # optimizer steps of the looped-fp model (trained from scratch)
+    clock_steps: int = 2000  # optimizer steps of the clock (HaltingObjective; only shipped, see SHIPPED)
+    unsure_weight: float = 1.0  # looped-fp also learns a flat answer before loop T(n) - 1 (0: off)
+    extra_cap: int = 8  # stopping rules may run up to T(longest test length) + extra_cap loops
+    patience: int = 2  # the stable rule stops when the answer is unchanged for this many loops ...
+    min_confidence: float = math.log(0.9)  # ... with a confidence (mean log-prob) at least this
+    train_fp: bool = True  # train looped-fp here (else only the shipped weights show it)
+    seeds: tuple[int, ...] = (0,)  # model seeds of the paper's looped model (figures use the first)
+    workers: int = 1  # on a CPU, train this many models at once, one process (and thread) each
+    n_eval: int = 256  # test sequences per length
+    length_step: int = 1  # test every length_step-th length
+    pretrained: bool = True  # also evaluate the shipped looped/* weights
+    seed: int = 0  # data streams: seed + 1 (training), seed + 2 (test)
+
+    def __post_init__(self):
+        for name in ("test_factor", "width", "n_heads", "baseline_width", "baseline_layers", "steps",
+                     "baseline_steps", "next_token_steps", "fp_steps", "clock_steps", "batch_size", "groups", "workers", "n_eval",
+                     "length_step", "patience"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"LoopedConfig.{name} must be an integer >= 1, got {value!r}")
+        for name in ("extra_loops", "extra_cap", "curriculum"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"LoopedConfig.{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if not self.tasks or not self.seeds:
+            raise ValueError("LoopedConfig.tasks and LoopedConfig.seeds must be non-empty")
+        for name in self.tasks:
+            if name not in self.train_lengths:
+                raise ValueError(f"LoopedConfig.train_lengths has no entry for task {name!r}")
+            self.task(name)  # validates the name and the lengths
+
+    def task(self, name: str):
+        lo, hi = tuple(self.train_lengths[name])
+        return make_task(name, (lo, hi), (1, self.test_factor * hi), groups=self.groups)
+
+    def train_config(self, steps: int) -> TrainConfig:
+        return TrainConfig(steps=steps, batch_size=self.batch_size, lr=self.lr, warmup=0.05, schedule=self.schedule,
+                           weight_decay=self.weight_decay, seed=self.seed + 1, log_every=20)
+
+
+CONFIGS = {
+    # seconds: the pipeline and the shapes, not the claims (the shipped weights show them)
+    "smoke": LoopedConfig(train_lengths={"parity": (1, 4)}, steps=10, baseline_steps=10, next_token_steps=10,
+                          fp_steps=10, groups=2, n_eval=32, extra_cap=2, length_step=2),
+    # a few CPU-minutes: the paper's looped model (three seeds) and both baselines on parity; looped-fp shipped
+    "quick": LoopedConfig(steps=1200, baseline_steps=400, next_token_steps=800, seeds=(0, 1, 2), train_fp=False,
+                          workers=2),
+    # a GPU: longer training, and copy and addition too
+    "full": LoopedConfig(tasks=("parity", "copy", "addition"), steps=2000, baseline_steps=1000, next_token_steps=1500,
+                         seeds=(0, 1, 2), train_fp=False, n_eval=1000),
+}
+
+# The settings of the shipped ``looped/parity-*`` weights, one family each (``write_weights``). Their
+# provenance files say where each was trained and how it was chosen.
+SHIPPED = {
+    # the paper's training, longer than in the quick profile
+    "looped": LoopedConfig(steps=2000, seeds=(1,), seed=1, n_eval=1000),
+    # the fixed-point training from scratch: supervision at T(n) + k, flat before T(n) - 1, curriculum on the length
+    "looped-fp": LoopedConfig(fp_steps=5000, batch_size=128, schedule="cosine", curriculum=2500, seeds=(0,), n_eval=1000),
+    # the next-token baseline, trained about twice as long as in the quick profile
+    "next-token": LoopedConfig(next_token_steps=1500, schedule="cosine", n_eval=1000),
+    # the clock: a second looped block that learns to count loops against the input length
+    "clock": LoopedConfig(clock_steps=2000, seeds=(1,), seed=1, n_eval=1000),
+}
+
+
+def shipped_name(task: str, family: str = "looped-fp") -> str:
+    """``looped/parity-fp`` (the fixed-point looped model) or ``looped/parity-next-token`` (the baseline)."""
+    return f"looped/{task}-{family.removeprefix('looped-')}"
+
+
+@dataclass
+class LoopedResult:
+    config: LoopedConfig
+    models: dict  # (method family, task) -> trained model (CPU)
+    histories: dict  # (method family, task) -> History
+    traces: dict  # task -> {"confidence": (T, B) list, "correct": ..., "n": int} for the confidence figure
+    metrics: dict
+
+    def figures(self) -> dict:
+        """Every figure of the chapter, by name (what ``icl-course reproduce`` saves)."""
+        figs = {}
+        for task in self.config.tasks:
+            figs[f"accuracy_{task}"] = accuracy_figure(self.metrics, task)
+            if task in self.metrics["clock"]:
+                figs[f"clock_{task}"] = clock_figure(self.metrics, task)
+        for key, trace in self.traces.items():
+            figs[f"confidence_{key}"] = confidence_figure(trace, title=key)
+        if self.histories:
+            figs["loss_curves"] = loss_figure(self.histories, self.config.tasks)
+        return {k: v for k, v in figs.items() if v is not None}
+
+
+# --- evaluation --------------------------------------------------------------------------------------
+
+
+def evaluate_looped(model: LoopedTransformer, batch, max_loops: int, patience: int = 2,
+                    min_confidence: float = math.log(0.9), clock: LoopedTransformer | None = None) -> dict:
+    """Accuracy of one looped model on one batch: oracle T(n), max-confidence and stable stopping,
+    and, given a ``clock``, stopping where the clock says "done".
+
+    Also returns the mean loop count each rule chose (``*_loops``) and, with a clock, the fraction
+    of inputs it stopped at exactly T(n) (``clock_exact``).
+    """
+    L_ans = batch.answer.shape[1]
+    n_loops = max(max_loops, batch.steps)
+    with torch.no_grad():
+        logits = model.trajectory(batch.prompt(), n_loops, last=L_ans)  # (T, B, L_ans, V)
+        clock_logits = None if clock is None else clock.trajectory(batch.prompt(), n_loops, last=1)
+    adaptive, t_adaptive = max_confidence_stop(logits)
+    stable, t_stable = stable_stop(logits, patience, min_confidence)
+    result = {
+        "oracle": accuracy(logits[batch.steps - 1].argmax(-1), batch.answer),
+        "adaptive": accuracy(adaptive, batch.answer),
+        "stable": accuracy(stable, batch.answer),
+        "adaptive_loops": t_adaptive.float().mean().item(),
+        "stable_loops": t_stable.float().mean().item(),
+    }
+    if clock_logits is not None:
+        clocked, t_clock = clock_stop(logits, clock_logits)
+        result.update(clock=accuracy(clocked, batch.answer), clock_loops=t_clock.float().mean().item(),
+                      clock_exact=(t_clock == batch.steps).float().mean().item())
+    return result
+
+
+def confidence_trace(model: LoopedTransformer, batch, max_loops: int, n_show: int = 8) -> dict:
+    """Per-loop confidence and correctness of a few sequences (the confidence figure's data)."""
+    L_ans = batch.answer.shape[1]
+    with torch.no_grad():
+        logits = model.trajectory(batch.prompt()[:n_show], max_loops, last=L_ans)
+    answers, conf = answer_confidence(logits)
+    correct = (answers == batch.answer[:n_show].unsqueeze(0)).all(-1)  # (T, B)
+    return {"n": batch.n, "steps": batch.steps, "confidence": conf.T.tolist(), "correct": correct.T.tolist()}
+
+
+def accuracy_by_loop(model: LoopedTransformer, batch, max_loops: int) -> list[float]:
+    """Exact-answer accuracy after each loop count 1..max_loops (one trajectory, no retraining)."""
+    L_ans = batch.answer.shape[1]
+    with torch.no_grad():
+        logits = model.trajectory(batch.prompt(), max_loops, last=L_ans)
+    return [accuracy(step.argmax(-1), batch.answer) for step in logits]
+
+
+def loops_figure(curves: dict[str, list[float]], steps: int, n: int):
+    """Accuracy against the number of loops at one input length, T(n) marked."""
+    fig, (ax,) = plots.figure(width=6.4, height=3.4)
+    for name, accs in curves.items():
+        ax.plot(range(1, len(accs) + 1), accs, marker="o", ms=3, label=name)
+    ax.axvline(steps, color="k", ls="--", lw=1, label=f"T(n) = {steps}")
+    ax.set(xlabel="loops", ylabel="exact-answer accuracy", ylim=(-0.03, 1.03), title=f"input length n = {n}")
+    ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def loss_figure(histories: dict, tasks) -> object:
+    """Training loss against step, one panel per task, one curve per model family (own step counts)."""
+    fig, axes = plots.figure(ncols=len(tasks), width=4.5)
+    for ax, task in zip(axes, tasks):
+        for (family, t), history in histories.items():
+            if t == task:
+                ax.plot([s + 1 for s in history.steps], history.losses, label=family)
+        ax.set(xlabel="step", ylabel="training loss (cross-entropy)", yscale="log", title=task)
+        ax.legend(fontsize=8)
+    return fig
+
+
+def accuracy_figure(metrics: dict, task: str, methods=None, length: int | None = None):
+    """Accuracy against input length, one curve per method, training lengths shaded."""
+    fig, (ax,) = plots.figure(width=6.4, height=3.8)
+    lo, hi = metrics["train_lengths"][task]
+    ax.axvspan(lo - 0.5, hi + 0.5, color="0.85", label="training lengths")
+    styles = {"looped-oracle": "-", "looped-adaptive": ":", "looped-stable": ":", "looped-clock": "-.", "fixed-loop": "--",
+              "next-token": "--"}
+    for method, per_task in metrics["accuracy"].items():
+        if task not in per_task or (methods is not None and method not in methods):
+            continue
+        lengths = sorted(int(n) for n in per_task[task])
+        ax.plot(lengths, [per_task[task][str(n)] for n in lengths], marker="o", ms=3,
+                ls=styles.get(method.replace("shipped-", "").replace("-fp", ""), "-"), label=method)
+    if length is not None:
+        ax.axvline(length, color="k", lw=0.8)
+    ax.set(xlabel="input length n", ylabel="exact-answer accuracy", ylim=(-0.03, 1.03), title=task)
+    ax.legend(fontsize=7, loc="lower left", ncols=2)
+    return fig
+
+
+def clock_figure(metrics: dict, task: str):
+    """Where the clock stops against input length (mean loop, and the fraction at exactly T(n))."""
+    clock = metrics["clock"][task]
+    lengths = sorted(int(n) for n in clock["loops"])
+    lo, hi = metrics["train_lengths"][task]
+    fig, (left, right) = plots.figure(ncols=2, width=4.2, height=3.4)
+    for ax in (left, right):
+        ax.axvspan(lo - 0.5, hi + 0.5, color="0.85", label="training lengths")
+    left.plot(lengths, lengths, "k--", lw=1, label="T(n) = n")
+    left.plot(lengths, [clock["loops"][str(n)] for n in lengths], marker="o", ms=4, ls="none", label="clock (mean)")
+    left.set(xlabel="input length n", ylabel="loop where the clock stops", title=task)
+    right.plot(lengths, [clock["exact"][str(n)] for n in lengths], marker="o", ms=3, color="C1")
+    right.set(xlabel="input length n", ylabel="fraction stopped at exactly T(n)", ylim=(-0.03, 1.03), title=task)
+    left.legend(fontsize=8, loc="upper left")
+    return fig
+
+
+def confidence_figure(trace: dict, title: str = ""):
+    """Confidence against loop step for a few sequences; filled markers where the answer is right."""
+    fig, (ax,) = plots.figure(width=6.4, height=3.4)
+    for i, (conf, ok) in enumerate(zip(trace["confidence"], trace["correct"])):
+        loops = range(1, len(conf) + 1)
+        ax.plot(loops, conf, color=f"C{i}", lw=0.8)
+        ax.scatter([t for t, c in zip(loops, ok) if c], [v for v, c in zip(conf, ok) if c], color=f"C{i}", s=10)
+        ax.scatter([t for t, c in zip(loops, ok) if not c], [v for v, c in zip(conf, ok) if not c],
+                   facecolors="none", edgecolors=f"C{i}", s=10)
+    ax.axvline(trace["steps"], color="k", ls="--", lw=1, label=f"T(n) = {trace['steps']}")
+    ax.set(xlabel="loop", ylabel="confidence (mean log-prob of the argmax)",
+           title=f"{title}, n = {trace['n']} (filled: answer right)")
+    ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def _accuracy_table(config: LoopedConfig, task: str, predictors: dict, device, clock=None) -> dict:
+    """``{method: {length: accuracy}}`` for the predictors of one task, on the same test batches
+    (with a ``clock``, the looped models are also stopped by it: ``<family>-clock``)."""
+    spec = config.task(task)
+    cap = spec.steps(spec.test_lengths[1]) + config.extra_cap
+    table = {}
+    for n in range(1, spec.test_lengths[1] + 1, config.length_step):
+        batch = spec.sample_length(n, config.n_eval, generator(config.seed + 2 + 1000 * n), device=device)
+        for family, model in predictors.items():
+            if isinstance(model, NextTokenTransformer):
+                table.setdefault(family, {})[str(n)] = accuracy(model.predict(batch), batch.answer)
+            elif family == "fixed-loop":
+                table.setdefault(family, {})[str(n)] = accuracy(model.predict(batch, config_fixed_loops(config, task)), batch.answer)
+            else:
+                result = evaluate_looped(model, batch, cap, config.patience, config.min_confidence, clock)
+                for rule in ("oracle", "adaptive", "stable") + (("clock",) if clock is not None else ()):
+                    table.setdefault(f"{family}-{rule}", {})[str(n)] = result[rule]
+    return table
+
+
+def config_fixed_loops(config: LoopedConfig, task: str) -> int:
+    """The fixed-loop baseline's loop count: T(longest training length), enough for every training input."""
+    spec = config.task(task)
+    return spec.steps(spec.train_lengths[1])
+
+
+def _train(model, objective, config: LoopedConfig, steps: int, device, progress: bool, desc: str):
+    train_config = config.train_config(steps)
+    bar = ProgressBar(steps, desc=desc) if progress else None
+    history = train(model, objective, train_config, callback=bar, device=device)
+    return model.eval(), history
+
+
+@contextmanager
+def _one_cpu_thread(device):
+    """Train with one torch thread on a CPU: the same seed then gives the same model whatever the
+    machine's core count (torch's reductions depend on the thread count). These small models gain
+    little from a second thread."""
+    threads = torch.get_num_threads()
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def train_models(config: LoopedConfig, task: str, device, progress: bool = False, seed: int | None = None,
+                 families=("looped", "looped-fp", "fixed-loop", "next-token")) -> tuple[dict, dict]:
+    """Train the requested model families on ``task``; return ``(models, histories)``."""
+    spec = config.task(task)
+    seed = config.seeds[0] if seed is None else seed
+    models, histories = {}, {}
+    with _one_cpu_thread(device):
+        for family in families:
+            if family == "next-token":
+                model = NextTokenTransformer(config.baseline_width, config.n_heads, config.baseline_layers, seed=seed)
+                objective, steps = NextTokenObjective(spec), config.next_token_steps
+            elif family == "clock":
+                model = Clock(config.width, config.n_heads, seed=seed)
+                objective, steps = HaltingObjective(spec), config.clock_steps
+            else:
+                model = LoopedTransformer(config.width, config.n_heads, seed=seed)
+                objective = FullAnswerObjective(
+                    spec,
+                    extra_loops=config.extra_loops if family == "looped-fp" else 0,
+                    unsure_weight=config.unsure_weight if family == "looped-fp" else 0.0,
+                    curriculum=config.curriculum if family == "looped-fp" else 0,
+                    fixed_loops=config_fixed_loops(config, task) if family == "fixed-loop" else None,
+                )
+                steps = {"looped": config.steps, "looped-fp": config.fp_steps, "fixed-loop": config.baseline_steps}[family]
+            models[family], histories[family] = _train(model, objective, config, steps, device, progress,
+                                                       f"{task}: {family} (seed {seed})")
+    return models, histories
+
+
+def _train_jobs(config: LoopedConfig, task: str, device, progress: bool, jobs: list) -> dict:
+    """Train every ``(seed, family)`` of ``jobs``: ``{(seed, family): (model, history)}``.
+
+    On a CPU with ``config.workers > 1`` the models train at once, one process each (same results as
+    one after the other: each trains with one thread); the bar then counts finished models.
+    """
+    workers = min(config.workers, len(jobs), os.cpu_count() or 1)
+    if torch.device(device).type != "cpu" or workers < 2:
+        done = {}
+        for seed, family in jobs:
+            models, histories = train_models(config, task, device, progress, seed, (family,))
+            done[(seed, family)] = models[family], histories[family]
+        return done
+    bar = ProgressBar(len(jobs), desc=f"{task}: {len(jobs)} models in {workers} processes", every=1) if progress else None
+    done = {}
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(train_models, config, task, "cpu", False, seed, (family,)): (seed, family)
+                   for seed, family in jobs}
+        for i, future in enumerate(as_completed(futures)):
+            seed, family = futures[future]
+            models, histories = future.result()
+            done[(seed, family)] = models[family], histories[family]
+            if bar is not None:
+                bar(i, histories[family].losses[-1])
+    return done
+
+
+# --- the experiment ----------------------------------------------------------------------------------
+
+
+def run(profile: str | None = None, progress: bool = False, config: LoopedConfig | None = None) -> LoopedResult:
+    """Train every method on every task of the profile and measure accuracy against length."""
+    profile = get_profile(profile)
+    config = config or CONFIGS[profile]
+    device = get_device()
+    start = time.perf_counter()
+    accuracy_, models, histories, traces, seeds_, shipped, clocks = {}, {}, {}, {}, {}, {}, {}
+    for task in config.tasks:
+        spec = config.task(task)
+        families = ["looped", "fixed-loop", "next-token"] + (["looped-fp"] if config.train_fp else [])
+        jobs = [(seed, "looped") for seed in config.seeds] + [(config.seeds[0], f) for f in families[1:]]
+        done = _train_jobs(config, task, device, progress, jobs)
+        trained = {family: done[(config.seeds[0], family)][0] for family in families}
+        hist = {family: done[(config.seeds[0], family)][1] for family in families}
+        predictors, clock = dict(trained), None
+        for family in SHIPPED:  # the shipped models, trained longer
+            if config.pretrained and _has_shipped(task, family):
+                model = load(shipped_name(task, family)).to(device)
+                if family == "clock":
+                    clock = model
+                else:
+                    predictors[f"shipped-{family}"] = model
+                shipped.setdefault(task, {})[family] = _provenance(task, family)
+        for method, per_length in _accuracy_table(config, task, predictors, device, clock).items():
+            accuracy_.setdefault(method, {})[task] = per_length
+        if clock is not None:  # where the shipped clock stops (on the same test inputs; the solver is irrelevant)
+            table = _clock_table(config, task, clock, trained["looped"].to(device), device)
+            clocks[task] = {"exact": table["clock-exact"], "loops": table["clock-loops"]}
+        for family, model in trained.items():
+            models[(family, task)], histories[(family, task)] = model.cpu(), hist[family]
+
+        # The confidence traces behind the stopping rules: 8 test inputs of the longest training length.
+        n_long = spec.train_lengths[1]
+        batch = spec.sample_length(n_long, 8, generator(config.seed + 3), device=device)
+        cap = spec.steps(n_long) + config.extra_cap
+        traces[f"{task}-looped"] = confidence_trace(trained["looped"].to(device), batch, cap)
+        fp = trained.get("looped-fp", predictors.get("shipped-looped-fp"))
+        if fp is not None:
+            traces[f"{task}-looped-fp"] = confidence_trace(fp.to(device), batch, cap)
+
+        # Seeds: the paper's looped model with the oracle, trained with every further seed.
+        seeds_[task] = {str(config.seeds[0]): accuracy_["looped-oracle"][task]}
+        for seed in config.seeds[1:]:
+            table = _accuracy_table(config, task, {"looped": done[(seed, "looped")][0].to(device)}, device)
+            seeds_[task][str(seed)] = table["looped-oracle"]
+        for model in trained.values():
+            model.cpu()
+
+    metrics = {
+        "accuracy": accuracy_,
+        "train_lengths": {task: list(config.task(task).train_lengths) for task in config.tasks},
+        "test_lengths": {task: list(config.task(task).test_lengths) for task in config.tasks},
+        "oracle_accuracy_by_seed": seeds_,
+        "shipped": shipped,
+        "clock": clocks,
+        "parameters": {family: sum(p.numel() for p in m.parameters()) for (family, _), m in models.items()},
+        "steps": {"looped": config.steps, "looped-fp": config.fp_steps, "fixed-loop": config.baseline_steps,
+                  "next-token": config.next_token_steps},
+        "train_seconds": {f"{fam}/{task}": h.seconds for (fam, task), h in histories.items()},
+        "total_seconds": time.perf_counter() - start,
+        "profile": profile,
+        "device": str(device),
+    }
+    return LoopedResult(config=config, models=models, histories=histories, traces=traces, metrics=metrics)
+
+
+def _has_shipped(task: str, family: str = "looped-fp", folder: Path | None = None) -> bool:
+    return ((folder or WEIGHTS_DIR) / f"{shipped_name(task, family)}.pt").exists()
+
+
+def _provenance(task: str, family: str = "looped-fp") -> dict:
+    return provenance(shipped_name(task, family))
+
+
+# --- the shipped weights -----------------------------------------------------------------------------
+
+
+def ship(task: str, family: str, model, config: LoopedConfig, seconds: float, folder: Path | None = None,
+         notes: dict | None = None) -> dict:
+    """Measure ``model`` on fresh test inputs of every length and save it with its provenance
+    (``notes`` adds or overrides fields, e.g. where a model was trained and how it was chosen)."""
+    device = get_device()
+    if family == "clock":  # a clock is measured by how well it stops the shipped paper-style model
+        solver_folder = folder if _has_shipped(task, "looped", folder) else None
+        solver = load(shipped_name(task, "looped"), solver_folder)
+        table = _clock_table(replace(config, length_step=1), task, model.to(device), solver.to(device), device)
+        notes = {"solver": {"name": shipped_name(task, "looped"),
+                            "sha256": provenance(shipped_name(task, "looped"), solver_folder)["sha256"]}, **(notes or {})}
+    else:
+        table = _accuracy_table(replace(config, length_step=1), task, {family: model.to(device)}, device)
+    seed = config.seeds[0]
+    record = {
+        "task": task,
+        "method": family,
+        "train_lengths": list(config.task(task).train_lengths),
+        "config": {k: v for k, v in asdict(config).items() if k not in ("tasks", "seeds", "train_lengths")},
+        "seed": seed,
+        "steps": {"looped": config.steps, "looped-fp": config.fp_steps, "next-token": config.next_token_steps,
+                  "clock": config.clock_steps}[family],
+        "train_seconds": seconds,
+        "device": str(device),
+        "torch": torch.__version__ + (", trained with one CPU thread" if device.type == "cpu" else ""),
+        "metrics": {"n_eval": config.n_eval, "accuracy": table},
+        "regenerate": f"python -m icl_course.topics.looped.experiment --write-weights --tasks {task} --families {family} --seed {seed}",
+        **(notes or {}),
+    }
+    save(shipped_name(task, family), model.cpu(), record, folder)
+    return record
+
+
+def _clock_table(config: LoopedConfig, task: str, clock, solver, device) -> dict:
+    """How a clock stops ``solver``: ``looped-clock`` (accuracy), ``clock-exact`` (fraction stopped
+    at exactly T(n)) and ``clock-loops`` (mean loop count), by length."""
+    spec = config.task(task)
+    cap = spec.steps(spec.test_lengths[1]) + config.extra_cap
+    table = {"looped-clock": {}, "clock-exact": {}, "clock-loops": {}}
+    for n in range(1, spec.test_lengths[1] + 1, config.length_step):
+        batch = spec.sample_length(n, config.n_eval, generator(config.seed + 2 + 1000 * n), device=device)
+        result = evaluate_looped(solver, batch, cap, config.patience, config.min_confidence, clock)
+        for key, rule in (("looped-clock", "clock"), ("clock-exact", "clock_exact"), ("clock-loops", "clock_loops")):
+            table[key][str(n)] = result[rule]
+    return table
+
+
+def write_weights(tasks=("parity",), folder: Path | None = None, progress: bool = True,
+                  families=("looped", "looped-fp", "next-token", "clock"), seed: int | None = None) -> list[dict]:
+    """Train each task's models of ``families`` with the settings of :data:`SHIPPED` (``seed``
+    replaces the shipped seed) and save them with provenance under ``looped/``.
+
+    ``icl-course reproduce looped --write-weights`` calls this with the defaults.
+    """
+    records = []
+    for task in tasks:
+        for family in families:
+            config = SHIPPED[family] if seed is None else replace(SHIPPED[family], seeds=(seed,))
+            models, histories = train_models(config, task, get_device(), progress, families=(family,))
+            seconds = sum(h.seconds for h in histories.values())
+            records.append(ship(task, family, models[family], config, seconds, folder))
+    return records
+
+
+if __name__ == "__main__":  # python -m icl_course.topics.looped.experiment --write-weights [--families looped] [--seed N]
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m icl_course.topics.looped.experiment")
+    parser.add_argument("--write-weights", action="store_true", required=True)
+    parser.add_argument("--tasks", nargs="+", default=["parity"])
+    parser.add_argument("--families", nargs="+", default=list(SHIPPED), choices=list(SHIPPED))
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--folder", type=Path, default=None)
+    args = parser.parse_args()
+    for rec in write_weights(tuple(args.tasks), args.folder, families=tuple(args.families), seed=args.seed):
+        print(rec["task"], rec["method"], {rule: {n: round(a, 3) for n, a in acc.items()} for rule, acc in rec["metrics"]["accuracy"].items()})

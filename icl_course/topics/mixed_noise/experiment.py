@@ -1,0 +1,571 @@
+"""Mixed noise: linear transformers trained on sequences of different noise levels.
+
+Vladymyrov et al. 2024 (arXiv 2402.14180), Sec. 4-5: n = 20 context pairs in d = 10 dimensions,
+``x, w ~ N(0, I)``, one noise level ``sigma`` per sequence (``U(0, sigma_max)`` or a choice such as
+``{1, 3}``), a noise-free query. The metric is the *adjusted loss*: a learner's 0.5·MSE minus that of
+the ridge regression that knows each sequence's ``sigma`` (``OracleRidge``).
+
+Training at the paper's scale (200k steps on a GPU) does not fit a CPU book build, so small
+pretrained models ship with the package (``icl_course/weights/mixed_noise``, see
+:mod:`icl_course.pretrained`): the ``full`` profile trains them (``train_pretrained``), ``quick``
+loads and evaluates them and trains one small model live, ``smoke`` trains tiny ones.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from icl_course import plots, pretrained
+from icl_course.linear_transformer import FullAttention, LinearTransformer, linear_transformer
+from icl_course.metrics import evaluate
+from icl_course.progress import ProgressBar
+from icl_course.runtime import get_device, get_profile
+from icl_course.tasks import Choice, Gaussian, RegressionTask, Uniform, generator
+from icl_course.training import History, TrainConfig, train
+
+from .discovered_algorithm import DiscoveredAlgorithm
+from .ridge import AdaRR, ConstRR, OracleRidge, TunedRR, tune_const_ridge, tune_tuned_ridge
+
+__all__ = [
+    "SETTINGS",
+    "ModelSpec",
+    "MixedNoiseConfig",
+    "MixedNoiseResult",
+    "CONFIGS",
+    "make_task",
+    "mean_noise_variance",
+    "init_like_gd",
+    "train_model",
+    "adjusted_loss",
+    "adjusted_errors",
+    "train_pretrained",
+    "run",
+]
+
+# The noise distributions of the paper's Table 1 that this chapter covers, by their display name.
+SETTINGS = {
+    "U(0,2)": Uniform(0.0, 2.0),
+    "U(0,5)": Uniform(0.0, 5.0),
+    "{1,3}": Choice((1.0, 3.0)),
+}
+SETTING_KEYS = {"U(0,2)": "u2", "U(0,5)": "u5", "{1,3}": "c13"}  # short names for files
+METHOD_NAMES = {"full": "FULL", "diag": "DIAG", "gdpp": "GDPP"}
+
+
+def make_task(setting: str, d: int = 10, n_ctx: int = 20) -> RegressionTask:
+    """The paper's task: ``x, w ~ N(0, I)``, one noise level per sequence drawn from ``SETTINGS[setting]``."""
+    if setting not in SETTINGS:
+        raise ValueError(f"setting must be one of {sorted(SETTINGS)}, got {setting!r}")
+    return RegressionTask(d=d, n_ctx=n_ctx, inputs=Gaussian(), noise=SETTINGS[setting])
+
+
+def mean_noise_variance(setting: str) -> float:
+    """``E[sigma^2]`` of a setting: the penalty of the best predictor that is linear in ``y``.
+
+    For ``y_hat = <a(X), y>`` the expected error given ``X`` is ``||X^T a - x_q||^2 + sigma^2 ||a||^2``
+    (with ``w ~ N(0, I)``), so over the noise levels it depends on ``E[sigma^2]`` only, and ridge
+    with ``lam = E[sigma^2]`` is the best such predictor. GD++ (any depth) is one of them.
+    """
+    noise = SETTINGS[setting] if setting in SETTINGS else None
+    if isinstance(noise, Uniform):
+        return (noise.high**3 - noise.low**3) / (3 * (noise.high - noise.low))
+    if isinstance(noise, Choice):
+        return sum(v * v for v in noise.values) / len(noise.values)
+    raise ValueError(f"setting must be one of {sorted(SETTINGS)}, got {setting!r}")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One linear transformer to train: architecture, noise setting and optimisation."""
+
+    attention: str  # "full", "diag" or "gdpp"
+    n_layers: int
+    setting: str  # a key of SETTINGS
+    steps: int = 2000  # Adam steps on fresh batches
+    lr: float = 1e-2  # peak learning rate (warm-up 2%, cosine decay to 1%)
+    batch_size: int = 2048
+    clamp: float | None = None  # token clamp for deep stacks
+    seed: int = 0  # model init; the data stream uses seed + 1
+
+    def __post_init__(self):
+        if self.attention not in METHOD_NAMES:
+            raise ValueError(f"attention must be one of {sorted(METHOD_NAMES)}, got {self.attention!r}")
+        if not isinstance(self.n_layers, int) or self.n_layers < 1:
+            raise ValueError(f"n_layers must be an integer >= 1, got {self.n_layers!r}")
+        if self.setting not in SETTINGS:
+            raise ValueError(f"setting must be one of {sorted(SETTINGS)}, got {self.setting!r}")
+
+    @property
+    def method(self) -> str:
+        """The method's name in the tables: ``DIAG-4L``."""
+        return f"{METHOD_NAMES[self.attention]}-{self.n_layers}L"
+
+    @property
+    def name(self) -> str:
+        """The file name of its shipped weights: ``mixed_noise/diag-4l-u5``."""
+        return f"mixed_noise/{self.attention}-{self.n_layers}l-{SETTING_KEYS[self.setting]}"
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(
+            steps=self.steps, batch_size=self.batch_size, lr=self.lr, warmup=0.02, schedule="cosine",
+            grad_clip=1.0, seed=self.seed + 1, log_every=max(1, self.steps // 100),
+        )
+
+
+def init_like_gd(model: LinearTransformer, eta: float = 0.2, noise_std: float = 1e-3, seed: int = 0) -> LinearTransformer:
+    """Start every layer at a small GD step of size ``eta`` plus ``N(0, noise_std^2)`` noise.
+
+    The x-block of ``Q`` is ``sqrt(eta) I`` and the y-entry of ``P`` is ``-sqrt(eta)``, so each
+    layer first computes one GD step (chapter 1). From a random start the deep stacks train far
+    more slowly on a CPU budget (measured, ``../shared/SCIENCE.md``).
+    """
+    gen = generator(seed)
+    root = math.sqrt(eta)
+    with torch.no_grad():
+        for layer in model.layers:
+            for p in layer.parameters():
+                p.copy_(noise_std * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+            if isinstance(layer, FullAttention):
+                d = layer.d
+                layer.Q[:, :d, :d] += root * torch.eye(d)
+                layer.P[:, d, d] -= root
+            else:
+                layer.q_x += root
+                layer.p_y -= root
+    return model
+
+
+def train_model(spec: ModelSpec, d: int = 10, n_ctx: int = 20, progress: bool = False, device=None):
+    """Train the model of ``spec`` from the GD-step start: ``(model on the CPU, History)``."""
+    model = linear_transformer(d, n_layers=spec.n_layers, attention=spec.attention, clamp=spec.clamp, seed=spec.seed)
+    init_like_gd(model, seed=spec.seed)
+    config = spec.train_config()
+    bar = ProgressBar(config.steps, desc=f"training {spec.method} on {spec.setting}") if progress else None
+    history = train(model, make_task(spec.setting, d, n_ctx), config, callback=bar, device=device)
+    return model.cpu().eval(), history
+
+
+@torch.no_grad()
+def adjusted_loss(predictor, batch) -> float:
+    """0.5·MSE of ``predictor`` minus that of the oracle ridge (``lam = sigma^2`` per sequence)."""
+    return evaluate(predictor, batch) - evaluate(OracleRidge(batch.sigma), batch)
+
+
+@torch.no_grad()
+def adjusted_errors(predictor, batch) -> torch.Tensor:
+    """Every sequence's ``0.5 (y_hat - y)^2`` minus the oracle ridge's: ``(B,)``; its mean is ``adjusted_loss``.
+
+    Useful to see whether a mean is carried by a few sequences (an unstable model).
+    """
+    def errors(p):
+        return 0.5 * (p.predict(batch.xs, batch.ys, batch.x_query) - batch.y_query) ** 2
+
+    return errors(predictor) - errors(OracleRidge(batch.sigma))
+
+
+EVAL_SEED = 1_000  # the fresh sequences behind every reported adjusted loss use seeds from here
+
+
+def train_pretrained(spec: ModelSpec, n_eval: int = 50_000, folder: Path | None = None, progress: bool = False):
+    """Train ``spec``, measure its adjusted loss on ``n_eval`` fresh sequences and save it with provenance.
+
+    ``folder=None`` writes into the package (``icl_course/weights``); give another folder to keep
+    the shipped weights as they are. Returns ``(model, provenance)``.
+    """
+    import platform
+
+    model, history = train_model(spec, progress=progress)
+    batch = make_task(spec.setting).sample(n_eval, generator(EVAL_SEED + 7))
+    record = {
+        "spec": asdict(spec),
+        "method": spec.method,
+        "setting": spec.setting,
+        "task": {"d": 10, "n_ctx": 20, "inputs": "N(0, I)", "weights": "N(0, I)", "noise": spec.setting},
+        "train_config": asdict(spec.train_config()),
+        "init": "init_like_gd(eta=0.2, noise_std=1e-3)",
+        "final_train_loss": history.losses[-1],
+        "train_seconds": history.seconds,
+        "metrics": {"adjusted_loss": adjusted_loss(model, batch), "loss": evaluate(model, batch)},
+        "eval": {"n_eval": n_eval, "seed": EVAL_SEED + 7},
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+    pretrained.save(spec.name, model, record, folder=folder)
+    return model, record
+
+
+# --- the experiment ------------------------------------------------------------------------------
+
+# Vladymyrov et al. 2024, Table 1 (adjusted 0.5·MSE), the columns this chapter covers.
+PAPER_TABLE1 = {
+    "FULL-7L": {"U(0,2)": 0.010, "U(0,5)": 0.047, "{1,3}": 0.010},
+    "DIAG-7L": {"U(0,2)": 0.014, "U(0,5)": 0.047, "{1,3}": 0.018},
+    "GDPP-7L": {"U(0,2)": 0.066, "U(0,5)": 0.344, "{1,3}": 0.222},
+    "FULL-4L": {"U(0,2)": 0.021, "U(0,5)": 0.065, "{1,3}": 0.032},
+    "ConstRR": {"U(0,2)": 0.066, "U(0,5)": 0.365, "{1,3}": 0.222},
+    "AdaRR": {"U(0,2)": 0.016, "U(0,5)": 0.068, "{1,3}": 0.051},
+    "TunedRR": {"U(0,2)": 0.010, "U(0,5)": 0.049, "{1,3}": 0.021},
+    "DIAG-1L": {"U(0,2)": 1.396, "U(0,5)": 0.907, "{1,3}": 1.007},  # the paper's "1 layer" row
+}
+
+
+def _diag(n_layers, setting="U(0,5)", **kw):
+    return ModelSpec("diag", n_layers, setting, **kw)
+
+
+def _gdpp(n_layers, setting="U(0,5)", **kw):
+    return ModelSpec("gdpp", n_layers, setting, **kw)
+
+
+# The models behind the shipped weights (what the `full` profile retrains); see their provenance.
+SHIPPED = (
+    _diag(1, steps=1000),
+    _diag(2), _diag(3), _diag(4),
+    _gdpp(2), _gdpp(3), _gdpp(4),
+    ModelSpec("full", 4, "U(0,5)", lr=2e-3),  # lr 1e-2 diverges for FULL
+    _diag(4, "U(0,2)"), _gdpp(4, "U(0,2)"),
+    _diag(4, "{1,3}", lr=4e-3), _gdpp(4, "{1,3}"),  # DIAG at lr 1e-2 blew up on {1,3}
+)
+
+
+@dataclass(frozen=True)
+class MixedNoiseConfig:
+    models: tuple[ModelSpec, ...] = SHIPPED  # the trained transformers that are compared
+    source: str = "shipped"  # "shipped": load the package's weights; "train": train every model here
+    live: ModelSpec | None = None  # one extra model trained on the spot (to watch training)
+    settings: tuple[str, ...] = ("U(0,2)", "U(0,5)", "{1,3}")  # noise distributions of the table
+    n_eval: int = 50_000  # fresh sequences per setting behind every adjusted loss
+    n_tune: int = 20_000  # sequences on which ConstRR and TunedRR are tuned (separate from n_eval)
+    sigma_grid: tuple[float, ...] = tuple(0.5 * k for k in range(15))  # fixed noise levels, 0..7
+    n_per_sigma: int = 2_000  # sequences per fixed noise level
+    n_trace: int = 1_000  # sequences per noise level when tracing the discovered algorithm
+    weights_out: str | None = None  # with source="train": save the trained models here (None: don't)
+
+
+CONFIGS = {
+    # seconds: two tiny models trained on the spot, small evaluation sets
+    "smoke": MixedNoiseConfig(
+        models=(_diag(2, steps=30, batch_size=256), _gdpp(2, steps=30, batch_size=256)),
+        source="train", n_eval=2_000, n_tune=1_000, sigma_grid=(0.0, 2.5, 5.0), n_per_sigma=500, n_trace=100,
+    ),
+    # the shipped weights, evaluated on fresh sequences, plus one small model trained live
+    # (25k sequences a setting: adjusted losses to about +-0.01; the provenance files used 50k)
+    "quick": MixedNoiseConfig(live=_diag(2, steps=200, batch_size=1024), n_eval=25_000, n_tune=10_000),
+    # retrain every shipped model with its recipe (a few CPU-minutes each); not the paper's 200k steps
+    "full": MixedNoiseConfig(source="train"),
+}
+
+
+@dataclass
+class MixedNoiseResult:
+    config: MixedNoiseConfig
+    models: dict[str, LinearTransformer]  # "DIAG-4L@U(0,5)" -> model (CPU)
+    baselines: dict[str, dict]  # setting -> {"ConstRR": ConstRR, "AdaRR": ..., "TunedRR": ...}
+    sweep: dict[str, list[float]]  # "sigma" and one adjusted-loss curve per method (U(0,5) learners)
+    depth: dict[str, dict[int, float]]  # "DIAG"/"GDPP"/"FULL" -> {n_layers: adjusted loss on U(0,5)}
+    algorithm: DiscoveredAlgorithm | None  # read from the deepest unclamped DIAG model on U(0,5)
+    traces: dict[str, list]  # the algorithm's rescaling / momentum per layer, binned by sigma
+    live_history: History | None
+    metrics: dict
+
+    def figures(self) -> dict:
+        """Every figure of the chapter, by name (what ``icl-course reproduce`` saves)."""
+        figs = {
+            "depth": depth_figure(self.depth, self.metrics["adjusted_loss"]),
+            "sigma": sigma_figure(self.sweep),
+        }
+        if self.algorithm is not None:
+            figs["coefficients"] = coefficients_figure(self.algorithm)
+            figs["rescaling"] = traces_figure(self.traces)
+        if self.live_history is not None:
+            method = self.metrics["live"]["method"]
+            figs["live_training"] = plots.loss_curve(self.live_history, title=f"training {method} on U(0,5), live")
+        return figs
+
+
+def _load_or_train(config: MixedNoiseConfig, progress: bool) -> dict[tuple[str, str], LinearTransformer]:
+    """``(method, setting) -> model`` for every spec of ``config.models``."""
+    models = {}
+    for spec in config.models:
+        if config.source == "shipped":
+            model = pretrained.load(spec.name)
+        elif config.weights_out is not None:
+            model, _ = train_pretrained(spec, folder=Path(config.weights_out), progress=progress)
+        else:
+            model, _ = train_model(spec, progress=progress)
+        models[(spec.method, spec.setting)] = model
+    return models
+
+
+def _fixed_noise_batch(sigma: float, n: int, seed: int):
+    task = RegressionTask(d=10, n_ctx=20, inputs=Gaussian(), noise=float(sigma))
+    return task.sample(n, generator(seed))
+
+
+@torch.no_grad()
+def reverse_engineer(algorithm: DiscoveredAlgorithm, sigmas, n: int, seed: int) -> dict[str, list]:
+    """How the algorithm's rescaling, steps and momentum depend on the noise level (means over ``n`` sequences).
+
+    ``step[l]`` is the *effective* step of layer ``l``: its ``-w_yx`` times the rescaling factors of
+    the layers after it, i.e. how much of that layer's gradient step reaches the prediction.
+
+    Also the length of the learned weight vector relative to least squares', ``||u|| / ||w_ols||``,
+    beside the oracle ridge's: ridge shrinks more as the noise grows.
+    """
+    out = {"sigma": list(sigmas), "rescale": [], "step": [], "momentum": [], "shrink_model": [], "shrink_oracle": []}
+    eta = torch.tensor(algorithm.step_sizes(), dtype=torch.float64)  # (L,)
+    for k, sigma in enumerate(sigmas):
+        b = _fixed_noise_batch(sigma, n, seed + k).to(dtype=torch.float64)
+        trace = algorithm.run(b.xs, b.ys)
+        # layer l's step reaches the output scaled by the rescalings of the layers after it
+        later = torch.cat([trace["rescale"].flip(0).cumprod(0).flip(0)[1:], torch.ones_like(trace["rescale"][:1])])
+        out["step"].append((eta[:, None] * later).mean(-1).tolist())
+        w_ols = torch.linalg.lstsq(b.xs, b.ys[..., None]).solution[..., 0]
+        w_oracle = OracleRidge(b.sigma).weights(b.xs, b.ys)
+        out["rescale"].append(trace["rescale"].mean(-1).tolist())  # one value per layer
+        out["momentum"].append(trace["momentum"].mean(-1).tolist())
+        out["shrink_model"].append((trace["u"].norm(dim=-1) / w_ols.norm(dim=-1)).mean().item())
+        out["shrink_oracle"].append((w_oracle.norm(dim=-1) / w_ols.norm(dim=-1)).mean().item())
+    return out
+
+
+def _table(config: MixedNoiseConfig, models: dict, device) -> tuple[dict, dict, dict]:
+    """Every learner on fresh sequences of every setting it was trained for: ``(table, baselines, info)``."""
+    table, baselines, info = {}, {}, {}
+    for i, setting in enumerate(config.settings):
+        task = make_task(setting)
+        batch = task.sample(config.n_eval, generator(EVAL_SEED + 100 + i)).to(device)
+        tune = task.sample(config.n_tune, generator(EVAL_SEED + 200 + i))  # tuning never sees `batch`
+        const, tuned = tune_const_ridge(tune), tune_tuned_ridge(tune)
+        baselines[setting] = {"ConstRR": const, "AdaRR": AdaRR(), "TunedRR": tuned}
+        learners = {**baselines[setting], **{m: model.to(device) for (m, s), model in models.items() if s == setting}}
+        for method, learner in learners.items():
+            table.setdefault(method, {})[setting] = adjusted_loss(learner, batch)
+        info[setting] = {"ConstRR_lam": const.lam, "TunedRR_cap": tuned.cap, "TunedRR_scale": tuned.scale,
+                         "oracle_loss": evaluate(OracleRidge(batch.sigma), batch)}
+    for model in models.values():
+        model.cpu()
+    return table, baselines, info
+
+
+def _sweep(config: MixedNoiseConfig, learners: dict) -> dict[str, list[float]]:
+    """Adjusted loss of every learner on sequences that all have one noise level, for each level."""
+    sweep = {"sigma": list(config.sigma_grid), **{m: [] for m in learners}}
+    for k, sigma in enumerate(config.sigma_grid):
+        b = _fixed_noise_batch(sigma, config.n_per_sigma, EVAL_SEED + 300 + k)
+        for method, learner in learners.items():
+            sweep[method].append(adjusted_loss(learner, b))
+    return sweep
+
+
+def _reverse(diag: LinearTransformer, n_trace: int) -> tuple[DiscoveredAlgorithm, float, dict]:
+    """The algorithm of ``diag``, its largest prediction gap to the model (float64), and its traces."""
+    model = diag.double()
+    algorithm = DiscoveredAlgorithm.from_model(model)
+    b = make_task("U(0,5)").sample(2_000, generator(EVAL_SEED + 400)).to(dtype=torch.float64)
+    gap = (algorithm.predict(b.xs, b.ys, b.x_query) - model.predict(b.xs, b.ys, b.x_query)).abs().max().item()
+    diag.float()
+    return algorithm, gap, reverse_engineer(algorithm, [0.5 * k for k in range(15)], n_trace, EVAL_SEED + 500)
+
+
+def _layers(method: str) -> int:
+    """``"DIAG-4L"`` (or ``"DIAG-4L (live)"``) -> 4."""
+    return int(method.split("-")[1].split()[0].rstrip("L"))
+
+
+def run(profile: str | None = None, progress: bool = False, config: MixedNoiseConfig | None = None) -> MixedNoiseResult:
+    """Evaluate (or train) the transformers and the ridge baselines; reverse-engineer the DIAG model."""
+    import time
+
+    start = time.perf_counter()
+    profile = get_profile(profile)
+    config = config or CONFIGS[profile]
+    if config.source not in ("shipped", "train"):
+        raise ValueError(f"config.source must be 'shipped' or 'train', got {config.source!r}")
+    device = get_device()
+    models = _load_or_train(config, progress)
+    live_history, live_metrics = None, None
+    if config.live is not None:
+        live_model, live_history = train_model(config.live, progress=progress, device=device)
+        models[(config.live.method + " (live)", config.live.setting)] = live_model
+    table, baselines, info = _table(config, models, device)
+
+    # Against depth and against a fixed noise level: the learners trained on U(0,5).
+    on_u5 = {m: model for (m, s), model in models.items() if s == "U(0,5)" and "live" not in m}
+    depth = {}
+    for method in on_u5:
+        depth.setdefault(method.split("-")[0], {})[_layers(method)] = table[method]["U(0,5)"]
+    sweep = _sweep(config, {**{m: on_u5[m] for m in main_methods(on_u5)}, **baselines.get("U(0,5)", {})})
+
+    # Reverse engineering: the deepest DIAG model on U(0,5) as an explicit algorithm
+    # (a token clamp is not part of the algorithm, so clamped stacks are left out).
+    diag = {_layers(m): model for m, model in on_u5.items() if m.startswith("DIAG-") and model.clamp is None}
+    algorithm, gap, traces = _reverse(diag[max(diag)], config.n_trace) if diag else (None, None, {})
+
+    if config.live is not None:
+        method = config.live.method + " (live)"
+        live_metrics = {"method": method, "steps": config.live.steps, "batch_size": config.live.batch_size,
+                        "seconds": live_history.seconds, "adjusted_loss": table[method][config.live.setting]}
+    metrics = {
+        "adjusted_loss": table,
+        "algorithm_vs_model_max_abs_diff": gap,
+        "algorithm_model": f"DIAG-{max(diag)}L" if diag else None,
+        "algorithm_coefficients": [asdict(c) for c in algorithm.layers] if algorithm else None,
+        "baselines": info,
+        "live": live_metrics,
+        "source": config.source,
+        "n_eval": config.n_eval,
+        "n_tune": config.n_tune,
+        "profile": profile,
+        "device": str(device),
+        "seconds": time.perf_counter() - start,
+    }
+    named = {f"{m}@{s}": model for (m, s), model in models.items()}
+    return MixedNoiseResult(config, named, baselines, sweep, depth, algorithm, traces, live_history, metrics)
+
+
+# --- figures -------------------------------------------------------------------------------------
+
+BASELINE_STYLE = {"ConstRR": {"ls": "--", "color": "0.4"}, "AdaRR": {"ls": ":", "color": "0.2"},
+                  "TunedRR": {"ls": "-.", "color": "0.6"}}
+
+
+def depth_figure(depth: dict, table: dict, setting: str = "U(0,5)"):
+    """Adjusted loss against the number of layers, with the ridge baselines as horizontal lines."""
+    fig, (ax,) = plots.figure()
+    for i, (name, by_depth) in enumerate(sorted(depth.items())):
+        layers = sorted(by_depth)
+        ax.plot(layers, [by_depth[k] for k in layers], marker="o", color=f"C{i}", label=name)
+    for method, style in BASELINE_STYLE.items():
+        if setting in table.get(method, {}):
+            ax.axhline(table[method][setting], label=f"{method} ({table[method][setting]:.3f})", **style)
+    ax.set(xlabel="layers", ylabel="adjusted 0.5·MSE", yscale="log", title=f"sigma ~ {setting}")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def sigma_figure(sweep: dict, methods: tuple[str, ...] | None = None, sigma: float | None = None):
+    """Adjusted loss at a fixed noise level, for learners trained on U(0,5) (shaded: outside training)."""
+    fig, (ax,) = plots.figure(width=6.0)
+    names = methods or main_methods(sweep)
+    for i, method in enumerate(names):
+        style = BASELINE_STYLE.get(method, {"marker": "o", "ms": 3, "color": f"C{i}"})
+        ax.plot(sweep["sigma"], sweep[method], label=method, **style)
+    ax.axvspan(5, max(max(sweep["sigma"]), 5), color="0.9", zorder=-1)
+    if sigma is not None:
+        ax.axvline(sigma, color="k", lw=1)
+    ax.set(xlabel="noise level sigma of the sequence", ylabel="adjusted 0.5·MSE", yscale="symlog",
+           title="trained on sigma ~ U(0,5); grey: never seen in training")
+    ax.set_yscale("symlog", linthresh=1e-2)
+    ax.legend(fontsize=7, ncol=2)
+    return fig
+
+
+def main_methods(sweep: dict) -> list[str]:
+    """The learners worth a curve: the deepest DIAG and GD++, every FULL, and the ridge baselines."""
+    names = [m for m in sweep if m != "sigma"]
+    picked = [m for m in names if m.startswith("FULL-")]
+    for prefix in ("DIAG-", "GDPP-"):
+        found = [m for m in names if m.startswith(prefix)]
+        if found:
+            picked.append(max(found, key=_layers))
+    return sorted(picked) + [m for m in BASELINE_STYLE if m in names]
+
+
+def noise_level_figure(sweep: dict, sigma: float):
+    """Each learner's adjusted loss at the fixed noise level nearest ``sigma``: curves and bars."""
+    k = min(range(len(sweep["sigma"])), key=lambda i: abs(sweep["sigma"][i] - sigma))
+    names = main_methods(sweep)
+    fig, (left, right) = plots.figure(ncols=2, width=4.6)
+    for i, method in enumerate(names):
+        style = BASELINE_STYLE.get(method, {"marker": "o", "ms": 3, "color": f"C{i}"})
+        left.plot(sweep["sigma"], sweep[method], label=method, **style)
+        right.bar(i, sweep[method][k], color=style["color"])
+    left.axvline(sweep["sigma"][k], color="k", lw=1)
+    left.axvspan(5, max(max(sweep["sigma"]), 5), color="0.9", zorder=-1)
+    left.set_yscale("symlog", linthresh=1e-2)
+    left.set(xlabel="noise level sigma", ylabel="adjusted 0.5·MSE", title="trained on U(0,5)")
+    left.legend(fontsize=7)
+    right.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+    right.set(ylabel="adjusted 0.5·MSE", title=f"sigma = {sweep['sigma'][k]:.2f}")
+    return fig
+
+
+def coefficients_figure(algorithm: DiscoveredAlgorithm):
+    """The four scalars of every layer of the reverse-engineered model."""
+    layers = list(range(1, len(algorithm.layers) + 1))
+    coeffs = {k: [getattr(c, k) for c in algorithm.layers] for k in ("w_xx", "w_xy", "w_yx", "w_yy")}
+    fig = plots.panels({"per-layer coefficients": coeffs}, layers, xlabel="layer", width=5.0, marker="o")
+    fig.axes[0].axhline(0, color="k", lw=0.8)
+    return fig
+
+
+def traces_figure(traces: dict):
+    """Rescaling and momentum per layer, and the overall shrinkage, against the noise level."""
+    sig = traces["sigma"]
+    n_layers = len(traces["rescale"][0])
+    rescale = {f"layer {l + 1}": [r[l] for r in traces["rescale"]] for l in range(n_layers)}
+    step = {f"layer {l + 1}": [r[l] for r in traces["step"]] for l in range(n_layers)}
+    momentum = {f"layer {l + 1}->{l + 2}": [m[l] for m in traces["momentum"]] for l in range(n_layers - 1)}
+    shrink = {"trained DIAG": traces["shrink_model"], "oracle ridge": traces["shrink_oracle"]}
+    return plots.panels(
+        {"rescaling 1 + w_yy rho": rescale, "effective step": step, "momentum beta": momentum,
+         "||w|| / ||w_ols||": shrink},
+        sig, xlabel="noise level sigma", marker="o", width=3.4, logy=("effective step",),
+    )
+
+
+def write_weights(folder: Path | None = None, progress: bool = True) -> list[dict]:
+    """Retrain every shipped model and write it with provenance into ``folder`` (default: the package)."""
+    return [train_pretrained(spec, folder=folder, progress=progress)[1] for spec in SHIPPED]
+
+
+# --- reading the results -------------------------------------------------------------------------
+
+
+def table_markdown(table: dict, settings: tuple[str, ...] = ("U(0,2)", "U(0,5)", "{1,3}")) -> str:
+    """A Markdown table of adjusted losses, ours beside the paper's Table 1 (``-``: not run / not reported)."""
+    def cell(value):
+        return "-" if value is None else f"{value:.3f}"
+
+    baselines = ["ConstRR", "AdaRR", "TunedRR"]
+    models = {m for m in [*table, *PAPER_TABLE1] if "live" not in m and m not in baselines}
+    kinds = list(METHOD_NAMES.values())  # FULL, DIAG, GDPP
+    rows = sorted(models, key=lambda m: (kinds.index(m.split("-")[0]), _layers(m))) + baselines
+    header = "| method | " + " | ".join(f"{s} ours | {s} paper" for s in settings) + " |"
+    lines = [header, "|---" * (1 + 2 * len(settings)) + "|"]
+    for method in rows:
+        cells = []
+        for s in settings:
+            cells += [cell(table.get(method, {}).get(s)), cell(PAPER_TABLE1.get(method, {}).get(s))]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def headline(table: dict, setting: str = "U(0,5)") -> dict:
+    """The chapter's claim in numbers: the deepest DIAG and GD++ models against ConstRR on ``setting``."""
+    def deepest(prefix):
+        found = [m for m in table if m.startswith(prefix) and "live" not in m and setting in table[m]]
+        return max(found, key=_layers, default=None)
+
+    diag, gdpp = deepest("DIAG-"), deepest("GDPP-")
+    out = {"diag_method": diag, "gdpp_method": gdpp, "const": table["ConstRR"][setting]}
+    out["diag"] = table[diag][setting] if diag else float("nan")
+    out["gdpp"] = table[gdpp][setting] if gdpp else float("nan")
+    out["diag_over_gdpp"] = out["diag"] / out["gdpp"]
+    out["gdpp_over_const"] = out["gdpp"] / out["const"]
+    return out
+
+
+if __name__ == "__main__":  # same as: icl-course reproduce mixed-noise --write-weights [--weights-dir FOLDER]
+    import sys
+
+    if len(sys.argv) < 2 or sys.argv[1] != "--write-weights":
+        raise SystemExit("usage: python -m icl_course.topics.mixed_noise.experiment --write-weights [FOLDER]")
+    target = Path(sys.argv[2]) if len(sys.argv) > 2 else None
+    for record in write_weights(target):
+        print(record["method"], record["setting"], record["metrics"])

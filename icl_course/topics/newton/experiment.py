@@ -1,0 +1,418 @@
+"""Chapter 4's experiment: transformers and Newton's method (Giannou et al. 2024; Fu et al. 2024).
+
+``run(profile)`` does four things, each feeding a section of the chapter:
+
+1. **Newton-Schulz against GD** on matrices of growing condition number: iterations to reach
+   ``||I - A X||_2 <= 1e-8`` (``icl_course.topics.newton.matrix_inverse``).
+2. **The attention construction**: the stack of ``newton_transformer`` against ``IterativeNewton`` in
+   float64, per Newton step, and one step applied to tokens carrying an arbitrary iterate.
+3. **A trained linear transformer against Newton and GD** (Fu et al.): a FULL linear-attention stack
+   trained on ill-conditioned in-context regression; for every layer, the Newton iteration count and
+   the GD step count whose predictions are closest to the layer's (mean squared difference on held-out
+   sequences), and, as a second notion, the fewest iterations that reach the layer's error.
+4. **Logistic regression**: Newton (IRLS) and GD on the regularized logistic loss, and a trained stack
+   of (linear attention, ReLU MLP) blocks, each scored by its distance to the optimum's query logit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from icl_course import plots
+from icl_course.linear_transformer import LinearTransformer, linear_transformer
+from icl_course.metrics import mse_loss
+from icl_course.progress import ProgressBar
+from icl_course.runtime import get_device, get_profile
+from icl_course.tasks import IllConditioned, RegressionTask, generator
+from icl_course.training import History, TrainConfig, train
+
+from .logistic import (
+    AttentionMLPTransformer,
+    LogisticGD,
+    LogisticNewton,
+    LogisticTask,
+    attention_mlp_transformer,
+    expected_cross_entropy,
+    regularized_loss,
+)
+from .matrix_inverse import (
+    IterativeNewton,
+    iterations_to_tolerance,
+    newton_schulz,
+    newton_step_weights,
+    newton_tokens,
+    newton_transformer,
+    read_iterate,
+    spectral_gd_predictions,
+)
+
+__all__ = [
+    "NewtonConfig", "NewtonResult", "CONFIGS", "run", "conditioned_matrix", "inverse_convergence",
+    "convergence_figure", "construction_errors", "match_layers", "train_and_match",
+]
+
+
+@dataclass(frozen=True)
+class NewtonConfig:
+    # 1. matrix inversion
+    matrix_dim: int = 10  # size of the matrices inverted by Newton-Schulz and GD
+    kappas: tuple[float, ...] = (2.0, 5.0, 10.0, 30.0, 100.0, 300.0, 1000.0)  # their condition numbers
+    tol: float = 1e-8  # target ||I - A X||_2
+    # 2. and 3. in-context regression
+    d: int = 5  # input dimension
+    n_ctx: int = 20  # context pairs per sequence
+    kappa: float = 10.0  # condition number of every sequence's input covariance (random eigenbasis)
+    construction_steps: int = 20  # Newton steps of the exact construction that are checked
+    construction_alpha: float = 0.02  # its fixed M_0 = alpha S (must stay below 2 / ||S||^2)
+    n_layers: int = 6  # trained linear-attention layers
+    n_heads: int = 2
+    init_std: float = 1e-3
+    clamp: float = 10.0  # token values clipped to [-clamp, clamp] after every layer
+    train: TrainConfig = field(  # cosine decay: with a constant rate the last layer can end up worse than the one before
+        default_factory=lambda: TrainConfig(steps=800, batch_size=512, lr=1e-2, warmup=0.02, schedule="cosine"))
+    newton_max: int = 25  # Newton iteration counts searched when matching layers
+    gd_max: int = 30_000  # GD step counts searched (on a log grid of gd_grid points)
+    gd_grid: int = 300
+    n_eval: int = 4000  # held-out sequences behind every reported number
+    # 4. logistic regression
+    mu: float = 0.1  # regularization of the logistic loss
+    logistic_blocks: int = 3  # (attention, MLP) blocks of the trained model
+    mlp_width: int = 32
+    logistic_train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=400, batch_size=512, lr=5e-3))
+    logistic_newton_iters: int = 8
+    logistic_gd_steps: tuple[int, ...] = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
+    seed: int = 0  # model inits; data streams use seed + 1 (training) and seed + 2 (held out)
+
+
+CONFIGS = {
+    # seconds: the pipeline and the shapes, not the claims
+    "smoke": NewtonConfig(
+        kappas=(10.0, 100.0), n_layers=3, train=TrainConfig(steps=20, batch_size=128, lr=5e-3),
+        logistic_blocks=2, logistic_train=TrainConfig(steps=10, batch_size=128, lr=5e-3), n_eval=500,
+        gd_grid=60,
+    ),
+    # ~1 minute on a 2-core laptop CPU (more when it is loaded): the Fu et al. picture at 6 layers
+    "quick": NewtonConfig(),
+    # a GPU: deeper, longer, more heads (not run by the authors of this chapter; see the chapter)
+    "full": NewtonConfig(
+        n_layers=8, n_heads=4, train=TrainConfig(steps=10_000, batch_size=2048, lr=2e-3, warmup=0.02, schedule="cosine"),
+        logistic_blocks=6, logistic_train=TrainConfig(steps=10_000, batch_size=2048, lr=2e-3, warmup=0.02, schedule="cosine"),
+        newton_max=40, gd_max=1_000_000, n_eval=20_000,
+    ),
+}
+
+
+# --- 1. matrix inversion --------------------------------------------------------------------------
+
+
+def conditioned_matrix(dim: int, kappa: float, gen: torch.Generator) -> torch.Tensor:
+    """``U diag(s) V^T`` in float64 with random orthogonal ``U, V`` and ``s`` geometric from 1 to ``1/kappa``."""
+    if not kappa >= 1:
+        raise ValueError(f"kappa (condition number) must be >= 1, got {kappa}")
+    U, _ = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))
+    s = kappa ** -torch.linspace(0, 1, dim, dtype=torch.float64)
+    return U @ torch.diag(s) @ V.T
+
+
+def inverse_convergence(A: torch.Tensor, newton_iters: int, gd_steps: list[int]) -> dict[str, list[float]]:
+    """Residuals ``||I - A X||_2``: Newton-Schulz by iterating, GD by its closed form.
+
+    GD on ``1/2 ||A X - I||^2`` from 0 with step ``1 / ||A||^2`` leaves the residual
+    ``(I - A A^T / ||A||^2)^k``, whose norm is ``max_i (1 - s_i^2 / s_max^2)^k`` (``s_i`` the singular
+    values); the tests check it against ``gd_inverse``. The closed form reaches 10^6 steps at no cost.
+    """
+    eye = torch.eye(A.shape[-1], dtype=A.dtype)
+    ns = [torch.linalg.matrix_norm(eye - A @ X, ord=2).item() for X in newton_schulz(A, newton_iters)]
+    s2 = torch.linalg.svdvals(A) ** 2
+    rho = (1 - s2 / s2.max()).max().item()
+    return {"newton_iter": list(range(newton_iters + 1)), "newton": ns, "gd_step": list(gd_steps),
+            "gd": [rho**k for k in gd_steps]}
+
+
+def convergence_figure(kappa: float, dim: int = 10, seed: int = 0, tol: float = 1e-8):
+    """Residual against iterations (log-log) for Newton-Schulz and GD on one matrix of condition ``kappa``."""
+    A = conditioned_matrix(dim, kappa, generator(seed))
+    gd_needed = iterations_to_tolerance(A, tol, "gd", max_iters=10**9)
+    steps = sorted({0, *(int(round(x)) for x in torch.logspace(0, math.log10(3 * gd_needed), 80).tolist())})
+    curves = inverse_convergence(A, iterations_to_tolerance(A, tol, "newton") + 4, steps)
+    fig, (ax,) = plots.figure(width=6.0)
+    # iteration k is drawn at x = k + 1 so that the start (k = 0) fits on a log axis
+    ax.plot([k + 1 for k in curves["gd_step"]], curves["gd"], label="gradient descent")
+    ax.plot([k + 1 for k in curves["newton_iter"]], curves["newton"], "o-", ms=3, label="Newton-Schulz")
+    ax.axhline(tol, color="gray", ls=":", label=f"tolerance {tol:g}")
+    ax.set(xscale="log", yscale="log", xlabel="iterations + 1", ylabel="||I - A X||₂", ylim=(1e-17, 3),
+           title=f"inverting a {dim}x{dim} matrix, condition number {kappa:g}")
+    ax.legend(fontsize=8)
+    return fig
+
+
+# --- 2. the construction ------------------------------------------------------------------------
+
+
+def construction_errors(batch, n_steps: int, alpha: float) -> dict[str, float]:
+    """Max |difference| between the construction and the closed form, in float64.
+
+    ``prediction``: ``newton_transformer(k)`` against ``IterativeNewton(k)`` for k = 0..n_steps.
+    ``one_step``: the two step layers applied to tokens whose u-slots hold ``M x`` for a random
+    (not even symmetric) ``M``, against ``(2M - M S M) x`` for every data token and the query.
+    """
+    b = batch.to(dtype=torch.float64)
+    B, n, d = b.xs.shape
+    exact = IterativeNewton(n_steps, alpha).predict_all(b.xs, b.ys, b.x_query)  # (n_steps + 1, B)
+    with torch.no_grad():
+        pred_err = max(
+            (newton_transformer(d, n, k, alpha).predict(b.xs, b.ys, b.x_query) - exact[k]).abs().max().item()
+            for k in range(n_steps + 1)
+        )
+        M = torch.randn(B, d, d, generator=generator(0), dtype=torch.float64)
+        Z = newton_tokens(b.xs, b.ys, b.x_query)
+        inputs = torch.cat([b.xs, b.x_query[:, None]], dim=1)  # (B, n+1, d): data tokens and query
+        rows = [*range(n), n + d]  # their positions among the tokens (basis tokens in between)
+        Z[:, rows, d : 2 * d] = torch.einsum("bij,bnj->bni", M, inputs)
+        double, correct = newton_step_weights(d, n)
+        S = b.xs.mT @ b.xs / n
+        want = torch.einsum("bij,bnj->bni", 2 * M - M @ S @ M, inputs)
+        step_err = (read_iterate(correct(double(Z)), d)[:, rows] - want).abs().max().item()
+    return {"prediction": pred_err, "one_step": step_err}
+
+
+# --- 3. matching layers to iterations -------------------------------------------------------------
+
+
+def match_layers(layer_preds: torch.Tensor, algo_preds: torch.Tensor, counts: list[int], y: torch.Tensor) -> dict:
+    """For every layer, the algorithm's count that best matches it, two ways.
+
+    ``by_prediction``: the count whose predictions have the smallest mean squared difference to the
+    layer's (Fu et al.'s notion). ``by_error``: the fewest iterations whose 0.5·MSE is at most the
+    layer's (None if none reaches it). Arguments: ``(L, B)`` layer predictions, ``(K, B)`` algorithm
+    predictions at the iteration ``counts``, ``(B,)`` targets.
+    """
+    if algo_preds.shape[0] != len(counts):
+        raise ValueError(f"algo_preds has {algo_preds.shape[0]} rows but counts has {len(counts)} entries")
+    algo_err = [mse_loss(p, y).item() for p in algo_preds]
+    by_pred, by_err, gaps = [], [], []
+    for pred in layer_preds:
+        msd = ((algo_preds - pred) ** 2).mean(dim=1)  # (K,)
+        k = int(msd.argmin())
+        by_pred.append(counts[k])
+        gaps.append(msd[k].item())
+        err = mse_loss(pred, y).item()
+        by_err.append(next((c for c, e in zip(counts, algo_err) if e <= err), None))
+    return {"by_prediction": by_pred, "by_error": by_err, "msd": gaps, "algo_err": algo_err}
+
+
+# --- the experiment -----------------------------------------------------------------------------
+
+
+@dataclass
+class NewtonResult:
+    config: NewtonConfig
+    model: LinearTransformer  # trained linear-attention stack (CPU)
+    logistic_model: AttentionMLPTransformer  # trained (attention, MLP) stack (CPU)
+    history: History
+    logistic_history: History
+    curves: dict  # data behind the figures
+    metrics: dict
+
+    def figures(self) -> dict:
+        m, c = self.metrics, self.curves
+        layers = list(range(1, self.config.n_layers + 1))
+        kappas = self.config.kappas
+        fig_iters = plots.panels(
+            {"iterations to ||I - AX|| <= 1e-8": {
+                "gradient descent": [m["gd_iters_to_tol"][str(k)] for k in kappas],
+                "Newton-Schulz": [m["newton_schulz_iters_to_tol"][str(k)] for k in kappas],
+                "2 log2(kappa) + 6": [2 * math.log2(k) + 6 for k in kappas],
+            }},
+            x=list(kappas), xlabel="condition number kappa", logy=("iterations to ||I - AX|| <= 1e-8",), logx=True,
+            width=5.0, marker="o", styles={"2 log2(kappa) + 6": {"ls": "--", "color": "gray"}},
+        )
+        fig_match = _matching_figure(m, layers)
+        newton_k = list(range(len(m["newton_loss"])))
+        fig_errors = plots.panels(
+            {"held-out 0.5·MSE": {"trained model, per layer": m["model_layer_loss"]},
+             "Iterative Newton": {"per iteration": m["newton_loss"]}},
+            x={"held-out 0.5·MSE": layers, "Iterative Newton": newton_k}, xlabel="layer / iteration",
+            logy=("held-out 0.5·MSE", "Iterative Newton"), marker="o", width=4.2,
+        )
+        fig_logistic = _logistic_figure(m, c, self.config.logistic_gd_steps)
+        return {
+            "inverse_convergence": convergence_figure(100.0, self.config.matrix_dim, self.config.seed, self.config.tol),
+            "iterations_vs_kappa": fig_iters,
+            "construction": plots.curves(
+                list(range(len(c["construction_newton"]))),
+                {"Newton-Schulz via attention": c["construction_newton"]},
+                xlabel="Newton steps (2 layers each)", ylabel="held-out 0.5·MSE", logy=True,
+                title="the exact construction: least squares in context",
+            ),
+            "loss_curves": plots.loss_curve(self.history, {"Newton, 3 iterations": m["newton_loss"][3]},
+                                            title="training the linear transformer"),
+            "layer_errors": fig_errors,
+            "matching": fig_match,
+            "logistic": fig_logistic,
+        }
+
+
+def _matching_figure(m: dict, layers: list[int]):
+    """Matched Newton iterations and GD steps per layer, both notions (symlog axis: counts can be 0)."""
+    fig, axes = plots.figure(ncols=2, width=4.4)
+    panels = {
+        "best match by predictions": ("matching_newton_steps", "matching_gd_steps"),
+        "fewest reaching the layer's error": ("error_level_newton_steps", "error_level_gd_steps"),
+    }
+    for ax, (title, (newton_key, gd_key)) in zip(axes, panels.items()):
+        for key, label in ((newton_key, "Newton iterations"), (gd_key, "GD steps")):
+            ax.plot(layers, [float("nan") if v is None else v for v in m[key]], "o-", ms=4, label=label)
+        ax.set_yscale("symlog", linthresh=1)
+        ax.set(xlabel="layer", ylabel="matching count (0, then log scale)", title=title, ylim=(0, None))
+        ax.set_xticks(layers)
+        ax.legend(fontsize=8)
+    return fig
+
+
+def _logistic_figure(m: dict, c: dict, gd_steps) -> object:
+    fig, axes = plots.figure(ncols=2, width=4.6)
+    newton_k = list(range(len(m["logistic_newton_loss"])))
+    axes[0].plot(newton_k, c["logistic_newton_subopt"], "o-", ms=3, label="Newton (IRLS)")
+    axes[0].plot(list(gd_steps), c["logistic_gd_subopt"], "o-", ms=3, label="GD")
+    axes[0].set(yscale="log", xlabel="iteration", title="L(w_k) - L(w*), worst sequence")
+    axes[1].plot(newton_k, m["logistic_newton_loss"], "o-", ms=3, label="Newton (IRLS), per iteration")
+    axes[1].plot(list(gd_steps), m["logistic_gd_loss"], "o-", ms=3, label="GD, per step")
+    blocks = list(range(1, len(m["logistic_model_loss"]) + 1))
+    axes[1].plot(blocks, m["logistic_model_loss"], "s-", ms=5, label="trained model, per block")
+    axes[1].set(yscale="log", xlabel="iteration / step / block", title="0.5·mean (z − z*)², query logit")
+    for ax in axes:
+        ax.set_xscale("symlog", linthresh=1)  # 0, then a log scale: GD runs to 100+ steps
+        ax.set_xlim(left=0)
+        ax.set_ylim(bottom=1e-18)  # below float64 rounding nothing is meaningful
+        ax.legend(fontsize=8)
+    return fig
+
+
+def train_and_match(config: NewtonConfig, task, held_out, device, progress: bool = False):
+    """Train the linear transformer of ``config`` on ``task``; match its layers on ``held_out`` (float64).
+
+    Returns ``(model, history, newton_match, gd_match, layer_preds)`` with the matches of
+    ``match_layers`` against Iterative Newton (``M_0 = S / ||S||^2``, counts 0..newton_max) and GD
+    (step ``1 / ||S||``, counts on a log grid up to gd_max).
+    """
+    model = linear_transformer(config.d, config.n_layers, config.n_heads, "full", config.init_std, config.clamp, config.seed)
+    train_config = TrainConfig(**{**asdict(config.train), "seed": config.seed + 1})
+    bar = ProgressBar(train_config.steps, desc="linear transformer") if progress else None
+    history = train(model, task, train_config, callback=bar, device=device)
+    model = model.cpu().double().eval()
+    b = held_out.to(device="cpu", dtype=torch.float64)
+    with torch.no_grad():
+        layer_preds = model.predict_per_layer(b.xs, b.ys, b.x_query)  # (L, B)
+    newton_preds = IterativeNewton(config.newton_max).predict_all(b.xs, b.ys, b.x_query)  # (newton_max + 1, B)
+    gd_counts = _log_grid(config.gd_max, config.gd_grid)
+    gd_preds = spectral_gd_predictions(b.xs, b.ys, b.x_query, gd_counts)  # (K, B)
+    newton_match = match_layers(layer_preds, newton_preds, list(range(config.newton_max + 1)), b.y_query)
+    gd_match = match_layers(layer_preds, gd_preds, gd_counts, b.y_query)
+    return model, history, newton_match, gd_match, layer_preds
+
+
+def _log_grid(max_steps: int, points: int) -> list[int]:
+    return sorted({0, *(int(round(x)) for x in torch.logspace(0, math.log10(max_steps), points).tolist())})
+
+
+def run(profile: str | None = None, progress: bool = False, config: NewtonConfig | None = None) -> NewtonResult:
+    """Run the four parts of the chapter's experiment (module docstring)."""
+    profile = get_profile(profile)
+    config = config or CONFIGS[profile]
+    device = get_device()
+    curves: dict = {}
+
+    # 1. Newton-Schulz against GD: iterations to the tolerance, per condition number.
+    ns_iters, gd_iters = {}, {}
+    for i, kappa in enumerate(config.kappas):
+        A = conditioned_matrix(config.matrix_dim, kappa, generator(config.seed + 100 + i))
+        ns_iters[str(kappa)] = iterations_to_tolerance(A, config.tol, "newton", max_iters=10**9)
+        gd_iters[str(kappa)] = iterations_to_tolerance(A, config.tol, "gd", max_iters=10**9)
+        # the counts above are closed forms; check Newton's by actually iterating
+        residual = torch.linalg.matrix_norm(torch.eye(config.matrix_dim, dtype=A.dtype) - A @ newton_schulz(A, ns_iters[str(kappa)])[-1], ord=2)
+        if residual.item() > config.tol:
+            raise RuntimeError(f"Newton-Schulz did not reach {config.tol} in the predicted iterations at kappa={kappa}")
+
+    # 2. The construction, in float64 on held-out regression sequences.
+    task = RegressionTask(d=config.d, n_ctx=config.n_ctx, inputs=IllConditioned(config.d, config.kappa))
+    held_out = task.sample(config.n_eval, generator(config.seed + 2), dtype=torch.float64)
+    small = task.sample(min(config.n_eval, 500), generator(config.seed + 3), dtype=torch.float64)
+    errs = construction_errors(small, config.construction_steps, config.construction_alpha)
+    with torch.no_grad():
+        construction_preds = IterativeNewton(config.construction_steps, config.construction_alpha).predict_all(
+            held_out.xs, held_out.ys, held_out.x_query)
+    curves["construction_newton"] = [mse_loss(p, held_out.y_query).item() for p in construction_preds]
+
+    # 3. Train a linear transformer; match its layers to Newton iterations and GD steps.
+    model, history, newton_match, gd_match, layer_preds = train_and_match(config, task, held_out, device, progress)
+
+    # 4. Logistic regression: Newton and GD on the context's regularized loss, and a trained model.
+    logistic = LogisticTask(d=config.d, n_ctx=config.n_ctx, mu=config.mu)
+    lheld = logistic.sample(config.n_eval, generator(config.seed + 2), dtype=torch.float64)
+    newton_ws = LogisticNewton(config.mu, config.logistic_newton_iters).iterates(lheld.xs, lheld.ys)
+    gd_ws = LogisticGD(config.mu, max(config.logistic_gd_steps)).iterates(lheld.xs, lheld.ys, config.logistic_gd_steps)
+    best = regularized_loss(lheld.xs, lheld.ys, newton_ws[-1], config.mu)
+
+    def logit_err(w):
+        return 0.5 * ((torch.einsum("bd,bd->b", w, lheld.x_query) - lheld.z_star) ** 2).mean().item()
+
+    def subopt(w):
+        return (regularized_loss(lheld.xs, lheld.ys, w, config.mu) - best).max().clamp(min=1e-17).item()
+
+    curves["logistic_newton_subopt"] = [subopt(w) for w in newton_ws]
+    curves["logistic_gd_subopt"] = [subopt(gd_ws[k]) for k in config.logistic_gd_steps]
+    lmodel = attention_mlp_transformer(config.d, config.logistic_blocks, config.n_heads, config.mlp_width,
+                                       config.init_std, config.clamp, config.seed)
+    ltrain_config = TrainConfig(**{**asdict(config.logistic_train), "seed": config.seed + 1})
+    bar = ProgressBar(ltrain_config.steps, desc="attention + MLP") if progress else None
+    lhistory = train(lmodel, logistic, ltrain_config, callback=bar, device=device)
+    lmodel = lmodel.cpu().double().eval()
+    with torch.no_grad():
+        block_logits = lmodel.predict_per_layer(lheld.xs, lheld.ys, lheld.x_query)  # (blocks, B)
+
+    metrics = {
+        # 1.
+        "newton_schulz_iters_to_tol": ns_iters,
+        "gd_iters_to_tol": gd_iters,
+        "tol": config.tol,
+        # 2.
+        "newton_schulz_construction_max_abs_err": max(errs.values()),
+        "construction_prediction_max_abs_err": errs["prediction"],
+        "construction_one_step_max_abs_err": errs["one_step"],
+        "construction_steps": config.construction_steps,
+        # 3.
+        "model_layer_loss": [mse_loss(p, held_out.y_query).item() for p in layer_preds],
+        "newton_loss": newton_match["algo_err"],
+        "least_squares_loss": newton_match["algo_err"][-1],
+        "matching_newton_steps": newton_match["by_prediction"],
+        "matching_gd_steps": gd_match["by_prediction"],
+        "matching_newton_msd": newton_match["msd"],
+        "matching_gd_msd": gd_match["msd"],
+        "error_level_newton_steps": newton_match["by_error"],
+        "error_level_gd_steps": gd_match["by_error"],
+        "gd_max_steps": config.gd_max,
+        "newton_max_iters": config.newton_max,
+        "train_seconds": history.seconds,
+        "train_steps": config.train.steps,
+        "final_train_loss": history.losses[-1],
+        # 4.
+        "logistic_newton_loss": [logit_err(w) for w in newton_ws],
+        "logistic_gd_loss": [logit_err(gd_ws[k]) for k in config.logistic_gd_steps],
+        "logistic_gd_steps": list(config.logistic_gd_steps),
+        "logistic_model_loss": [0.5 * ((z - lheld.z_star) ** 2).mean().item() for z in block_logits],
+        "logistic_ce_optimum": expected_cross_entropy(lheld.z_star, lheld.p_query).item(),
+        "logistic_ce_model": expected_cross_entropy(block_logits[-1], lheld.p_query).item(),
+        "logistic_ce_true_weights": expected_cross_entropy(
+            torch.einsum("bd,bd->b", lheld.w, lheld.x_query), lheld.p_query).item(),
+        "logistic_train_seconds": lhistory.seconds,
+        "logistic_train_steps": ltrain_config.steps,
+        "n_eval": config.n_eval,
+        "profile": profile,
+        "device": str(device),
+    }
+    return NewtonResult(config, model, lmodel, history, lhistory, curves, metrics)

@@ -1,0 +1,6 @@
+"""Chapter 7: how the outer optimizer (sign descent, Adam) shapes what a transformer learns.
+
+``signal_noise``: the signal-plus-noise data and the two-layer softmax-attention classifier.
+
+``optimizers``: GD, sign descent and Adam as small update rules.
+"""

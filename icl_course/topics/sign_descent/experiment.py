@@ -1,0 +1,379 @@
+"""Chapter 7's experiment: how the outer optimizer (sign descent, Adam, GD) shapes a transformer.
+
+Li et al. 2024 (arXiv 2410.04870) train a two-layer transformer (softmax attention, then a fixed
+linear layer) on signal-plus-sparse-noise data and prove that sign descent, Adam's simple
+surrogate, fits the training set fast by *memorising the noise*, in four stages, and then
+generalizes poorly, while gradient descent generalizes. The paper's sizes are not public; ours
+(``SignDescentConfig``) follow ``SCIENCE.md``: n = 50, d = 2000, noise on 40 coordinates.
+
+``run(profile)`` trains the same initial model on the same data with the three optimizers at one
+signal-to-noise ratio, tracking the paper's stage quantities at every step, then repeats the
+training (without tracking) over a sweep of signal-to-noise ratios and seeds.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from icl_course import plots
+from icl_course.progress import ProgressBar
+from icl_course.runtime import get_device, get_profile
+from icl_course.tasks import generator
+
+from .optimizers import UpdateRule, adam, gd, minimize, sign_descent
+from .signal_noise import SignalNoiseTask, SoftmaxAttentionClassifier, accuracy, logistic_loss, stage_quantities
+
+__all__ = [
+    "SignDescentConfig",
+    "SignDescentResult",
+    "CONFIGS",
+    "OPTIMIZERS",
+    "run",
+    "make_rules",
+    "datasets",
+    "train_once",
+    "first_step_accuracy",
+]
+
+OPTIMIZERS = ("sign descent", "Adam", "GD")  # the order of every table and figure
+
+
+@dataclass(frozen=True)
+class SignDescentConfig:
+    d: int = 2000  # patch dimension (d >> n: each sample's noise has coordinates of its own)
+    n_train: int = 50  # training samples (full batch)
+    n_test: int = 1000  # fresh samples behind every test metric
+    sparsity: int = 40  # non-zero coordinates of a noise patch
+    noise_norm: float = 1.0  # sigma_p sqrt(sparsity)
+    snr: float = 0.5  # ||mu|| / noise_norm of the main run, where the stages are tracked
+    width: int = 10  # query/key width m_k and value width m_v
+    init_std: float = 0.1  # std of every initial weight; keep lr * ||xi||_1 small against it
+    steps: int = 400  # full-batch optimizer steps
+    lr_sign: float = 3e-3  # sign descent moves every weight by exactly this per step
+    lr_adam: float = 3e-3  # Adam, betas below
+    lr_gd: float = 30.0  # GD needs a large rate: the gradients here are small
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    stage1_steps: int = 3  # the window where stage I (value noise linear, keys at init) is measured
+    sweep_snrs: tuple[float, ...] = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
+    sweep_seeds: int = 2  # seeds per (optimizer, snr) in the sweep
+    log_every: int = 10  # how often the test loss is measured along a run
+    seed: int = 0  # run k uses model seed seed + 100 k, training data + 1, test data + 2
+
+    def __post_init__(self):
+        for name in ("steps", "sweep_seeds", "log_every", "n_train", "n_test", "width"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"SignDescentConfig.{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.stage1_steps, int) or not 1 <= self.stage1_steps < self.steps:
+            raise ValueError(f"SignDescentConfig.stage1_steps must be an integer in [1, steps), got {self.stage1_steps!r}")
+        if len(self.sweep_snrs) == 0 or min(self.sweep_snrs) < 0:
+            raise ValueError(f"SignDescentConfig.sweep_snrs must be a non-empty tuple of numbers >= 0, got {self.sweep_snrs!r}")
+        if not self.init_std > 0:
+            raise ValueError(f"SignDescentConfig.init_std must be > 0, got {self.init_std!r}")
+        self.task(self.snr)  # validates d, sparsity, snr and noise_norm
+        make_rules(self)  # validates the learning rates and betas
+
+    def task(self, snr: float) -> SignalNoiseTask:
+        return SignalNoiseTask(d=self.d, snr=snr, sparsity=self.sparsity, noise_norm=self.noise_norm)
+
+
+def make_rules(config: SignDescentConfig) -> dict[str, UpdateRule]:
+    """The three outer optimizers, by name, with the config's learning rates."""
+    b1, b2 = config.adam_betas
+    return {
+        "sign descent": sign_descent(config.lr_sign),
+        "Adam": adam(config.lr_adam, b1=b1, b2=b2),
+        "GD": gd(config.lr_gd),
+    }
+
+
+CONFIGS = {
+    # seconds: half the data and dimension (same n s / d), a short run and a two-point sweep; the
+    # stages and the generalization gap already show (the tests assert them at this scale)
+    "smoke": SignDescentConfig(
+        d=1000, n_train=25, n_test=300, steps=120, sweep_snrs=(0.2, 4.0), sweep_seeds=1, log_every=20
+    ),
+    # about a minute on one CPU core: the chapter's numbers
+    "quick": SignDescentConfig(),
+    # a GPU (not yet timed on one): four times the data and dimension (same n s / d), longer
+    # training, more seeds and a wider sweep; 3 + 90 runs of 1000 steps
+    "full": SignDescentConfig(
+        d=8000, n_train=200, n_test=2000, steps=1000, sweep_seeds=3,
+        sweep_snrs=(0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0),
+    ),
+}
+
+
+@dataclass
+class Run:
+    """One training run: final numbers, the loss at every step, test curves and (optionally) stages."""
+
+    model: SoftmaxAttentionClassifier  # the trained model (on the CPU)
+    final: dict[str, float]  # train_loss, train_accuracy, test_loss, test_accuracy
+    train_loss: list[float]  # before every step, then after the last
+    test_curve: dict[str, list[float]]  # step, test_loss
+    stages: dict[str, list[float]] | None  # step and STAGE_QUANTITIES, before every step and after the last
+    seconds: float
+
+
+@torch.no_grad()
+def _evaluate(model, batch) -> tuple[float, float]:
+    logits = model(batch.X)
+    return logistic_loss(logits, batch.y).item(), accuracy(logits, batch.y)
+
+
+def datasets(config: SignDescentConfig, snr: float, run_index: int = 0, device=None):
+    """The training and test sets of run ``run_index`` at ``snr``: ``(train_set, test_set)``."""
+    base = config.seed + 100 * run_index
+    task = config.task(snr)
+    train_set = task.sample(config.n_train, generator(base + 1), device=device)
+    test_set = task.sample(config.n_test, generator(base + 2), device=device)
+    return train_set, test_set
+
+
+def train_once(
+    config: SignDescentConfig, optimizer: str, snr: float, run_index: int = 0, track_stages: bool = False,
+    device=None, callback=None,
+) -> Run:
+    """Train a fresh model with ``optimizer`` (a key of :func:`make_rules`) on data at ``snr``.
+
+    Every optimizer with the same ``run_index`` starts from the same weights and sees the same data.
+    """
+    rules = make_rules(config)
+    if optimizer not in rules:
+        raise ValueError(f"optimizer must be one of {sorted(rules)}, got {optimizer!r}")
+    device = device or get_device()
+    train_set, test_set = datasets(config, snr, run_index, device)
+    model = SoftmaxAttentionClassifier(
+        config.d, width=config.width, init_std=config.init_std, seed=config.seed + 100 * run_index
+    ).to(device)
+
+    stages = None
+    if track_stages:
+        stages = {"step": [0], **{k: [v] for k, v in stage_quantities(model, train_set).items()}}
+    test_curve = {"step": [0], "test_loss": [_evaluate(model, test_set)[0]]}
+
+    def after_step(step: int, loss: float) -> None:
+        if stages is not None:
+            stages["step"].append(step + 1)
+            for k, v in stage_quantities(model, train_set).items():
+                stages[k].append(v)
+        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+            test_curve["step"].append(step + 1)
+            test_curve["test_loss"].append(_evaluate(model, test_set)[0])
+        if callback is not None:
+            callback(step, loss)
+
+    params = list(model.parameters())
+    history = minimize(lambda: logistic_loss(model(train_set.X), train_set.y), params, rules[optimizer], config.steps, after_step)
+    train_loss, train_acc = _evaluate(model, train_set)
+    test_loss, test_acc = _evaluate(model, test_set)
+    final = {"train_loss": train_loss, "train_accuracy": train_acc, "test_loss": test_loss, "test_accuracy": test_acc}
+    return Run(model.cpu(), final, history.losses + [train_loss], test_curve, stages, history.seconds)
+
+
+def first_step_below(values: list[float], threshold: float) -> int | None:
+    """The first index whose value is below ``threshold`` (None if none is)."""
+    return next((k for k, v in enumerate(values) if v < threshold), None)
+
+
+def first_step_above(values: list[float], threshold: float) -> int | None:
+    """The first index whose value is above ``threshold`` (None if none is)."""
+    return next((k for k, v in enumerate(values) if v > threshold), None)
+
+
+def sign_step_bound(config: SignDescentConfig) -> float:
+    """The most one sign-descent step can move ``<w_V, y xi>``: ``lr E||xi||_1 = lr s sigma_p sqrt(2/pi)``.
+
+    Sign descent moves every coordinate of ``w_V`` by exactly ``lr``; the inner product with a noise
+    patch moves by ``lr ||xi||_1`` when every coordinate moves the helpful way, less when samples
+    whose noise shares a coordinate pull it in opposite directions.
+    """
+    return config.lr_sign * config.sparsity * config.task(config.snr).sigma_p * (2 / torch.pi) ** 0.5
+
+
+def first_step_accuracy(config: SignDescentConfig, snr: float) -> dict[str, float]:
+    """Test accuracy after one small step of sign descent or GD from zero values, by a rough estimate.
+
+    Freeze the attention at 1/2, so ``f(X) ~ sum_j j <w_V,j, y mu + xi>``, and take one step on the
+    values. GD moves them along ``n mu + sum_i y_i xi_i``; on a fresh sample the signal gives
+    ``n ||mu||^2`` and the overlap of the new noise with the training noise a zero-mean term of std
+    ``sqrt(n s^2 / (d - 1)) sigma_p^2``. Sign descent moves *every* touched coordinate by the same
+    amount: the signal gives ``||mu||``, the new noise a term of std ``sigma_p sqrt(p s)``, where
+    ``p = 1 - (1 - s / (d - 1))^n`` is the fraction of coordinates some training noise touches.
+    With Gaussian cross terms the accuracy is ``Phi(signal / std)``: ``Phi(snr^2 sqrt(n (d - 1)))``
+    for GD and ``Phi(snr / sqrt(p))`` for sign descent. A heuristic for the first step, not a
+    theorem about training; the chapter compares it with the trained models.
+    """
+    n, d, s = config.n_train, config.d, config.sparsity
+    p = 1 - (1 - s / (d - 1)) ** n
+    phi = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))  # noqa: E731 (standard normal CDF)
+    return {"sign descent": phi(snr / math.sqrt(p)), "GD": phi(snr**2 * math.sqrt(n * (d - 1)))}
+
+
+def stage_summary(config: SignDescentConfig, stages: dict[str, list[float]]) -> dict[str, float | int | None]:
+    """The numbers behind the four stages, from one run's tracked quantities."""
+    k = config.stage1_steps
+    noise = stages["value_noise"]
+    increments = [b - a for a, b in zip(noise[:k], noise[1 : k + 1])]
+    per_step = sum(increments) / k
+    key0 = stages["key_noise"][0]
+    signal = stages["value_signal"][-1]
+    return {
+        "stage1_value_noise_per_step": per_step,
+        "stage1_value_noise_increment_spread": (max(increments) - min(increments)) / abs(per_step),
+        "stage1_value_noise_change": noise[k] - noise[0],
+        "stage1_key_noise_change": stages["key_noise"][k] - key0,
+        "stage1_key_noise_relative_change": abs(stages["key_noise"][k] - key0) / key0,
+        "key_noise_init": key0,
+        "steps_to_noise_attention_0.1": first_step_below(stages["attention_noise_to_signal"], 0.1),
+        "steps_to_qk_sign_agreement_0.9": first_step_above(stages["qk_noise_sign_agreement"], 0.9),
+        "final_attention_noise_to_signal": stages["attention_noise_to_signal"][-1],
+        "final_attention_signal_to_signal": stages["attention_signal_to_signal"][-1],
+        "final_value_noise": noise[-1],
+        "final_value_signal": stages["value_signal"][-1],
+        "memorisation_ratio": noise[-1] / signal if signal > 0 else None,  # None: no signal learned
+    }
+
+
+@dataclass
+class SignDescentResult:
+    config: SignDescentConfig
+    runs: dict[str, Run]  # the main run at config.snr, by optimizer
+    sweep: dict[str, dict[str, list[float]]]  # optimizer -> metric -> one mean per sweep snr
+    sweep_curves: dict[tuple[str, float], Run]  # (optimizer, snr) -> the first seed's run
+    metrics: dict = field(default_factory=dict)
+
+    def snr_curves(self, snr: float):
+        """Training and test loss of the three optimizers at one sweep ``snr`` (first seed)."""
+        runs = {name: self.sweep_curves[(name, snr)] for name in OPTIMIZERS}
+        steps = list(range(self.config.steps + 1))
+        test_steps = runs[OPTIMIZERS[0]].test_curve["step"]
+        return plots.panels(
+            {
+                f"training loss, SNR {snr:g}": {n: r.train_loss for n, r in runs.items()},
+                f"test loss, SNR {snr:g}": {n: r.test_curve["test_loss"] for n, r in runs.items()},
+            },
+            x={f"training loss, SNR {snr:g}": steps, f"test loss, SNR {snr:g}": test_steps},
+            xlabel="step",
+            logy=(f"training loss, SNR {snr:g}",),
+        )
+
+    def figures(self) -> dict:
+        """Every figure of the chapter, by name (what ``icl-course reproduce`` saves)."""
+        stages = {name: run.stages for name, run in self.runs.items()}
+        sign = stages["sign descent"]
+        k = min(len(sign["step"]), 4 * self.config.stage1_steps + 1)  # zoom on stage I
+        steps = sign["step"]
+        m = self.metrics
+        return {
+            "stages": plots.panels(
+                {
+                    "I: first steps (sign descent)": {
+                        "value noise - init": [v - sign["value_noise"][0] for v in sign["value_noise"][:k]],
+                        "key noise - init": [v - sign["key_noise"][0] for v in sign["key_noise"][:k]],
+                    },
+                    "II: query/key noise sign agreement": {n: s["qk_noise_sign_agreement"] for n, s in stages.items()},
+                    "III: noise patch's attention to signal": {n: s["attention_noise_to_signal"] for n, s in stages.items()},
+                    "IV: value noise / value signal": {
+                        n: [a / b if b > 0 else float("nan") for a, b in zip(s["value_noise"], s["value_signal"])]
+                        for n, s in stages.items()
+                    },
+                },
+                x={
+                    "I: first steps (sign descent)": steps[:k],
+                    "II: query/key noise sign agreement": steps,
+                    "III: noise patch's attention to signal": steps,
+                    "IV: value noise / value signal": steps,
+                },
+                xlabel="step",
+                logy=("IV: value noise / value signal",),
+            ),
+            "training": plots.panels(
+                {
+                    "training loss": {n: r.train_loss for n, r in self.runs.items()},
+                    "test loss": {n: r.test_curve["test_loss"] for n, r in self.runs.items()},
+                },
+                x={"training loss": steps, "test loss": self.runs[OPTIMIZERS[0]].test_curve["step"]},
+                xlabel="step",
+                logy=("training loss",),
+            ),
+            "generalization_gap": plots.bars(
+                {n: {"train accuracy": m["train_accuracy"][n], "test accuracy": m["test_accuracy"][n]} for n in OPTIMIZERS},
+                ylabel="accuracy",
+                title=f"after {self.config.steps} steps, SNR {self.config.snr:g}",
+                ylim=(0, 1.25),  # room for the legend above the bars
+            ),
+            "snr_sweep": plots.panels(
+                {
+                    "test accuracy": {
+                        **{n: self.sweep[n]["test_accuracy"] for n in OPTIMIZERS},
+                        **{f"{n}, first-step estimate": self.metrics["first_step_accuracy"][n] for n in ("sign descent", "GD")},
+                    },
+                    "test loss": {n: self.sweep[n]["test_loss"] for n in OPTIMIZERS},
+                },
+                x=list(self.config.sweep_snrs),
+                xlabel="signal-to-noise ratio ||mu|| / (sigma_p sqrt(s))",
+                logx=True,
+                marker="o",
+                styles={
+                    f"{n}, first-step estimate": {"ls": "--", "marker": None, "color": f"C{OPTIMIZERS.index(n)}"}
+                    for n in ("sign descent", "GD")
+                },
+            ),
+        }
+
+
+def run(profile: str | None = None, progress: bool = False, config: SignDescentConfig | None = None) -> SignDescentResult:
+    """Train with sign descent, Adam and GD at ``config.snr`` (stages tracked), then sweep the SNR."""
+    profile = get_profile(profile)
+    config = config or CONFIGS[profile]
+    device = get_device()
+    start = time.perf_counter()
+    n_sweep = len(OPTIMIZERS) * len(config.sweep_snrs) * config.sweep_seeds
+    bar = ProgressBar((len(OPTIMIZERS) + n_sweep) * config.steps, desc="sign descent, Adam, GD") if progress else None
+    done = [0]
+
+    def tick(step: int, loss: float) -> None:
+        bar(done[0], loss)
+        done[0] += 1
+
+    callback = tick if bar is not None else None
+    runs = {name: train_once(config, name, config.snr, 0, True, device, callback) for name in OPTIMIZERS}
+
+    sweep = {name: {"test_accuracy": [], "test_loss": [], "train_accuracy": [], "train_loss": []} for name in OPTIMIZERS}
+    sweep_curves = {}
+    for snr in config.sweep_snrs:
+        for name in OPTIMIZERS:
+            finals = []
+            for k in range(config.sweep_seeds):
+                one = train_once(config, name, snr, k, False, device, callback)
+                finals.append(one.final)
+                if k == 0:
+                    sweep_curves[(name, snr)] = one
+            for key in sweep[name]:
+                sweep[name][key].append(sum(f[key] for f in finals) / len(finals))
+
+    metrics = {
+        "snr": config.snr,
+        **{key: {n: runs[n].final[key] for n in OPTIMIZERS} for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy")},
+        "steps_to_train_loss_0.1": {n: first_step_below(runs[n].train_loss, 0.1) for n in OPTIMIZERS},
+        "stage_summary": {n: stage_summary(config, runs[n].stages) for n in OPTIMIZERS},
+        "stages": {n: runs[n].stages for n in OPTIMIZERS},
+        "snr_sweep": {"snr": list(config.sweep_snrs), "seeds": config.sweep_seeds, **sweep},
+        "first_step_accuracy": {
+            n: [first_step_accuracy(config, snr)[n] for snr in config.sweep_snrs] for n in ("sign descent", "GD")
+        },
+        "sign_step_bound": sign_step_bound(config),
+        "steps": config.steps,
+        "n_train": config.n_train,
+        "d": config.d,
+        "seconds": time.perf_counter() - start,
+        "profile": profile,
+        "device": str(device),
+    }
+    return SignDescentResult(config, runs, sweep, sweep_curves, metrics)

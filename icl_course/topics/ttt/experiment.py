@@ -1,0 +1,370 @@
+"""Chapter 5's experiment: test-time training makes the inner loop explicit.
+
+Sun et al. 2023 (arXiv 2310.13807) and 2024 (arXiv 2407.04620). ``run(profile)`` does five things:
+
+1. **identities** (float64): one full-batch GD step of a linear inner model from ``W0 = 0`` is linear
+   attention; mini-batch ``b = T`` is causal linear attention; ``b = 1`` without LayerNorm is the delta
+   rule; Nadaraya-Watson kernel regression is softmax attention;
+2. **primal vs dual** (float32): the two forms of TTT-Linear and TTT-MLP agree, and their speed;
+3. **the mini-batch dial with hand-made views** (no training): ``k = x_i``, ``v = y_i``, ``q = x_{i+1}``,
+   so the inner loop *is* online regression, from ``b = 1`` (LMS / delta rule) to ``b = n``;
+4. **the outer loop**: small sequence models with each mixer trained on in-context regression
+   (:class:`icl_course.topics.ttt.task.SequenceRegressionTask`), error over the last quarter of
+   the points; TTT-Linear also at other mini-batch sizes;
+5. **cost against sequence length**: time per token and state size of each mixer.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from icl_course import plots
+from icl_course.progress import ProgressBar
+from icl_course.runtime import get_device, get_profile
+from icl_course.tasks import generator
+from icl_course.training import History, TrainConfig, train
+
+from . import layers as ttt
+from .models import MIXERS, SequenceModel
+from .task import SequenceRegressionTask, ridge_by_position
+
+__all__ = ["TTTConfig", "TTTResult", "CONFIGS", "run", "identity_errors", "primal_dual", "inner_loop_errors",
+           "mini_batch_dial", "mixer_costs", "make_model"]
+
+
+@dataclass(frozen=True)
+class TTTConfig:
+    d: int = 16  # input dimension of the regression task
+    n_points: int = 64  # (x, y) pairs per sequence, so 2 * n_points tokens
+    noise: float = 0.1  # label noise std; var(y) = 1 + noise^2
+    width: int = 64  # model width D
+    n_layers: int = 2  # [mixer, MLP] blocks
+    n_heads: int = 4  # heads per mixer (f = width / n_heads features each)
+    mini_batch: int = 16  # inner mini-batch b of the ttt-* mixers
+    mixers: tuple[str, ...] = MIXERS  # the mixers trained in the outer loop
+    sweep_mini_batches: tuple[int, ...] = (4, 64)  # ttt-linear is also trained with these b
+    train: TrainConfig = field(default_factory=TrainConfig)  # the outer loop (same data for every mixer)
+    mlp_train: TrainConfig | None = None  # TTT-MLP's own outer loop (it needs more, gentler steps); None: train
+    mlp_inner_std: tuple[float, float] = (0.02, 0.02)  # TTT-MLP's initial inner weights, per layer
+    mlp_eta_base: float = 1.0  # TTT-MLP's inner learning-rate scale
+    n_eval: int = 1024  # held-out sequences behind every error
+    dial_mini_batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # b values of the hand-made inner loop
+    dial_etas: tuple[float, ...] = tuple(torch.logspace(-3, -0.5, 11).tolist())  # its inner learning rates
+    timing_length: int = 1024  # tokens of the primal/dual timing
+    timing_features: int = 64  # features per head in the timing (the paper's head size)
+    timing_heads: int = 4
+    timing_repeats: int = 5  # best of this many runs
+    cost_lengths: tuple[int, ...] = (256, 1024, 4096)  # sequence lengths of the cost measurement
+    cost_repeats: int = 2  # best of this many runs per mixer and length
+    seed: int = 0  # model init; the data streams use seed + 1 (train) and seed + 2 (held out)
+
+
+_TRAIN = dict(batch_size=32, lr=1e-2, warmup=0.05, schedule="cosine", weight_decay=0.0, log_every=10)
+_QUICK_MIXERS = ("linear-attention", "delta-rule", "ttt-linear", "ttt-linear-ln", "ttt-mlp", "softmax")
+
+CONFIGS = {
+    # seconds: the pipeline, the identities and the timing; far too small and short for any claim
+    "smoke": TTTConfig(
+        d=4, n_points=8, width=8, n_layers=1, n_heads=2, mini_batch=4, mixers=_QUICK_MIXERS, sweep_mini_batches=(),
+        train=TrainConfig(steps=2, **{**_TRAIN, "log_every": 1}), n_eval=64, dial_mini_batches=(1, 4, 8),
+        dial_etas=(0.01, 0.05), timing_length=128, timing_features=16, timing_heads=1, timing_repeats=1,
+        cost_lengths=(64, 128), cost_repeats=1,
+    ),
+    # a few minutes on a 2-core CPU: half the task of the issue (d = 8, 32 points), one layer
+    "quick": TTTConfig(
+        d=8, n_points=32, width=32, n_layers=1, n_heads=2, mixers=_QUICK_MIXERS, sweep_mini_batches=(64,),
+        train=TrainConfig(steps=300, **_TRAIN), mlp_train=TrainConfig(steps=900, **{**_TRAIN, "lr": 3e-3}),
+        n_eval=512, dial_mini_batches=(1, 2, 4, 8, 16, 32),
+        dial_etas=tuple(torch.logspace(-3, -0.5, 7).tolist()), timing_heads=1, timing_repeats=3,
+        cost_lengths=(256, 1024, 2048),
+    ),
+    # a GPU: the issue's task (d = 16, 64 points), width 64, two layers, every mixer (not run in this session)
+    "full": TTTConfig(
+        train=TrainConfig(steps=3000, **{**_TRAIN, "batch_size": 128, "lr": 3e-3}), sweep_mini_batches=(1, 4, 32, 128),
+        n_eval=4096, cost_lengths=(256, 1024, 4096, 16384),
+    ),
+}
+
+
+# --- 1. the identities ---------------------------------------------------------------------------
+
+
+def _random_qkv(gen, B=2, H=2, T=64, f=8, dtype=torch.float64):
+    """Random queries, keys, values with O(1) norms: 3 x (B, H, T, f)."""
+    return tuple(torch.randn(B, H, T, f, generator=gen, dtype=dtype) / f**0.5 for _ in range(3))
+
+
+def identity_errors(seed: int = 0) -> dict[str, float]:
+    """Max |difference| (float64) between each TTT inner loop and the layer it should equal."""
+    gen = generator(seed)
+    q, k, v = _random_qkv(gen)  # (B, H, T, f)
+    B, H, T, f = q.shape
+    zero = [(torch.zeros(H, f, f, dtype=torch.float64), None)]  # a linear inner model, W0 = 0, no bias
+    half = torch.full((B, H, T), 0.5, dtype=torch.float64)
+    eta = 0.5 * torch.rand(B, H, T, generator=gen, dtype=torch.float64)  # any per-token rates
+    one_step = ttt.one_gd_step_full_batch(q, k, v, eta=0.5)  # full batch, non-causal
+    b_is_T, _ = ttt.ttt_primal(q, k, v, half, zero, mini_batch=T)  # causal, gradients at W0
+    b_is_1, _ = ttt.ttt_primal(q, k, v, eta, zero, mini_batch=1)  # online GD
+    err = lambda a, b: (a - b).abs().max().item()  # noqa: E731
+    return {
+        "full_batch_step_equivalence_max_abs_err": err(one_step, ttt.linear_attention(q, k, v, causal=False)),
+        "causal_linear_attention_equivalence_max_abs_err": err(b_is_T, ttt.linear_attention(q, k, v)),
+        "delta_rule_equivalence_max_abs_err": err(b_is_1, ttt.delta_rule(q, k, v, beta=2 * eta)),
+        "softmax_equivalence_max_abs_err": err(ttt.nadaraya_watson(q, k, v), ttt.softmax_attention(q, k, v)),
+    }
+
+
+# --- 2. primal and dual forms --------------------------------------------------------------------
+
+
+def _best_time(fn, repeats: int, device) -> float:
+    """Best wall-clock seconds of ``fn()`` over ``repeats`` runs (after one warm-up run)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _ttt_inputs(T: int, f: int, H: int, kind: str, device, seed: int = 0):
+    """One sequence of normalised q, k, v, per-token rates, W0 and LayerNorm for a timing or a comparison."""
+    gen = generator(seed)
+    q, k, v = (torch.nn.functional.normalize(t, dim=-1).to(device) for t in _random_qkv(gen, 1, H, T, f, torch.float32))
+    eta = (torch.rand(1, H, T, generator=gen) / f).to(device)  # (1, H, T): eta_base * sigmoid(.) / f
+    params = [(W.to(device), b.to(device)) for W, b in ttt.init_inner_params(f, H, kind, std=0.3, gen=gen)]
+    ln = (1 + 0.1 * torch.randn(H, f, generator=gen)).to(device), (0.1 * torch.randn(H, f, generator=gen)).to(device)
+    return (q, k, v, eta, params), dict(ln=ln, residual=True)
+
+
+@torch.no_grad()
+def primal_dual(T: int = 1024, f: int = 64, H: int = 4, mini_batch: int = 16, kind: str = "linear", repeats: int = 5,
+                device=None) -> dict[str, float]:
+    """Max |primal - dual| (float32, outputs and final states) and the best time of each form."""
+    device = device or get_device()
+    args, kwargs = _ttt_inputs(T, f, H, kind, device)
+    z_p, state_p = ttt.ttt_primal(*args, mini_batch, **kwargs)
+    z_d, state_d = ttt.ttt_dual(*args, mini_batch, **kwargs)
+    diffs = [(z_p - z_d).abs().max()] + [(a - b).abs().max() for pa, pd in zip(state_p, state_d) for a, b in zip(pa, pd)]
+    primal = _best_time(lambda: ttt.ttt_primal(*args, mini_batch, **kwargs), repeats, device)
+    dual = _best_time(lambda: ttt.ttt_dual(*args, mini_batch, **kwargs), repeats, device)
+    return {"max_abs_err": max(d.item() for d in diffs), "primal_seconds": primal, "dual_seconds": dual,
+            "speedup": primal / dual}
+
+
+# --- 3. the mini-batch dial with hand-made views --------------------------------------------------
+
+
+@torch.no_grad()
+def inner_loop_errors(batch, eta: float, mini_batch: int) -> torch.Tensor:
+    """MSE of predicting each ``y_i`` by the TTT inner loop with hand-made views: (n,).
+
+    Keys ``x_i``, values ``y_i`` (in the first of ``d`` slots), queries ``x_{i+1}``: the state after
+    pair ``i`` predicts ``y_{i+1}``; ``y_1`` is predicted by ``W0 = 0``. No LayerNorm, no residual.
+    """
+    xs, ys = batch.xs, batch.ys  # (B, n, d), (B, n)
+    B, n, d = xs.shape
+    k = xs[:, None]  # (B, 1, n, d): one head
+    v = torch.nn.functional.pad(ys[:, None, :, None], (0, d - 1))  # (B, 1, n, d): (y_i, 0, ..., 0)
+    q = torch.cat([xs[:, 1:], xs[:, -1:]], dim=1)[:, None]  # (B, 1, n, d): the next input
+    eta_t = torch.full((B, 1, n), float(eta), dtype=xs.dtype, device=xs.device)
+    zero = [(torch.zeros(1, d, d, dtype=xs.dtype, device=xs.device), None)]
+    z, _ = ttt.ttt_dual(q, k, v, eta_t, zero, mini_batch=mini_batch)  # (B, 1, n, d)
+    y_hat = torch.cat([torch.zeros_like(ys[:, :1]), z[:, 0, :-1, 0]], dim=1)  # (B, n): shifted by one pair
+    return ((y_hat - ys) ** 2).mean(0)
+
+
+def mini_batch_dial(batch, mini_batches, etas) -> dict:
+    """For every ``b``: the error curve at every ``eta`` and the best ``eta`` for the last quarter."""
+    n = batch.xs.shape[1]
+    last = slice(n - n // 4, n)
+    curves = {b: {eta: inner_loop_errors(batch, eta, b) for eta in etas} for b in mini_batches}
+    best = {}
+    for b, by_eta in curves.items():
+        eta = min(by_eta, key=lambda e: by_eta[e][last].mean().item() if torch.isfinite(by_eta[e]).all() else float("inf"))
+        best[b] = {"eta": eta, "error": by_eta[eta][last].mean().item(), "curve": by_eta[eta].tolist()}
+    return {"curves": {b: {e: c.tolist() for e, c in by_eta.items()} for b, by_eta in curves.items()}, "best": best}
+
+
+# --- 4. the outer loop ----------------------------------------------------------------------------
+
+
+def make_model(config: TTTConfig, mixer: str, mini_batch: int | None = None) -> SequenceModel:
+    """A sequence model with ``mixer`` at the config's size (the init depends on ``config.seed`` only)."""
+    task = SequenceRegressionTask(config.d, config.n_points, config.noise)
+    extra = {"eta_base": config.mlp_eta_base, "inner_std": config.mlp_inner_std} if mixer.startswith("ttt-mlp") else {}
+    return SequenceModel(task.token_dim, 1, mixer, width=config.width, n_layers=config.n_layers,
+                         n_heads=config.n_heads, mini_batch=mini_batch or config.mini_batch, seed=config.seed, **extra)
+
+
+# --- 5. cost against sequence length --------------------------------------------------------------
+
+
+@torch.no_grad()
+def mixer_costs(lengths, f: int = 64, H: int = 4, repeats: int = 3, device=None) -> dict:
+    """Forward time per token (microseconds) and state size (floats per sequence) of each mixer's core.
+
+    One sequence, ``H`` heads of ``f`` features; the TTT layers with the inner LayerNorm and residual.
+    """
+    device = device or get_device()
+    names = ("linear-attention", "delta-rule", "ttt-linear", "ttt-mlp", "softmax")
+    out = {"length": list(lengths), "us_per_token": {m: [] for m in names}, "state_floats": {m: [] for m in names}}
+    for T in lengths:
+        (q, k, v, eta, lin), kw = _ttt_inputs(T, f, H, "linear", device)
+        (_, _, _, _, mlp), _ = _ttt_inputs(T, f, H, "mlp", device)
+        beta = 2 * eta * f  # (1, H, T) in (0, 2)
+        runs = {
+            "linear-attention": lambda: ttt.linear_attention_chunked(q, k, v, 64),
+            "delta-rule": lambda: ttt.delta_rule_chunked(q, k, v, beta.clamp(max=1), 16),
+            "ttt-linear": lambda: ttt.ttt_dual(q, k, v, eta, lin, 16, **kw),
+            "ttt-mlp": lambda: ttt.ttt_dual(q, k, v, eta, mlp, 16, **kw),
+            "softmax": lambda: (ttt.softmax_attention(q, k, v), (k, v)),  # the state is the key-value cache
+        }
+        for name, fn in runs.items():
+            state = fn()[1]
+            tensors = [t for pair in state for t in pair if t is not None] if isinstance(state, list) else (
+                list(state) if isinstance(state, tuple) else [state])
+            out["state_floats"][name].append(sum(t.numel() for t in tensors))
+            out["us_per_token"][name].append(1e6 * _best_time(fn, repeats, device) / T)
+    return out
+
+
+# --- the whole experiment -------------------------------------------------------------------------
+
+
+@dataclass
+class TTTResult:
+    config: TTTConfig
+    models: dict[str, SequenceModel]  # trained, by mixer (on the CPU)
+    histories: dict[str, History]  # training losses, by mixer
+    error_by_position: dict[str, list[float]]  # held-out MSE for each y_i, by mixer (and "ridge")
+    mini_batch_errors: dict[int, float]  # ttt-linear's last-quarter error, by inner mini-batch b
+    dial: dict  # the hand-made inner loop: curves and best eta per b
+    costs: dict  # time per token and state size against sequence length
+    metrics: dict
+
+    def _training_figure(self):
+        return _training_curves(self.histories)
+
+    def figures(self) -> dict:
+        """Every figure of the chapter, by name (what ``icl-course reproduce`` saves)."""
+        m, n = self.metrics, self.config.n_points
+        positions = list(range(1, n + 1))
+        best = self.dial["best"]
+        refs = {"ridge (Bayes optimal)": self.error_by_position["ridge"]}
+        return {
+            "inner_loop_dial": plots.curves(
+                positions, {**{f"b = {b} (eta = {v['eta']:.3g})": v["curve"] for b, v in best.items()}, **refs},
+                xlabel="position i of the pair", ylabel="MSE of y_i", logy=True,
+                title="hand-made views: the inner loop alone",
+            ),
+            "training": self._training_figure(),
+            "error_by_position": plots.curves(
+                positions, {name: self.error_by_position[name] for name in self.config.mixers} | refs,
+                xlabel="position i of the pair", ylabel="MSE of y_i", logy=True, title="trained models, held out",
+            ),
+            "icl_error": plots.bars(
+                {"last quarter": {**m["icl_error"], "ridge": m["ridge_error"]}}, ylabel="MSE",
+                title=f"in-context error (predicting 0: {m['zero_error']:.2f})",
+                ylim=(0, 1.5 * max([*m["icl_error"].values(), m["ridge_error"]])),  # room for the legend
+            ),
+            "mini_batch": plots.curves(
+                list(self.mini_batch_errors), {"ttt-linear (trained)": list(self.mini_batch_errors.values())} | {
+                    name: [m["icl_error"][name]] * len(self.mini_batch_errors)
+                    for name in ("delta-rule", "linear-attention") if name in m["icl_error"]},
+                xlabel="inner mini-batch size b (tokens)", ylabel="MSE, last quarter", logx=True, logy=True,
+                title="the mini-batch dial, trained",
+            ),
+            "cost": plots.panels(
+                {"time per token (us)": self.costs["us_per_token"], "state (floats per sequence)": self.costs["state_floats"]},
+                self.costs["length"], xlabel="sequence length T", logy=("time per token (us)", "state (floats per sequence)"),
+                logx=True, marker="o", width=4.2,
+            ),
+        }
+
+
+def _training_curves(histories: dict[str, History]):
+    """Training loss of every model against its own steps (TTT-MLP may train longer)."""
+    fig, (ax,) = plots.figure()
+    for name, h in histories.items():
+        ax.plot([s + 1 for s in h.steps], h.losses, label=name)
+    ax.set(xlabel="outer step", ylabel="0.5·MSE (all positions)", yscale="log", title="outer loop")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _train_all(config, task, device, progress):
+    """Train one model per mixer, and ttt-linear at the swept mini-batch sizes, on the same data."""
+    runs = [(name, name, None) for name in config.mixers]
+    runs += [(f"ttt-linear b={b}", "ttt-linear", b) for b in config.sweep_mini_batches if b != config.mini_batch]
+    models, histories = {}, {}
+    for label, mixer, b in runs:
+        base = config.mlp_train if mixer.startswith("ttt-mlp") and config.mlp_train is not None else config.train
+        train_config = TrainConfig(**{**asdict(base), "seed": config.seed + 1})  # the same data stream for all
+        model = make_model(config, mixer, b)
+        bar = ProgressBar(train_config.steps, desc=label) if progress else None
+        histories[label] = train(model, task, train_config, callback=bar, device=device)
+        models[label] = model.eval()
+    return models, histories
+
+
+def run(profile: str | None = None, progress: bool = False, config: TTTConfig | None = None) -> TTTResult:
+    """Identities, primal vs dual, the hand-made dial, the outer loop and the cost curves."""
+    profile = get_profile(profile)
+    config = config or CONFIGS[profile]
+    device = get_device()
+    task = SequenceRegressionTask(config.d, config.n_points, config.noise)
+    held_out = task.sample(config.n_eval, generator(config.seed + 2), device=device)
+    last = slice(config.n_points - config.n_points // 4, config.n_points)
+
+    identities = identity_errors(config.seed)
+    timing = {kind: primal_dual(config.timing_length, config.timing_features, config.timing_heads, 16, kind,
+                                config.timing_repeats, device) for kind in ("linear", "mlp")}
+    dial = mini_batch_dial(held_out, config.dial_mini_batches, config.dial_etas)
+
+    models, histories = _train_all(config, task, device, progress)
+    errors = {name: task.error_by_position(model, held_out).tolist() for name, model in models.items()}
+    errors["ridge"] = ridge_by_position(task, held_out.to("cpu")).tolist()
+    mean_last = lambda curve: sum(curve[last]) / len(curve[last])  # noqa: E731
+    mini_batch_errors = {config.mini_batch: mean_last(errors["ttt-linear"])} if "ttt-linear" in errors else {}
+    mini_batch_errors.update({b: mean_last(errors[f"ttt-linear b={b}"]) for b in config.sweep_mini_batches
+                              if b != config.mini_batch})
+    mini_batch_errors = dict(sorted(mini_batch_errors.items()))
+    costs = mixer_costs(config.cost_lengths, config.timing_features, config.timing_heads, config.cost_repeats, device)
+
+    metrics = {
+        "linear_attention_equivalence_max_abs_err": max(identities["full_batch_step_equivalence_max_abs_err"],
+                                                        identities["causal_linear_attention_equivalence_max_abs_err"]),
+        **identities,
+        "primal_dual_max_abs_err": timing["linear"]["max_abs_err"],
+        "primal_dual_max_abs_err_mlp": timing["mlp"]["max_abs_err"],
+        "primal_seconds": timing["linear"]["primal_seconds"],
+        "dual_seconds": timing["linear"]["dual_seconds"],
+        "dual_speedup": timing["linear"]["speedup"],
+        "dual_speedup_mlp": timing["mlp"]["speedup"],
+        "timing_length": config.timing_length,
+        "icl_error": {name: mean_last(errors[name]) for name in config.mixers},
+        "icl_error_by_mini_batch": {str(b): e for b, e in mini_batch_errors.items()},
+        "ridge_error": mean_last(errors["ridge"]),
+        "zero_error": held_out.ys.var().item(),
+        "dial_best": {str(b): {"eta": v["eta"], "error": v["error"]} for b, v in dial["best"].items()},
+        "us_per_token": costs["us_per_token"],
+        "state_floats": costs["state_floats"],
+        "cost_lengths": list(config.cost_lengths),
+        "train_steps": config.train.steps,
+        "mlp_train_steps": (config.mlp_train or config.train).steps,
+        "train_seconds": {name: h.seconds for name, h in histories.items()},
+        "n_eval": config.n_eval,
+        "profile": profile,
+        "device": str(device),
+    }
+    return TTTResult(config=config, models={k: v.cpu() for k, v in models.items()}, histories=histories,
+                     error_by_position=errors, mini_batch_errors=mini_batch_errors, dial=dial, costs=costs,
+                     metrics=metrics)
