@@ -35,6 +35,8 @@ def with_cell(nb, code, first=False):
 SUBMISSIONS = {
     "solved": SOURCE,
     "untouched": notebooks.student_version(SOURCE),
+    # downloaded before the topics had folders: the old import of the checks
+    "old_layout": edited(SOURCE, "from icl_course.topics.gd_step import checks", "from icl_course.checks import gd_step as checks"),
     "wrong_sign": edited(SOURCE, "P[d, d] = -eta", "P[d, d] = eta"),
     "raises": with_cell(edited(SOURCE, "    Q = torch.zeros(d + 1, d + 1)\n", "    raise KeyError('oops')\n"), "1 / 0", first=True),
     "loops_forever": with_cell(SOURCE, "while True:\n    pass"),
@@ -79,6 +81,15 @@ def statuses(result):
 def test_solution_scores_full_marks_and_student_version_zero(graded):
     assert statuses(graded["solved"]) == ["passed"] * 3 and graded["solved"].score == 3
     assert statuses(graded["untouched"]) == ["not implemented"] * 3 and graded["untouched"].score == 0
+
+
+def test_a_notebook_with_the_old_checks_import_is_graded_as_its_chapter(graded):
+    assert graded["old_layout"].chapter == "01_gd_step" and statuses(graded["old_layout"]) == ["passed"] * 3
+
+
+def test_earlier_notebook_names_resolve_to_their_chapter():
+    assert notebooks.resolve_exercise("03_momentum", SOURCES) == "03_mixed_noise"
+    assert [notebooks.resolve_exercise(k, SOURCES) for k in ("2", "02", "preconditioning", "02_preconditioned_gd")] == ["02_preconditioning"] * 4
 
 
 def test_wrong_answer_gets_its_specific_feedback(graded):
