@@ -19,6 +19,7 @@ from icl_course import plots
 from icl_course.linear_transformer import FullAttention, LinearTransformer, gd_transformer, linear_transformer
 from icl_course.metrics import evaluate, model_cosine, model_distance, prediction_distance
 from icl_course.progress import ProgressBar
+from icl_course.results import Lookup
 from icl_course.runtime import get_device, get_profile
 from icl_course.solvers import GradientDescent, tune_step_size
 from icl_course.tasks import RegressionTask, Uniform, generator
@@ -203,5 +204,5 @@ def run(profile: str | None = None, progress: bool = False, config: GDStepConfig
         gd_losses=gd_losses,
         ood=ood,
         interpolation=interp,
-        metrics=metrics,
+        metrics=Lookup.deep(metrics),
     )

@@ -39,6 +39,7 @@ import torch
 from icl_course import plots
 from icl_course.pretrained import WEIGHTS_DIR, provenance
 from icl_course.progress import ProgressBar
+from icl_course.results import Lookup
 from icl_course.runtime import get_device, get_profile
 from icl_course.tasks import generator
 from icl_course.training import TrainConfig, train
@@ -480,7 +481,7 @@ def run(profile: str | None = None, progress: bool = False, config: LoopedConfig
         "profile": profile,
         "device": str(device),
     }
-    return LoopedResult(config=config, models=models, histories=histories, traces=traces, metrics=metrics)
+    return LoopedResult(config=config, models=models, histories=histories, traces=traces, metrics=Lookup.deep(metrics))
 
 
 def _has_shipped(task: str, family: str = "looped-fp", folder: Path | None = None) -> bool:

@@ -23,6 +23,7 @@ from icl_course import plots, pretrained
 from icl_course.linear_transformer import FullAttention, LinearTransformer, linear_transformer
 from icl_course.metrics import evaluate
 from icl_course.progress import ProgressBar
+from icl_course.results import Lookup
 from icl_course.runtime import get_device, get_profile
 from icl_course.tasks import Choice, Gaussian, RegressionTask, Uniform, generator
 from icl_course.training import History, TrainConfig, train
@@ -425,7 +426,7 @@ def run(profile: str | None = None, progress: bool = False, config: MixedNoiseCo
         "seconds": time.perf_counter() - start,
     }
     named = {f"{m}@{s}": model for (m, s), model in models.items()}
-    return MixedNoiseResult(config, named, baselines, sweep, depth, algorithm, traces, live_history, metrics)
+    return MixedNoiseResult(config, named, baselines, sweep, depth, algorithm, traces, live_history, Lookup.deep(metrics))
 
 
 # --- figures -------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from icl_course import plots
 from icl_course.linear_transformer import LinearTransformer, linear_transformer
 from icl_course.metrics import mse_loss
 from icl_course.progress import ProgressBar
+from icl_course.results import Lookup
 from icl_course.runtime import get_device, get_profile
 from icl_course.tasks import IllConditioned, RegressionTask, generator
 from icl_course.training import History, TrainConfig, train
@@ -415,4 +416,4 @@ def run(profile: str | None = None, progress: bool = False, config: NewtonConfig
         "profile": profile,
         "device": str(device),
     }
-    return NewtonResult(config, model, lmodel, history, lhistory, curves, metrics)
+    return NewtonResult(config, model, lmodel, history, lhistory, curves, Lookup.deep(metrics))

@@ -29,6 +29,7 @@ from icl_course import plots
 from icl_course.linear_transformer import LinearTransformer, linear_transformer
 from icl_course.metrics import evaluate, implicit_weights, implicit_weights_per_layer
 from icl_course.progress import ProgressBar
+from icl_course.results import Lookup
 from icl_course.runtime import get_device, get_profile
 from icl_course.solvers import GDPlusPlus, GradientDescent, LeastSquares, tune_gdpp, tune_step_size
 from icl_course.tasks import Gaussian, RegressionTask, generator
@@ -452,5 +453,5 @@ def run(
         implicit=implicit,
         spectra=spectra,
         sweep=sweep,
-        metrics=metrics,
+        metrics=Lookup.deep(metrics),
     )

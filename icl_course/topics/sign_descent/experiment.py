@@ -21,6 +21,7 @@ import torch
 
 from icl_course import plots
 from icl_course.progress import ProgressBar
+from icl_course.results import Lookup
 from icl_course.runtime import get_device, get_profile
 from icl_course.tasks import generator
 
@@ -376,4 +377,4 @@ def run(profile: str | None = None, progress: bool = False, config: SignDescentC
         "profile": profile,
         "device": str(device),
     }
-    return SignDescentResult(config, runs, sweep, sweep_curves, metrics)
+    return SignDescentResult(config, runs, sweep, sweep_curves, Lookup.deep(metrics))

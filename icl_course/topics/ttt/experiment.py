@@ -23,6 +23,7 @@ import torch
 
 from icl_course import plots
 from icl_course.progress import ProgressBar
+from icl_course.results import Lookup
 from icl_course.runtime import get_device, get_profile
 from icl_course.tasks import generator
 from icl_course.training import History, TrainConfig, train
@@ -367,4 +368,4 @@ def run(profile: str | None = None, progress: bool = False, config: TTTConfig | 
     }
     return TTTResult(config=config, models={k: v.cpu() for k, v in models.items()}, histories=histories,
                      error_by_position=errors, mini_batch_errors=mini_batch_errors, dial=dial, costs=costs,
-                     metrics=metrics)
+                     metrics=Lookup.deep(metrics))
