@@ -25,7 +25,8 @@ from icl_course.solvers import GradientDescent, tune_step_size
 from icl_course.tasks import RegressionTask, Uniform, generator
 from icl_course.training import History, TrainConfig, train
 
-__all__ = ["GDStepConfig", "GDStepResult", "CONFIGS", "run", "make_task", "rescaled_like_gd", "interpolate"]
+__all__ = ["GDStepConfig", "GDStepResult", "CONFIGS", "run", "best_one_step", "train_lsa", "out_of_distribution",
+           "interpolation", "make_task", "rescaled_like_gd", "interpolate"]
 
 
 @dataclass(frozen=True)
@@ -127,21 +128,17 @@ def interpolate(model: LinearTransformer, gd_model: LinearTransformer, alpha: fl
     return LinearTransformer([layer])
 
 
-def run(profile: str | None = None, progress: bool = False, config: GDStepConfig | None = None) -> GDStepResult:
-    """Train the one-layer LSA and compare it with the best one-step GD learner on held-out tasks."""
-    profile = get_profile(profile)
-    config = config or CONFIGS[profile]
-    device = get_device()
-    task = make_task(config)
-    held_out = task.sample(config.n_eval, generator(config.seed + 2), device=device)
-
-    # The best one-step GD learner, by line search on the held-out tasks, and its loss curve.
-    eta, gd_loss = tune_step_size(held_out, n_steps=1)
-    gd = GradientDescent(eta)
+def best_one_step(held_out) -> tuple[GradientDescent, float, list[float], list[float]]:
+    """The best one-step GD learner by line search on the held-out tasks, its loss, and the loss
+    along a grid of step sizes: ``(gd, loss, eta_grid, grid_losses)``."""
+    eta, loss = tune_step_size(held_out, n_steps=1)
     eta_grid = torch.logspace(-1, 1.5, 60).tolist()
-    gd_losses = [evaluate(GradientDescent(e), held_out) for e in eta_grid]
+    return GradientDescent(eta), loss, eta_grid, [evaluate(GradientDescent(e), held_out) for e in eta_grid]
 
-    # Train, measuring the alignment with GD every few steps on a slice of the held-out tasks.
+
+def train_lsa(config: GDStepConfig, task, gd: GradientDescent, held_out, progress: bool, device):
+    """Train the one-layer LSA, measuring its alignment with ``gd`` ``n_track`` times on the held-out
+    tasks: ``(model, history, tracking)``."""
     model = linear_transformer(config.d, n_layers=1, n_heads=1, init_std=config.init_std, seed=config.seed)
     train_config = replace(config.train, seed=config.seed + 1)
     tracking = {"step": [], "lsa_loss": [], "model_cosine": [], "prediction_distance": []}
@@ -158,38 +155,55 @@ def run(profile: str | None = None, progress: bool = False, config: GDStepConfig
             tracking["prediction_distance"].append(prediction_distance(model, gd, held_out))
 
     history = train(model, task, train_config, callback=callback, device=device)
-    model.eval()
+    return model.eval(), history, tracking
 
-    # Out of distribution: the same learners on inputs drawn from a wider or narrower range.
-    ood = {"scale": list(config.ood_scales), "lsa_loss": [], "gd_loss": []}
+
+def out_of_distribution(config: GDStepConfig, learners: dict, device) -> dict[str, list[float]]:
+    """The learners' losses on inputs drawn from a wider or narrower range (``config.ood_scales``)."""
+    ood = {"scale": list(config.ood_scales), **{f"{name}_loss": [] for name in learners}}
     for i, scale in enumerate(config.ood_scales):
         batch = make_task(config, scale).sample(config.n_eval, generator(config.seed + 10 + i), device=device)
-        ood["lsa_loss"].append(evaluate(model, batch))
-        ood["gd_loss"].append(evaluate(gd, batch))
+        for name, learner in learners.items():
+            ood[f"{name}_loss"].append(evaluate(learner, batch))
+    return ood
 
-    # The straight path from the construction's weights to the trained ones (rescaled).
-    gd_model = gd_transformer(config.d, eta).to(device)
+
+def interpolation(model: LinearTransformer, eta: float, held_out, device) -> dict[str, list[float]]:
+    """The loss along the straight path from the construction's weights to the trained ones (rescaled)."""
+    gd_model = gd_transformer(model.d, eta).to(device)
     alphas = torch.linspace(0, 1, 11).tolist()
-    interp = {"alpha": alphas, "loss": [evaluate(interpolate(model, gd_model, a), held_out) for a in alphas]}
+    return {"alpha": alphas, "loss": [evaluate(interpolate(model, gd_model, a), held_out) for a in alphas]}
 
-    # The same experiment with the paper's text's inputs, U(-1, 1): only the scale of the loss changes.
+
+def run(profile: str | None = None, progress: bool = False, config: GDStepConfig | None = None) -> GDStepResult:
+    """Train the one-layer LSA and compare it with the best one-step GD learner on held-out tasks."""
+    profile = get_profile(profile)
+    config = config or CONFIGS[profile]
+    device = get_device()
+    task = make_task(config)
+    held_out = task.sample(config.n_eval, generator(config.seed + 2), device=device)
+    gd, gd_loss, eta_grid, gd_losses = best_one_step(held_out)
+    model, history, tracking = train_lsa(config, task, gd, held_out, progress, device)
+    ood = out_of_distribution(config, {"lsa": model, "gd": gd}, device)
+    interp = interpolation(model, gd.eta, held_out, device)
+    # The paper's text's inputs, U(-1, 1): only the scale of the loss changes.
     paper_text_batch = make_task(config, 1.0 / config.input_range).sample(config.n_eval, generator(config.seed + 3))
     _, gd_loss_paper_text = tune_step_size(paper_text_batch.to(device), n_steps=1)
-
     _, P_scaled = rescaled_like_gd(model)
+    lsa_loss = evaluate(model, held_out)
     metrics = {
         "best_gd_loss": gd_loss,
-        "best_gd_eta": eta,
-        "lsa_loss": evaluate(model, held_out),
+        "best_gd_eta": gd.eta,
+        "lsa_loss": lsa_loss,
         "zero_predictor_loss": 0.5 * held_out.y_query.pow(2).mean().item(),
-        "relative_gap": evaluate(model, held_out) / gd_loss - 1,
+        "relative_gap": lsa_loss / gd_loss - 1,
         "model_cosine": model_cosine(model, gd, held_out),
         "model_l2_distance": model_distance(model, gd, held_out),
         "prediction_distance": prediction_distance(model, gd, held_out),
         "implied_eta": -P_scaled[config.d, config.d].item(),
         "best_gd_loss_inputs_U(-1,1)": gd_loss_paper_text,
         "train_seconds": history.seconds,
-        "train_steps": train_config.steps,
+        "train_steps": config.train.steps,
         "n_eval": config.n_eval,
         "profile": profile,
         "device": str(device),

@@ -52,7 +52,8 @@ from .matrix_inverse import (
 
 __all__ = [
     "NewtonConfig", "NewtonResult", "CONFIGS", "run", "conditioned_matrix", "inverse_convergence",
-    "convergence_figure", "construction_errors", "match_layers", "train_and_match",
+    "convergence_figure", "construction_errors", "match_layers", "train_and_match", "iteration_counts",
+    "construction", "logistic_regression",
 ]
 
 
@@ -321,38 +322,40 @@ def _log_grid(max_steps: int, points: int) -> list[int]:
     return sorted({0, *(int(round(x)) for x in torch.logspace(0, math.log10(max_steps), points).tolist())})
 
 
-def run(profile: str | None = None, progress: bool = False, config: NewtonConfig | None = None) -> NewtonResult:
-    """Run the four parts of the chapter's experiment (module docstring)."""
-    profile = get_profile(profile)
-    config = config or CONFIGS[profile]
-    device = get_device()
-    curves: dict = {}
-
-    # 1. Newton-Schulz against GD: iterations to the tolerance, per condition number.
+def iteration_counts(config: NewtonConfig) -> dict:
+    """1. Newton-Schulz against GD: iterations to ``config.tol`` for every condition number (closed
+    forms, Newton's checked by iterating)."""
     ns_iters, gd_iters = {}, {}
     for i, kappa in enumerate(config.kappas):
         A = conditioned_matrix(config.matrix_dim, kappa, generator(config.seed + 100 + i))
         ns_iters[str(kappa)] = iterations_to_tolerance(A, config.tol, "newton", max_iters=10**9)
         gd_iters[str(kappa)] = iterations_to_tolerance(A, config.tol, "gd", max_iters=10**9)
-        # the counts above are closed forms; check Newton's by actually iterating
         residual = torch.linalg.matrix_norm(torch.eye(config.matrix_dim, dtype=A.dtype) - A @ newton_schulz(A, ns_iters[str(kappa)])[-1], ord=2)
         if residual.item() > config.tol:
             raise RuntimeError(f"Newton-Schulz did not reach {config.tol} in the predicted iterations at kappa={kappa}")
+    return {"newton_schulz_iters_to_tol": ns_iters, "gd_iters_to_tol": gd_iters, "tol": config.tol}
 
-    # 2. The construction, in float64 on held-out regression sequences.
-    task = RegressionTask(d=config.d, n_ctx=config.n_ctx, inputs=IllConditioned(config.d, config.kappa))
-    held_out = task.sample(config.n_eval, generator(config.seed + 2), dtype=torch.float64)
+
+def construction(config: NewtonConfig, task, held_out) -> tuple[dict, list[float]]:
+    """2. The construction in float64: its largest errors against Newton's iterates (on 500 other
+    sequences), and its held-out loss after every layer."""
     small = task.sample(min(config.n_eval, 500), generator(config.seed + 3), dtype=torch.float64)
     errs = construction_errors(small, config.construction_steps, config.construction_alpha)
     with torch.no_grad():
-        construction_preds = IterativeNewton(config.construction_steps, config.construction_alpha).predict_all(
+        preds = IterativeNewton(config.construction_steps, config.construction_alpha).predict_all(
             held_out.xs, held_out.ys, held_out.x_query)
-    curves["construction_newton"] = [mse_loss(p, held_out.y_query).item() for p in construction_preds]
+    metrics = {
+        "newton_schulz_construction_max_abs_err": max(errs.values()),
+        "construction_prediction_max_abs_err": errs["prediction"],
+        "construction_one_step_max_abs_err": errs["one_step"],
+        "construction_steps": config.construction_steps,
+    }
+    return metrics, [mse_loss(p, held_out.y_query).item() for p in preds]
 
-    # 3. Train a linear transformer; match its layers to Newton iterations and GD steps.
-    model, history, newton_match, gd_match, layer_preds = train_and_match(config, task, held_out, device, progress)
 
-    # 4. Logistic regression: Newton and GD on the context's regularized loss, and a trained model.
+def logistic_regression(config: NewtonConfig, progress: bool, device):
+    """4. Logistic regression: Newton and GD on the context's regularized loss, and a trained
+    attention + MLP model read out after every block: ``(model, history, metrics, curves)``."""
     logistic = LogisticTask(d=config.d, n_ctx=config.n_ctx, mu=config.mu)
     lheld = logistic.sample(config.n_eval, generator(config.seed + 2), dtype=torch.float64)
     newton_ws = LogisticNewton(config.mu, config.logistic_newton_iters).iterates(lheld.xs, lheld.ys)
@@ -365,28 +368,46 @@ def run(profile: str | None = None, progress: bool = False, config: NewtonConfig
     def subopt(w):
         return (regularized_loss(lheld.xs, lheld.ys, w, config.mu) - best).max().clamp(min=1e-17).item()
 
-    curves["logistic_newton_subopt"] = [subopt(w) for w in newton_ws]
-    curves["logistic_gd_subopt"] = [subopt(gd_ws[k]) for k in config.logistic_gd_steps]
-    lmodel = attention_mlp_transformer(config.d, config.logistic_blocks, config.n_heads, config.mlp_width,
-                                       config.init_std, config.clamp, config.seed)
-    ltrain_config = TrainConfig(**{**asdict(config.logistic_train), "seed": config.seed + 1})
-    bar = ProgressBar(ltrain_config.steps, desc="attention + MLP") if progress else None
-    lhistory = train(lmodel, logistic, ltrain_config, callback=bar, device=device)
-    lmodel = lmodel.cpu().double().eval()
+    curves = {"logistic_newton_subopt": [subopt(w) for w in newton_ws],
+              "logistic_gd_subopt": [subopt(gd_ws[k]) for k in config.logistic_gd_steps]}
+    model = attention_mlp_transformer(config.d, config.logistic_blocks, config.n_heads, config.mlp_width,
+                                      config.init_std, config.clamp, config.seed)
+    train_config = TrainConfig(**{**asdict(config.logistic_train), "seed": config.seed + 1})
+    bar = ProgressBar(train_config.steps, desc="attention + MLP") if progress else None
+    history = train(model, logistic, train_config, callback=bar, device=device)
+    model = model.cpu().double().eval()
     with torch.no_grad():
-        block_logits = lmodel.predict_per_layer(lheld.xs, lheld.ys, lheld.x_query)  # (blocks, B)
-
+        block_logits = model.predict_per_layer(lheld.xs, lheld.ys, lheld.x_query)  # (blocks, B)
     metrics = {
-        # 1.
-        "newton_schulz_iters_to_tol": ns_iters,
-        "gd_iters_to_tol": gd_iters,
-        "tol": config.tol,
-        # 2.
-        "newton_schulz_construction_max_abs_err": max(errs.values()),
-        "construction_prediction_max_abs_err": errs["prediction"],
-        "construction_one_step_max_abs_err": errs["one_step"],
-        "construction_steps": config.construction_steps,
-        # 3.
+        "logistic_newton_loss": [logit_err(w) for w in newton_ws],
+        "logistic_gd_loss": [logit_err(gd_ws[k]) for k in config.logistic_gd_steps],
+        "logistic_gd_steps": list(config.logistic_gd_steps),
+        "logistic_model_loss": [0.5 * ((z - lheld.z_star) ** 2).mean().item() for z in block_logits],
+        "logistic_ce_optimum": expected_cross_entropy(lheld.z_star, lheld.p_query).item(),
+        "logistic_ce_model": expected_cross_entropy(block_logits[-1], lheld.p_query).item(),
+        "logistic_ce_true_weights": expected_cross_entropy(
+            torch.einsum("bd,bd->b", lheld.w, lheld.x_query), lheld.p_query).item(),
+        "logistic_train_seconds": history.seconds,
+        "logistic_train_steps": train_config.steps,
+    }
+    return model, history, metrics, curves
+
+
+def run(profile: str | None = None, progress: bool = False, config: NewtonConfig | None = None) -> NewtonResult:
+    """Run the four parts of the chapter's experiment (module docstring)."""
+    profile = get_profile(profile)
+    config = config or CONFIGS[profile]
+    device = get_device()
+    counts = iteration_counts(config)
+    task = RegressionTask(d=config.d, n_ctx=config.n_ctx, inputs=IllConditioned(config.d, config.kappa))
+    held_out = task.sample(config.n_eval, generator(config.seed + 2), dtype=torch.float64)
+    built, construction_curve = construction(config, task, held_out)
+    # 3. Train a linear transformer; match its layers to Newton iterations and GD steps.
+    model, history, newton_match, gd_match, layer_preds = train_and_match(config, task, held_out, device, progress)
+    lmodel, lhistory, logistic_metrics, curves = logistic_regression(config, progress, device)
+    metrics = {
+        **counts,
+        **built,
         "model_layer_loss": [mse_loss(p, held_out.y_query).item() for p in layer_preds],
         "newton_loss": newton_match["algo_err"],
         "least_squares_loss": newton_match["algo_err"][-1],
@@ -401,19 +422,10 @@ def run(profile: str | None = None, progress: bool = False, config: NewtonConfig
         "train_seconds": history.seconds,
         "train_steps": config.train.steps,
         "final_train_loss": history.losses[-1],
-        # 4.
-        "logistic_newton_loss": [logit_err(w) for w in newton_ws],
-        "logistic_gd_loss": [logit_err(gd_ws[k]) for k in config.logistic_gd_steps],
-        "logistic_gd_steps": list(config.logistic_gd_steps),
-        "logistic_model_loss": [0.5 * ((z - lheld.z_star) ** 2).mean().item() for z in block_logits],
-        "logistic_ce_optimum": expected_cross_entropy(lheld.z_star, lheld.p_query).item(),
-        "logistic_ce_model": expected_cross_entropy(block_logits[-1], lheld.p_query).item(),
-        "logistic_ce_true_weights": expected_cross_entropy(
-            torch.einsum("bd,bd->b", lheld.w, lheld.x_query), lheld.p_query).item(),
-        "logistic_train_seconds": lhistory.seconds,
-        "logistic_train_steps": ltrain_config.steps,
+        **logistic_metrics,
         "n_eval": config.n_eval,
         "profile": profile,
         "device": str(device),
     }
+    curves = {"construction_newton": construction_curve, **curves}
     return NewtonResult(config, model, lmodel, history, lhistory, curves, Lookup.deep(metrics))

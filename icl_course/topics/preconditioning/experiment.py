@@ -50,6 +50,12 @@ __all__ = [
     "PreconditioningResult",
     "CONFIGS",
     "run",
+    "make_data",
+    "closed_forms",
+    "one_layer",
+    "depth_comparison",
+    "implicit_models",
+    "anisotropy_sweep",
     "covariance",
     "make_task",
     "step_losses",
@@ -295,17 +301,20 @@ def _shared_colour_scale(fig):
     return fig
 
 
-def _train(model, task, train_config, seed, desc, progress, callback=None, device=None) -> History:
+def _train(model, task, train_config, seed, desc, progress, device=None, track=None, n_track: int = 0) -> History:
+    """Train with ``train_config`` at ``seed``; ``track(step, loss)`` runs ``n_track`` times, evenly spread,
+    and at the last step."""
     cfg = TrainConfig(**{**asdict(train_config), "seed": seed})
     bar = ProgressBar(cfg.steps, desc=desc) if progress else None
+    every = max(1, cfg.steps // n_track) if n_track else 0
 
     def on_step(step, loss):
         if bar is not None:
             bar(step, loss)
-        if callback is not None:
-            callback(step, loss)
+        if every and (step % every == 0 or step == cfg.steps - 1):
+            track(step, loss)
 
-    return train(model, task, cfg, callback=bar if callback is None else on_step, device=device)  # a bar: resumable
+    return train(model, task, cfg, callback=bar if track is None else on_step, device=device)  # a bar: resumable
 
 
 def implicit_identity_error(model: LinearTransformer, batch) -> float:
@@ -318,6 +327,145 @@ def implicit_identity_error(model: LinearTransformer, batch) -> float:
     return (y_hat - torch.einsum("bd,bd->b", w, b.x_query)).abs().max().item()
 
 
+@dataclass(frozen=True)
+class Data:
+    """The chapter's ``Sigma`` and ``Gamma*``, its task, and the sequences every measurement shares."""
+
+    cov: torch.Tensor  # (d, d) float64
+    gamma_star: torch.Tensor  # (d, d) float64
+    task: RegressionTask
+    held_out: object  # RegressionBatch: every reported loss
+    tune_batch: object  # float64: where the solvers' step sizes are tuned
+    probe: object  # the first n_probe held-out sequences: tracking during training
+    ident: object  # the first n_identity held-out sequences, on the CPU: implicit models
+
+
+def make_data(config: PreconditioningConfig, device) -> Data:
+    cov = covariance(config)
+    task = make_task(config, cov)
+    held_out = task.sample(config.n_eval, generator(config.seed + 2), device=device)
+    return Data(
+        cov=cov,
+        gamma_star=optimal_preconditioner(cov, config.n_ctx),
+        task=task,
+        held_out=held_out,
+        tune_batch=task.sample(config.n_tune, generator(config.seed + 3), dtype=torch.float64),
+        probe=_first(held_out, config.n_probe),
+        ident=_first(held_out, config.n_identity).to("cpu"),
+    )
+
+
+def closed_forms(config: PreconditioningConfig, data: Data, device) -> dict:
+    """1. ``Gamma*``'s loss in closed form against Monte Carlo, for ``Sigma`` and for ``Sigma = I``."""
+    n, held_out = config.n_ctx, data.held_out
+    iso = torch.eye(config.d, dtype=torch.float64)
+    iso_batch = make_task(config, iso).sample(config.n_eval, generator(config.seed + 4), device=device)
+    plain_eta, plain_loss = best_plain_step(data.cov, n)
+    return {
+        "gamma_star_loss": optimal_step_loss(data.cov, n),
+        "gamma_star_loss_mc": evaluate(GradientDescent(1.0, 1, data.gamma_star.float()), held_out),
+        "gamma_star_loss_isotropic": optimal_step_loss(iso, n),
+        "gamma_star_loss_isotropic_mc": evaluate(GradientDescent(1.0, 1, optimal_preconditioner(iso, n).float()), iso_batch),
+        "plain_step_loss": plain_loss,
+        "plain_step_eta": plain_eta,
+        "zero_predictor_loss": 0.5 * held_out.y_query.pow(2).mean().item(),
+        "condition_number": _condition_number(data.cov),
+    }
+
+
+@dataclass
+class OneLayer:
+    model: LinearTransformer
+    history: History
+    tracking: dict[str, list[float]]  # step, rel_error, loss during training
+    metrics: dict
+
+
+def one_layer(config: PreconditioningConfig, data: Data, closed: dict, progress: bool, device) -> OneLayer:
+    """2. The one-layer model, compared with ``Gamma*`` while it trains and after."""
+    model = linear_transformer(config.d, 1, config.n_heads, init_std=config.init_std, seed=config.seed)
+    tracking = {"step": [], "rel_error": [], "loss": []}
+
+    def track(step, loss):
+        tracking["step"].append(step + 1)
+        tracking["rel_error"].append(relative_error(layer_preconditioner(model.layers[0]).cpu(), data.gamma_star))
+        tracking["loss"].append(evaluate(model, data.probe))
+
+    history = _train(model, data.task, config.train_one_layer, config.seed + 1, "1 layer", progress, device,
+                     track=track, n_track=config.n_track)
+    model.eval()
+    trained = layer_preconditioner(model.layers[0]).cpu().double()
+    sqrt_cov = torch.linalg.cholesky(data.cov)  # weighs each direction by its input scale
+    loss = evaluate(model, data.held_out)
+    metrics = {
+        "lsa1_loss": loss,
+        "lsa1_loss_closed_form": preconditioned_step_loss(trained, data.cov, config.n_ctx),  # its Gamma only
+        "preconditioner_rel_error": relative_error(trained, data.gamma_star),
+        "preconditioner_rel_error_sigma_weighted": relative_error(
+            sqrt_cov.T @ trained @ sqrt_cov, sqrt_cov.T @ data.gamma_star @ sqrt_cov
+        ),
+        "lsa1_rel_gap": loss / closed["gamma_star_loss"] - 1,
+        "lsa1_rel_gap_mc": loss / closed["gamma_star_loss_mc"] - 1,
+    }
+    return OneLayer(model, history, tracking, metrics)
+
+
+@dataclass
+class Depth:
+    losses: dict[str, list[float]]  # "depth" and the held-out loss of every learner at each depth
+    tuned: dict[str, dict[str, float]]  # the solvers' tuned step sizes (and GD++'s gamma), by depth
+
+
+def depth_comparison(config: PreconditioningConfig, data: Data, models: dict) -> Depth:
+    """3. Trained transformers against as many steps of GD, GD with ``Gamma*`` and GD++ (tuned)."""
+    losses = {"depth": list(config.depths), "lsa": [], "gd": [], "pgd": [], "gdpp": []}
+    tuned = {"gd_eta": {}, "pgd_eta": {}, "gdpp_eta": {}, "gdpp_gamma": {}}
+    for L in config.depths:
+        gd_eta, _ = tune_step_size(data.tune_batch, L)
+        pgd_eta, _ = tune_step_size(data.tune_batch, L, data.gamma_star)
+        gdpp_eta, gdpp_gamma, _ = tune_gdpp(data.tune_batch, L)
+        solvers = {
+            "gd": GradientDescent(gd_eta, L),
+            "pgd": GradientDescent(pgd_eta, L, data.gamma_star.float()),
+            "gdpp": GDPlusPlus(gdpp_eta, gdpp_gamma, L),
+            "lsa": models[L],
+        }
+        for name, solver in solvers.items():
+            losses[name].append(evaluate(solver, data.held_out))
+        for name, value in zip(tuned, (gd_eta, pgd_eta, gdpp_eta, gdpp_gamma)):
+            tuned[name][str(L)] = value
+    return Depth(losses, tuned)
+
+
+def implicit_models(models: dict, ident) -> tuple[dict[int, list[float]], dict[str, float]]:
+    """The implicit linear model of every trained model: ``w_l``'s distance to least squares after
+    every layer, and the identity ``y_hat = <w, x_q>`` in float64 (its largest error)."""
+    w_ls = LeastSquares().weights(ident.xs.double(), ident.ys.double()).float()  # (B, d)
+    distance = {}
+    for L, model in models.items():
+        model.cpu()
+        w_layers = implicit_weights_per_layer(model, ident.xs, ident.ys, ident.x_query)  # (L, B, d)
+        distance[L] = ((w_layers - w_ls).norm(dim=-1) / w_ls.norm(dim=-1)).mean(-1).tolist()
+    return distance, {str(L): implicit_identity_error(m, ident) for L, m in models.items()}
+
+
+def anisotropy_sweep(config: PreconditioningConfig) -> dict[str, list]:
+    """4b. Plain against preconditioned GD as ``Sigma`` grows more anisotropic, losses relative to
+    the zero predictor's: one step in closed form, ``sweep_steps`` steps by Monte Carlo."""
+    sweep = {"anisotropy": list(config.sweep), "condition_number": [], "gd1_closed": [], "gamma_star_closed": [],
+             "gd": [], "pgd": []}
+    for i, a in enumerate(config.sweep):
+        c = covariance(config, a)
+        scale = 0.5 * torch.trace(c).item()  # the zero predictor's loss: losses become comparable
+        sweep["condition_number"].append(_condition_number(c))
+        sweep["gd1_closed"].append(best_plain_step(c, config.n_ctx)[1] / scale)
+        sweep["gamma_star_closed"].append(optimal_step_loss(c, config.n_ctx) / scale)
+        s = step_losses(make_task(config, c), [config.sweep_steps], config.n_tune, config.n_probe, config.seed + 10 + 2 * i)
+        sweep["gd"].append(s["gd"][0] / scale)
+        sweep["pgd"].append(s["pgd"][0] / scale)
+    return sweep
+
+
 def run(
     profile: str | None = None, progress: bool = False, config: PreconditioningConfig | None = None
 ) -> PreconditioningResult:
@@ -325,131 +473,42 @@ def run(
     profile = get_profile(profile)
     config = config or CONFIGS[profile]
     device = get_device()
-    d, n = config.d, config.n_ctx
-    cov = covariance(config)
-    gamma_star = optimal_preconditioner(cov, n)
-    task = make_task(config, cov)
-    held_out = task.sample(config.n_eval, generator(config.seed + 2), device=device)
-    tune_batch = task.sample(config.n_tune, generator(config.seed + 3), dtype=torch.float64)
-    metrics: dict = {}
-
-    # 1. Gamma*: closed form against Monte Carlo, here and for Sigma = I.
-    iso = torch.eye(d, dtype=torch.float64)
-    iso_batch = make_task(config, iso).sample(config.n_eval, generator(config.seed + 4), device=device)
-    plain_eta, plain_loss = best_plain_step(cov, n)
-    metrics.update(
-        gamma_star_loss=optimal_step_loss(cov, n),
-        gamma_star_loss_mc=evaluate(GradientDescent(1.0, 1, gamma_star.float()), held_out),
-        gamma_star_loss_isotropic=optimal_step_loss(iso, n),
-        gamma_star_loss_isotropic_mc=evaluate(
-            GradientDescent(1.0, 1, optimal_preconditioner(iso, n).float()), iso_batch
-        ),
-        plain_step_loss=plain_loss,
-        plain_step_eta=plain_eta,
-        zero_predictor_loss=0.5 * held_out.y_query.pow(2).mean().item(),
-        condition_number=_condition_number(cov),
-    )
-
-    # 2. The one-layer model, compared with Gamma* while it trains.
-    models, histories = {}, {}
-    probe = _first(held_out, config.n_probe)
-    model = linear_transformer(d, 1, config.n_heads, init_std=config.init_std, seed=config.seed)
-    tracking = {"step": [], "rel_error": [], "loss": []}
-    steps = config.train_one_layer.steps
-    every = max(1, steps // config.n_track)
-
-    def track(step, loss):
-        if step % every == 0 or step == steps - 1:
-            tracking["step"].append(step + 1)
-            tracking["rel_error"].append(relative_error(layer_preconditioner(model.layers[0]).cpu(), gamma_star))
-            tracking["loss"].append(evaluate(model, probe))
-
-    histories[1] = _train(model, task, config.train_one_layer, config.seed + 1, "1 layer", progress, track, device)
-    models[1] = model.eval()
-    trained = layer_preconditioner(model.layers[0]).cpu().double()
-    sqrt_cov = torch.linalg.cholesky(cov)  # weighs each direction by its input scale
-    metrics.update(
-        lsa1_loss=evaluate(model, held_out),
-        lsa1_loss_closed_form=preconditioned_step_loss(trained, cov, n),  # its Gamma only, no other terms
-        preconditioner_rel_error=relative_error(trained, gamma_star),
-        preconditioner_rel_error_sigma_weighted=relative_error(
-            sqrt_cov.T @ trained @ sqrt_cov, sqrt_cov.T @ gamma_star @ sqrt_cov
-        ),
-    )
-    metrics["lsa1_rel_gap"] = metrics["lsa1_loss"] / metrics["gamma_star_loss"] - 1
-    metrics["lsa1_rel_gap_mc"] = metrics["lsa1_loss"] / metrics["gamma_star_loss_mc"] - 1
-
-    # 3. Depth: trained transformers against the solvers, step for step.
-    for L in config.depths:
-        if L == 1:
-            continue
-        model = linear_transformer(d, L, config.n_heads, init_std=config.init_std, seed=config.seed)
-        histories[L] = _train(model, task, config.train_deep, config.seed + 1, f"{L} layers", progress, device=device)
+    data = make_data(config, device)
+    closed = closed_forms(config, data, device)
+    first = one_layer(config, data, closed, progress, device)
+    models, histories = {1: first.model}, {1: first.history}
+    for L in (L for L in config.depths if L != 1):
+        model = linear_transformer(config.d, L, config.n_heads, init_std=config.init_std, seed=config.seed)
+        histories[L] = _train(model, data.task, config.train_deep, config.seed + 1, f"{L} layers", progress, device)
         models[L] = model.eval()
-    depth = {"depth": list(config.depths), "lsa": [], "gd": [], "pgd": [], "gdpp": []}
-    tuned = {"gd_eta": {}, "pgd_eta": {}, "gdpp_eta": {}, "gdpp_gamma": {}}
-    for L in config.depths:
-        gd_eta, _ = tune_step_size(tune_batch, L)
-        pgd_eta, _ = tune_step_size(tune_batch, L, gamma_star)
-        gdpp_eta, gdpp_gamma, _ = tune_gdpp(tune_batch, L)
-        solvers = {
-            "gd": GradientDescent(gd_eta, L),
-            "pgd": GradientDescent(pgd_eta, L, gamma_star.float()),
-            "gdpp": GDPlusPlus(gdpp_eta, gdpp_gamma, L),
-            "lsa": models[L],
-        }
-        for name, solver in solvers.items():
-            depth[name].append(evaluate(solver, held_out))
-        for name, value in zip(tuned, (gd_eta, pgd_eta, gdpp_eta, gdpp_gamma)):
-            tuned[name][str(L)] = value
-    for name in ("lsa", "gd", "pgd", "gdpp"):
-        metrics[f"{name}_loss"] = {str(L): v for L, v in zip(config.depths, depth[name])}
-    metrics.update(tuned)
-    metrics["ols_loss"] = evaluate(LeastSquares(), held_out)
-
-    # The implicit linear model: the identity y_hat = <w, x_q> (float64), and w_l after every layer.
-    ident = _first(held_out, config.n_identity).to("cpu")
-    w_ls = LeastSquares().weights(ident.xs.double(), ident.ys.double()).float()  # (B, d)
-    implicit = {}
-    for L, model in models.items():
-        model.cpu()
-        w_layers = implicit_weights_per_layer(model, ident.xs, ident.ys, ident.x_query)  # (L, B, d)
-        implicit[L] = ((w_layers - w_ls).norm(dim=-1) / w_ls.norm(dim=-1)).mean(-1).tolist()
-    metrics["implicit_identity_max_error"] = {str(L): implicit_identity_error(m, ident) for L, m in models.items()}
-    metrics["implicit_distance_to_ls"] = {str(L): v for L, v in implicit.items()}
-
-    # 4. GD++ and the spectrum of S; the anisotropy sweep (plain vs preconditioned GD).
+    depth = depth_comparison(config, data, models)
+    implicit, identity_error = implicit_models(models, data.ident)
     k = max(config.depths)
-    spectra = gdpp_spectra(ident, tuned["gdpp_gamma"][str(k)], k)
-    metrics["gdpp_condition_number"] = spectra["condition_number"]
-    sweep = {"anisotropy": list(config.sweep), "condition_number": [], "gd1_closed": [], "gamma_star_closed": []}
-    sweep.update(gd=[], pgd=[])
-    for i, a in enumerate(config.sweep):
-        c = covariance(config, a)
-        scale = 0.5 * torch.trace(c).item()  # the zero predictor's loss: losses become comparable
-        sweep["condition_number"].append(_condition_number(c))
-        sweep["gd1_closed"].append(best_plain_step(c, n)[1] / scale)
-        sweep["gamma_star_closed"].append(optimal_step_loss(c, n) / scale)
-        seed = config.seed + 10 + 2 * i
-        s = step_losses(make_task(config, c), [config.sweep_steps], config.n_tune, config.n_probe, seed)
-        sweep["gd"].append(s["gd"][0] / scale)
-        sweep["pgd"].append(s["pgd"][0] / scale)
-    metrics["sweep"] = sweep
-
-    metrics.update(
-        train_seconds={str(L): h.seconds for L, h in histories.items()},
-        n_eval=config.n_eval,
-        profile=profile,
-        device=str(device),
-    )
+    spectra = gdpp_spectra(data.ident, depth.tuned["gdpp_gamma"][str(k)], k)  # 4a. GD++ and the spectrum of S
+    sweep = anisotropy_sweep(config)
+    metrics = {
+        **closed,
+        **first.metrics,
+        **{f"{name}_loss": dict(zip(map(str, config.depths), depth.losses[name])) for name in ("lsa", "gd", "pgd", "gdpp")},
+        **depth.tuned,
+        "ols_loss": evaluate(LeastSquares(), data.held_out),
+        "implicit_identity_max_error": identity_error,
+        "implicit_distance_to_ls": {str(L): v for L, v in implicit.items()},
+        "gdpp_condition_number": spectra["condition_number"],
+        "sweep": sweep,
+        "train_seconds": {str(L): h.seconds for L, h in histories.items()},
+        "n_eval": config.n_eval,
+        "profile": profile,
+        "device": str(device),
+    }
     return PreconditioningResult(
         config=config,
-        cov=cov,
-        gamma_star=gamma_star,
+        cov=data.cov,
+        gamma_star=data.gamma_star,
         models={L: m.cpu() for L, m in models.items()},
         histories=histories,
-        tracking=tracking,
-        depth=depth,
+        tracking=first.tracking,
+        depth=depth.losses,
         implicit=implicit,
         spectra=spectra,
         sweep=sweep,
