@@ -188,7 +188,7 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="icl-course", description="Companion tools of the course.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, device and profile")
@@ -211,60 +211,79 @@ def main(argv: list[str] | None = None) -> int:
     grd.add_argument("--out", type=Path, default=None, help="write a gradebook: FILE.csv or FILE.json")
     grd.add_argument("--timeout", type=float, default=120.0, help="seconds per submission (default 120)")
     grd.add_argument("--chapter", default=None, help="which exercises (default: read from each notebook)")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def _grade(args) -> None:
+    from . import grading
+
+    if args.out is not None:
+        _check_gradebook(args.out)
+    if not args.timeout > 0:
+        raise ValueError(f"--timeout must be > 0, got {args.timeout}")
+    results = grading.grade_all(args.submissions, timeout=args.timeout, chapter=args.chapter)
+    print(grading.table(results))
+    if args.out is not None:
+        grading.write_report(results, args.out)
+        print(f"wrote {args.out}", file=sys.stderr)
+
+
+def _write_weights(args) -> None:
+    experiment = topics.get(args.topic).experiment()
+    if not hasattr(experiment, "write_weights"):
+        raise ValueError(f"topic {args.topic!r} ships no pretrained weights")
+    folder = Path(os.path.abspath("results")) / f".{args.topic}-weights.checkpoints" if args.resume else None
+    with _resumable(folder):
+        records = experiment.write_weights(folder=args.weights_dir, progress=not args.quiet)
+    for record in records:
+        print(json.dumps(record.get("metrics", record), sort_keys=True))
+
+
+def _command(args, out: Path | None) -> None:
+    if args.command == "info":
+        for key, value in info().items():
+            print(f"{key:>11}: {value}")
+    elif args.command == "assign":
+        from .notebooks import assign
+
+        for path in assign(args.chapters, args.out):
+            print(f"wrote {path}")
+    elif args.command == "grade":
+        _grade(args)
+    elif args.write_weights:
+        _write_weights(args)
+    else:
+        metrics = reproduce(args.topic, args.profile, out, progress=not args.quiet, force=args.force, resume=args.resume)
+        print(json.dumps(metrics, indent=2, sort_keys=True))
+        print(f"wrote {out}/metrics.json and figures", file=sys.stderr)
+
+
+def _stopped(args, out: Path | None, signum: int) -> int:
+    """One line on stderr for a command stopped by a signal; the exit status a shell reports for it."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):  # end a progress bar's line now, not after ours
+        bar.close()
+    left = f": {out} was left as it was" if out is not None and not args.write_weights else ""
+    if args.command == "reproduce":
+        left += ("; run the same command again to continue from its checkpoints" if args.resume
+                 else "; add --resume to make a run that can be continued")
+    print(f"icl-course {args.command}: stopped by {signal.Signals(signum).name}{left}", file=sys.stderr)
+    return 128 + signum
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
     out = (args.out or Path("results") / args.topic) if args.command == "reproduce" else None
     main_thread = threading.current_thread() is threading.main_thread()
     sigterm = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
-        if args.command == "info":
-            for key, value in info().items():
-                print(f"{key:>11}: {value}")
-        elif args.command == "assign":
-            from .notebooks import assign
-
-            for path in assign(args.chapters, args.out):
-                print(f"wrote {path}")
-        elif args.command == "grade":
-            from . import grading
-
-            if args.out is not None:
-                _check_gradebook(args.out)
-            if not args.timeout > 0:
-                raise ValueError(f"--timeout must be > 0, got {args.timeout}")
-            results = grading.grade_all(args.submissions, timeout=args.timeout, chapter=args.chapter)
-            print(grading.table(results))
-            if args.out is not None:
-                grading.write_report(results, args.out)
-                print(f"wrote {args.out}", file=sys.stderr)
-        elif args.write_weights:
-            experiment = topics.get(args.topic).experiment()
-            if not hasattr(experiment, "write_weights"):
-                raise ValueError(f"topic {args.topic!r} ships no pretrained weights")
-            folder = Path(os.path.abspath("results")) / f".{args.topic}-weights.checkpoints" if args.resume else None
-            with _resumable(folder):
-                records = experiment.write_weights(folder=args.weights_dir, progress=not args.quiet)
-            for record in records:
-                print(json.dumps(record.get("metrics", record), sort_keys=True))
-        else:
-            metrics = reproduce(args.topic, args.profile, out, progress=not args.quiet, force=args.force,
-                                resume=args.resume)
-            print(json.dumps(metrics, indent=2, sort_keys=True))
-            print(f"wrote {out}/metrics.json and figures", file=sys.stderr)
+        _command(args, out)
     except ValueError as err:
         parser.error(str(err))
     except KeyboardInterrupt as err:
-        signum = getattr(err, "signum", signal.SIGINT)
-        from tqdm import tqdm
-
-        for bar in list(getattr(tqdm, "_instances", ())):  # end a progress bar's line now, not after ours
-            bar.close()
-        left = f": {out} was left as it was" if out is not None and not args.write_weights else ""
-        if args.command == "reproduce":
-            left += ("; run the same command again to continue from its checkpoints" if args.resume
-                     else "; add --resume to make a run that can be continued")
-        print(f"icl-course {args.command}: stopped by {signal.Signals(signum).name}{left}", file=sys.stderr)
-        return 128 + signum
+        return _stopped(args, out, getattr(err, "signum", signal.SIGINT))
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if sigterm is None else sigterm)
