@@ -83,7 +83,8 @@ class GDStepResult:
                 title="trained LSA vs one GD step (held-out tasks)",
             ),
             "matrices": plots.matrices(
-                {"trained Q": Q[0], "trained P": P[0], "GD construction Q": Q_gd[0], "GD construction P": P_gd[0]}
+                {"trained Q (papers' Q transposed)": Q[0], "trained P": P[0], "GD construction Q": Q_gd[0],
+                 "GD construction P": P_gd[0]}
             ),
             "step_size": plots.step_size(self.eta_grid, self.gd_losses, self.gd.eta, self.metrics["lsa_loss"]),
             "out_of_distribution": plots.curves(
