@@ -328,3 +328,18 @@ def test_checks_give_specific_feedback():
     result = checks.discovered_layer(no_rescale)
     assert result.status == "wrong" and "r_new" in result.message
     assert checks.discovered_layer(lambda *a: (_ for _ in ()).throw(NotImplementedError)).status == "not implemented"
+
+
+def test_the_paper_column_holds_table_1_at_every_depth_we_show():
+    assert len(mn.PAPER_TABLE1) == 3 * 7 + 3 and all(len(row) == 10 for row in mn.PAPER_TABLE1.values())
+    assert mn.PAPER_TABLE1["DIAG-4L"]["U(0,5)"] == 0.059 and mn.PAPER_TABLE1["FULL-7L"]["{1,3,5}"] == 0.035
+    assert mn.PAPER_TABLE1["GDPP-4L"]["U(0,0)"] == 9.91e-05
+    ours = {m: {"U(0,5)": 0.1} for m in ("DIAG-3L", "FULL-4L", "GDPP-2L", "ConstRR", "AdaRR", "TunedRR")}
+    rows = mn.table_markdown(ours, {m: {"U(0,5)": 0.01} for m in ours}, settings=("U(0,5)",)).splitlines()[2:]
+    assert [r.split(" | ")[0].strip("| ") for r in rows] == ["FULL-4L", "DIAG-3L", "GDPP-2L", "ConstRR", "AdaRR", "TunedRR"]
+    assert all(r.split(" | ")[1] == "0.100 ± 0.010" and r.split(" | ")[2].strip(" |") != "-" for r in rows)
+
+
+def test_compare_says_level_within_two_standard_errors():
+    assert mn.compare(0.065, 0.068, 0.002, 0.002) == "level with"
+    assert mn.compare(0.060, 0.068, 0.002, 0.002) == "below" and mn.compare(0.08, 0.068, 0.002, 0.002) == "above"

@@ -43,6 +43,7 @@ __all__ = [
     "train_model",
     "adjusted_loss",
     "adjusted_errors",
+    "compare",
     "train_pretrained",
     "run",
 ]
@@ -202,15 +203,38 @@ def train_pretrained(spec: ModelSpec, n_eval: int = 50_000, folder: Path | None 
 # --- the experiment ------------------------------------------------------------------------------
 
 # Vladymyrov et al. 2024, Table 1 (adjusted 0.5·MSE), the columns this chapter covers.
+# Vladymyrov et al. 2024, Table 1 (appendix): adjusted 0.5·MSE of every model at 1-7 layers and of the
+# ridge baselines, for sigma ~ U(0, s) with s = 0..7 and for sigma in {1, 3} and {1, 3, 5}.
+_PAPER_COLUMNS = (*(f"U(0,{s})" for s in range(8)), "{1,3}", "{1,3,5}")
+_PAPER_ROWS = """
+GDPP-1L 1.768 1.639 1.396 1.175 1.015 0.907 0.841 0.806 1.007 0.819
+DIAG-1L 1.767 1.639 1.396 1.175 1.015 0.906 0.841 0.806 1.007 0.819
+FULL-1L 1.768 1.640 1.397 1.176 1.016 0.907 0.842 0.806 1.008 0.820
+GDPP-2L 0.341 0.295 0.243 0.265 0.347 0.366 0.440 0.530 0.305 0.427
+DIAG-2L 0.265 0.214 0.173 0.188 0.219 0.242 0.254 0.259 0.201 0.246
+FULL-2L 0.264 0.215 0.173 0.188 0.220 0.245 0.259 0.263 0.202 0.276
+GDPP-3L 0.019 0.021 0.071 0.161 0.259 0.344 0.454 0.530 0.222 0.422
+DIAG-3L 0.013 0.015 0.048 0.087 0.109 0.118 0.121 0.123 0.098 0.119
+FULL-3L 0.012 0.015 0.049 0.075 0.101 0.117 0.124 0.127 0.076 0.113
+GDPP-4L 9.91e-05 0.014 0.066 0.160 0.258 0.344 0.454 0.530 0.222 0.422
+DIAG-4L 1.19e-04 0.006 0.024 0.041 0.050 0.059 0.065 0.073 0.043 0.062
+FULL-4L 1.63e-04 0.005 0.021 0.038 0.052 0.065 0.068 0.076 0.032 0.061
+GDPP-5L 1.14e-07 0.014 0.066 0.161 0.265 0.344 0.454 0.530 0.222 0.422
+DIAG-5L 1.81e-07 0.004 0.016 0.029 0.041 0.051 0.058 0.062 0.026 0.051
+FULL-5L 1.79e-07 0.002 0.015 0.026 0.038 0.048 0.059 0.065 0.016 0.048
+GDPP-6L 2.37e-10 0.009 0.066 0.161 0.265 0.344 0.454 0.530 0.222 0.422
+DIAG-6L 2.57e-10 0.003 0.014 0.028 0.040 0.048 0.054 0.059 0.020 0.047
+FULL-6L 2.71e-10 0.002 0.014 0.025 0.036 0.044 0.052 0.059 0.011 0.043
+GDPP-7L 2.65e-12 0.009 0.066 0.161 0.265 0.344 0.454 0.530 0.222 0.422
+DIAG-7L 2.50e-12 0.002 0.014 0.027 0.040 0.047 0.052 0.059 0.018 0.046
+FULL-7L 2.50e-12 0.002 0.010 0.025 0.035 0.047 0.050 0.057 0.010 0.035
+ConstRR 0 0.009 0.066 0.161 0.265 0.365 0.454 0.530 0.222 0.422
+AdaRR 0 0.003 0.016 0.034 0.053 0.068 0.081 0.092 0.051 0.084
+TunedRR 0 0.002 0.010 0.023 0.037 0.049 0.060 0.068 0.021 0.054
+"""
 PAPER_TABLE1 = {
-    "FULL-7L": {"U(0,2)": 0.010, "U(0,5)": 0.047, "{1,3}": 0.010},
-    "DIAG-7L": {"U(0,2)": 0.014, "U(0,5)": 0.047, "{1,3}": 0.018},
-    "GDPP-7L": {"U(0,2)": 0.066, "U(0,5)": 0.344, "{1,3}": 0.222},
-    "FULL-4L": {"U(0,2)": 0.021, "U(0,5)": 0.065, "{1,3}": 0.032},
-    "ConstRR": {"U(0,2)": 0.066, "U(0,5)": 0.365, "{1,3}": 0.222},
-    "AdaRR": {"U(0,2)": 0.016, "U(0,5)": 0.068, "{1,3}": 0.051},
-    "TunedRR": {"U(0,2)": 0.010, "U(0,5)": 0.049, "{1,3}": 0.021},
-    "DIAG-1L": {"U(0,2)": 1.396, "U(0,5)": 0.907, "{1,3}": 1.007},  # the paper's "1 layer" row
+    method: dict(zip(_PAPER_COLUMNS, map(float, values)))
+    for method, *values in (line.split() for line in _PAPER_ROWS.strip().splitlines())
 }
 
 
@@ -334,9 +358,10 @@ def reverse_engineer(algorithm: DiscoveredAlgorithm, sigmas, n: int, seed: int) 
     return out
 
 
-def _table(config: MixedNoiseConfig, models: dict, device) -> tuple[dict, dict, dict]:
-    """Every learner on fresh sequences of every setting it was trained for: ``(table, baselines, info)``."""
-    table, baselines, info = {}, {}, {}
+def _table(config: MixedNoiseConfig, models: dict, device) -> tuple[dict, dict, dict, dict]:
+    """Every learner on fresh sequences of every setting it was trained for: ``(table, se, baselines,
+    info)``, ``se`` the standard error of each adjusted loss (over the sequences)."""
+    table, se, baselines, info = {}, {}, {}, {}
     for i, setting in enumerate(config.settings):
         task = make_task(setting)
         batch = task.sample(config.n_eval, generator(EVAL_SEED + 100 + i)).to(device)
@@ -346,11 +371,13 @@ def _table(config: MixedNoiseConfig, models: dict, device) -> tuple[dict, dict, 
         learners = {**baselines[setting], **{m: model.to(device) for (m, s), model in models.items() if s == setting}}
         for method, learner in learners.items():
             table.setdefault(method, {})[setting] = adjusted_loss(learner, batch)
+            errors = adjusted_errors(learner, batch)
+            se.setdefault(method, {})[setting] = (errors.std() / len(errors) ** 0.5).item()
         info[setting] = {"ConstRR_lam": const.lam, "TunedRR_cap": tuned.cap, "TunedRR_scale": tuned.scale,
                          "oracle_loss": evaluate(OracleRidge(batch.sigma), batch)}
     for model in models.values():
         model.cpu()
-    return table, baselines, info
+    return table, se, baselines, info
 
 
 def _sweep(config: MixedNoiseConfig, learners: dict) -> dict[str, list[float]]:
@@ -393,7 +420,7 @@ def run(profile: str | None = None, progress: bool = False, config: MixedNoiseCo
     if config.live is not None:
         live_model, live_history = train_model(config.live, progress=progress, device=device)
         models[(config.live.method + " (live)", config.live.setting)] = live_model
-    table, baselines, info = _table(config, models, device)
+    table, se, baselines, info = _table(config, models, device)
 
     # Against depth and against a fixed noise level: the learners trained on U(0,5).
     on_u5 = {m: model for (m, s), model in models.items() if s == "U(0,5)" and "live" not in m}
@@ -413,6 +440,7 @@ def run(profile: str | None = None, progress: bool = False, config: MixedNoiseCo
                         "seconds": live_history.seconds, "adjusted_loss": table[method][config.live.setting]}
     metrics = {
         "adjusted_loss": table,
+        "adjusted_loss_se": se,
         "algorithm_vs_model_max_abs_diff": gap,
         "algorithm_model": f"DIAG-{max(diag)}L" if diag else None,
         "algorithm_coefficients": [asdict(c) for c in algorithm.layers] if algorithm else None,
@@ -528,13 +556,18 @@ def write_weights(folder: Path | None = None, progress: bool = True) -> list[dic
 # --- reading the results -------------------------------------------------------------------------
 
 
-def table_markdown(table: dict, settings: tuple[str, ...] = ("U(0,2)", "U(0,5)", "{1,3}")) -> str:
-    """A Markdown table of adjusted losses, ours beside the paper's Table 1 (``-``: not run / not reported)."""
-    def cell(value):
-        return "-" if value is None else f"{value:.3f}"
+def table_markdown(table: dict, se: dict | None = None, settings: tuple[str, ...] = ("U(0,2)", "U(0,5)", "{1,3}")) -> str:
+    """A Markdown table of our adjusted losses (``± se`` when given) beside the paper's Table 1 at the
+    same depth; ``-``: not run here."""
+    def ours(method, s):
+        value = table.get(method, {}).get(s)
+        if value is None:
+            return "-"
+        spread = (se or {}).get(method, {}).get(s)
+        return f"{value:.3f}" + ("" if spread is None else f" ± {spread:.3f}")
 
     baselines = ["ConstRR", "AdaRR", "TunedRR"]
-    models = {m for m in [*table, *PAPER_TABLE1] if "live" not in m and m not in baselines}
+    models = {m for m in table if "live" not in m and m not in baselines}
     kinds = list(METHOD_NAMES.values())  # FULL, DIAG, GDPP
     rows = sorted(models, key=lambda m: (kinds.index(m.split("-")[0]), _layers(m))) + baselines
     header = "| method | " + " | ".join(f"{s} ours | {s} paper" for s in settings) + " |"
@@ -542,9 +575,17 @@ def table_markdown(table: dict, settings: tuple[str, ...] = ("U(0,2)", "U(0,5)",
     for method in rows:
         cells = []
         for s in settings:
-            cells += [cell(table.get(method, {}).get(s)), cell(PAPER_TABLE1.get(method, {}).get(s))]
+            paper = PAPER_TABLE1.get(method.removesuffix(" (live)"), {}).get(s)
+            cells += [ours(method, s), "-" if paper is None else f"{paper:.3f}" if paper >= 1e-3 or paper == 0 else f"{paper:.1e}"]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def compare(a: float, b: float, se_a: float, se_b: float) -> str:
+    """``"below"``, ``"above"`` or ``"level with"`` (within two standard errors of the difference)."""
+    if abs(a - b) <= 2 * (se_a**2 + se_b**2) ** 0.5:
+        return "level with"
+    return "below" if a < b else "above"
 
 
 def headline(table: dict, setting: str = "U(0,5)") -> dict:
