@@ -17,7 +17,7 @@ KeyError: "no 'los' here; the keys are 'loss'"
 
 from __future__ import annotations
 
-__all__ = ["Lookup"]
+__all__ = ["Lookup", "spread"]
 
 
 class Lookup(dict):
@@ -39,3 +39,16 @@ class Lookup(dict):
         if isinstance(value, tuple):
             return tuple(cls.deep(v) for v in value)
         return value
+
+
+def spread(values, fmt: str = ".4f") -> str:
+    """``"mean ± std"`` of ``values`` (the sample standard deviation, over seeds), with the count:
+    ``spread([0.21, 0.22, 0.20]) == "0.2100 ± 0.0100 (3 seeds)"``. One value has no spread."""
+    values = [float(v) for v in values]
+    if not values:
+        raise ValueError("values must hold at least one number")
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:{fmt}} (1 seed)"
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{mean:{fmt}} ± {std:{fmt.replace('+', '')}} ({len(values)} seeds)"

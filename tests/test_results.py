@@ -28,3 +28,21 @@ def test_a_chapter_result_raises_on_a_misspelt_metric():
     assert isinstance(result.metrics, Lookup) and result.metrics["lsa_loss"] > 0
     with pytest.raises(KeyError, match="lsa_loss"):
         result.metrics["lsa_los"]
+
+
+def test_spread_is_mean_and_sample_std_over_seeds():
+    from icl_course.results import spread
+
+    assert spread([0.21, 0.22, 0.20]) == "0.2100 ± 0.0100 (3 seeds)"
+    assert spread([2.0], ".1f") == "2.0 (1 seed)" and spread([1.0, -1.0], "+.1f") == "+0.0 ± 1.4 (2 seeds)"
+    with pytest.raises(ValueError, match="at least one"):
+        spread([])
+
+
+def test_chapter_1_repeats_the_whole_experiment_at_its_spread_seeds():
+    smoke = gd_step.CONFIGS["smoke"]
+    config = replace(smoke, n_eval=64, n_track=1, train=replace(smoke.train, steps=3, batch_size=8), spread_seeds=(5,))
+    m = gd_step.run("smoke", config=config).metrics
+    alone = gd_step.run("smoke", config=replace(config, seed=5, spread_seeds=())).metrics
+    assert m["by_seed"]["seed"] == [0, 5]
+    assert m["by_seed"]["lsa_loss"] == [m["lsa_loss"], alone["lsa_loss"]] and m["lsa_loss"] != alone["lsa_loss"]

@@ -40,15 +40,18 @@ class GDStepConfig:
     n_track: int = 20  # how many times alignment is measured during training
     ood_scales: tuple[float, ...] = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0)  # test-time input-range multipliers
     seed: int = 0  # model init; the data streams use seed + 1 (train) and seed + 2 (held out)
+    # The whole experiment again at each of these seeds (model, training and held-out data all change),
+    # for the spread of the training numbers; figures and the headline numbers come from ``seed``.
+    spread_seeds: tuple[int, ...] = ()
 
 
 CONFIGS = {
     # seconds: enough for the shapes and the pipeline, not for the claim
     "smoke": GDStepConfig(train=TrainConfig(steps=60, batch_size=256, lr=1e-2), n_eval=1000, n_track=3),
     # a laptop CPU in well under a minute; the claim (within 2% of GD, cosine >= 0.99) holds here
-    "quick": GDStepConfig(train=TrainConfig(steps=1500, batch_size=2048, lr=3e-3)),
+    "quick": GDStepConfig(train=TrainConfig(steps=1500, batch_size=2048, lr=3e-3), spread_seeds=(1, 2)),
     # the reference code's settings
-    "full": GDStepConfig(train=TrainConfig(steps=5000, batch_size=2048, lr=1e-3)),
+    "full": GDStepConfig(train=TrainConfig(steps=5000, batch_size=2048, lr=1e-3), spread_seeds=(1, 2, 3, 4)),
 }
 
 
@@ -127,6 +130,9 @@ def interpolate(model: LinearTransformer, gd_model: LinearTransformer, alpha: fl
         layer.Q[0] = (1 - alpha) * Q_g.to(Q_t) + alpha * Q_t
         layer.P[0] = (1 - alpha) * P_g.to(P_t) + alpha * P_t
     return LinearTransformer([layer])
+
+
+SPREAD_KEYS = ("lsa_loss", "best_gd_loss", "relative_gap", "model_cosine", "prediction_distance", "implied_eta")
 
 
 def best_one_step(held_out) -> tuple[GradientDescent, float, list[float], list[float]]:
@@ -209,6 +215,9 @@ def run(profile: str | None = None, progress: bool = False, config: GDStepConfig
         "profile": profile,
         "device": str(device),
     }
+    spread = [run(profile, progress, replace(config, seed=s, spread_seeds=())).metrics for s in config.spread_seeds]
+    metrics["by_seed"] = {"seed": [config.seed, *config.spread_seeds],
+                          **{k: [r[k] for r in (metrics, *spread)] for k in SPREAD_KEYS}}
     return GDStepResult(
         config=config,
         model=model.cpu(),
