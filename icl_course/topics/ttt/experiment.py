@@ -17,7 +17,7 @@ Sun et al. 2023 (arXiv 2310.13807) and 2024 (arXiv 2407.04620). ``run(profile)``
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -47,8 +47,13 @@ class TTTConfig:
     mini_batch: int = 16  # inner mini-batch b of the ttt-* mixers
     mixers: tuple[str, ...] = MIXERS  # the mixers trained in the outer loop
     sweep_mini_batches: tuple[int, ...] = (4, 64)  # ttt-linear is also trained with these b
-    train: TrainConfig = field(default_factory=TrainConfig)  # the outer loop (same data for every mixer)
-    mlp_train: TrainConfig | None = None  # TTT-MLP's own outer loop (it needs more, gentler steps); None: train
+    train: TrainConfig = field(default_factory=TrainConfig)  # the outer loop: the same budget and data for every mixer
+    # Outer learning rates tried for every mixer; each mixer's is chosen by its error on validation
+    # sequences (never the held-out ones). Empty: train.lr for all.
+    lrs: tuple[float, ...] = ()
+    # The mixers trained again at each of these seeds (init and training data), at their chosen rate,
+    # for the spread of the errors; figures come from ``seed``.
+    spread_seeds: tuple[int, ...] = ()
     mlp_inner_std: tuple[float, float] = (0.02, 0.02)  # TTT-MLP's initial inner weights, per layer
     mlp_eta_base: float = 1.0  # TTT-MLP's inner learning-rate scale
     n_eval: int = 1024  # held-out sequences behind every error
@@ -77,7 +82,7 @@ CONFIGS = {
     # a few minutes on a 2-core CPU: half the task of the issue (d = 8, 32 points), one layer
     "quick": TTTConfig(
         d=8, n_points=32, width=32, n_layers=1, n_heads=2, mixers=_QUICK_MIXERS, sweep_mini_batches=(64,),
-        train=TrainConfig(steps=300, **_TRAIN), mlp_train=TrainConfig(steps=900, **{**_TRAIN, "lr": 3e-3}),
+        train=TrainConfig(steps=300, **_TRAIN), lrs=(3e-3, 1e-2), spread_seeds=(1, 2),
         n_eval=512, dial_mini_batches=(1, 2, 4, 8, 16, 32),
         dial_etas=tuple(torch.logspace(-3, -0.5, 7).tolist()), timing_heads=1, timing_repeats=3,
         cost_lengths=(256, 1024, 2048),
@@ -85,6 +90,7 @@ CONFIGS = {
     # a GPU: the issue's task (d = 16, 64 points), width 64, two layers, every mixer (not run in this session)
     "full": TTTConfig(
         train=TrainConfig(steps=3000, **{**_TRAIN, "batch_size": 128, "lr": 3e-3}), sweep_mini_batches=(1, 4, 32, 128),
+        lrs=(1e-3, 3e-3, 1e-2), spread_seeds=(1, 2, 3, 4),
         n_eval=4096, cost_lengths=(256, 1024, 4096, 16384),
     ),
 }
@@ -301,19 +307,42 @@ def _training_curves(histories: dict[str, History]):
     return fig
 
 
-def _train_all(config, task, device, progress):
-    """Train one model per mixer, and ttt-linear at the swept mini-batch sizes, on the same data."""
+def _train(config, task, mixer, b, lr, seed, label, device, progress):
+    """One model of ``mixer`` (inner mini-batch ``b``) trained at ``lr``; init from ``seed``, training data
+    from ``1000 * seed + config.seed + 1`` (``config.seed + 1`` at ``seed == config.seed == 0``)."""
+    data_seed = config.seed + 1 if seed == config.seed else 1000 * seed + config.seed + 1
+    train_config = TrainConfig(**{**asdict(config.train), "lr": lr, "seed": data_seed})
+    model = make_model(replace(config, seed=seed), mixer, b)
+    bar = ProgressBar(train_config.steps, desc=label) if progress else None
+    history = train(model, task, train_config, callback=bar, device=device)
+    return model.eval(), history
+
+
+def _train_all(config, task, validation, last, device, progress):
+    """One model per mixer, and ttt-linear at the swept mini-batch sizes, on the same data and budget;
+    each at the learning rate of ``config.lrs`` with the lowest validation error. Returns the models,
+    their histories and the chosen rates."""
     runs = [(name, name, None) for name in config.mixers]
     runs += [(f"ttt-linear b={b}", "ttt-linear", b) for b in config.sweep_mini_batches if b != config.mini_batch]
-    models, histories = {}, {}
+    models, histories, chosen = {}, {}, {}
     for label, mixer, b in runs:
-        base = config.mlp_train if mixer.startswith("ttt-mlp") and config.mlp_train is not None else config.train
-        train_config = TrainConfig(**{**asdict(base), "seed": config.seed + 1})  # the same data stream for all
-        model = make_model(config, mixer, b)
-        bar = ProgressBar(train_config.steps, desc=label) if progress else None
-        histories[label] = train(model, task, train_config, callback=bar, device=device)
-        models[label] = model.eval()
-    return models, histories
+        tried = {}
+        for lr in config.lrs or (config.train.lr,):
+            model, history = _train(config, task, mixer, b, lr, config.seed, f"{label} lr={lr:g}", device, progress)
+            tried[lr] = (task.error_by_position(model, validation)[last].mean().item(), model, history)
+        chosen[label] = min(tried, key=lambda lr: tried[lr][0])
+        _, models[label], histories[label] = tried[chosen[label]]
+    return models, histories, chosen
+
+
+def _spread(config, task, held_out, last, chosen, device, progress) -> dict[str, list[float]]:
+    """Held-out error of every mixer retrained at ``config.spread_seeds``, at its chosen rate."""
+    out = {}
+    for name in config.mixers:
+        for seed in config.spread_seeds:
+            model, _ = _train(config, task, name, None, chosen[name], seed, f"{name} seed {seed}", device, progress)
+            out.setdefault(name, []).append(task.error_by_position(model, held_out)[last].mean().item())
+    return out
 
 
 def run(profile: str | None = None, progress: bool = False, config: TTTConfig | None = None) -> TTTResult:
@@ -330,7 +359,8 @@ def run(profile: str | None = None, progress: bool = False, config: TTTConfig | 
                                 config.timing_repeats, device) for kind in ("linear", "mlp")}
     dial = mini_batch_dial(held_out, config.dial_mini_batches, config.dial_etas)
 
-    models, histories = _train_all(config, task, device, progress)
+    validation = task.sample(config.n_eval, generator(config.seed + 5), device=device)  # for the rates only
+    models, histories, chosen = _train_all(config, task, validation, last, device, progress)
     errors = {name: task.error_by_position(model, held_out).tolist() for name, model in models.items()}
     errors["ridge"] = ridge_by_position(task, held_out.to("cpu")).tolist()
     mean_last = lambda curve: sum(curve[last]) / len(curve[last])  # noqa: E731
@@ -338,6 +368,7 @@ def run(profile: str | None = None, progress: bool = False, config: TTTConfig | 
     mini_batch_errors.update({b: mean_last(errors[f"ttt-linear b={b}"]) for b in config.sweep_mini_batches
                               if b != config.mini_batch})
     mini_batch_errors = dict(sorted(mini_batch_errors.items()))
+    spread = _spread(config, task, held_out, last, chosen, device, progress)
     costs = mixer_costs(config.cost_lengths, config.timing_features, config.timing_heads, config.cost_repeats, device)
 
     metrics = {
@@ -352,6 +383,10 @@ def run(profile: str | None = None, progress: bool = False, config: TTTConfig | 
         "dual_speedup_mlp": timing["mlp"]["speedup"],
         "timing_length": config.timing_length,
         "icl_error": {name: mean_last(errors[name]) for name in config.mixers},
+        "icl_error_by_seed": {name: [mean_last(errors[name]), *spread.get(name, [])] for name in config.mixers},
+        "seeds": [config.seed, *config.spread_seeds],
+        "chosen_lr": chosen,
+        "lrs": list(config.lrs or (config.train.lr,)),
         "icl_error_by_mini_batch": {str(b): e for b, e in mini_batch_errors.items()},
         "ridge_error": mean_last(errors["ridge"]),
         "zero_error": held_out.ys.var().item(),
@@ -360,7 +395,6 @@ def run(profile: str | None = None, progress: bool = False, config: TTTConfig | 
         "state_floats": costs["state_floats"],
         "cost_lengths": list(config.cost_lengths),
         "train_steps": config.train.steps,
-        "mlp_train_steps": (config.mlp_train or config.train).steps,
         "train_seconds": {name: h.seconds for name, h in histories.items()},
         "n_eval": config.n_eval,
         "profile": profile,
