@@ -31,7 +31,7 @@ from .metrics import (
 )
 from .runtime import get_device, get_profile
 from .solvers import GDPlusPlus, GradientDescent, LeastSquares, Ridge, tune_gdpp, tune_step_size
-from .tasks import Choice, Gaussian, RegressionBatch, RegressionTask, Uniform, generator
+from .tasks import Choice, Gaussian, RegressionBatch, RegressionTask, Task, Uniform, generator
 from .tokens import make_tokens, read_prediction
 from .training import History, TrainConfig, TrainingDiverged, checkpointing, train
 
@@ -58,6 +58,7 @@ __all__ = [
     "RegressionBatch",
     "RegressionTask",
     "Ridge",
+    "Task",
     "TrainConfig",
     "TrainingDiverged",
     "Uniform",
