@@ -23,16 +23,9 @@ import torch
 from torch import Tensor
 
 from .metrics import mse_loss
-from .runtime import require_finite
+from .runtime import generator, require_finite  # generator: also importable from here, as before it moved
 
 __all__ = ["Task", "Uniform", "Gaussian", "Choice", "IllConditioned", "RegressionTask", "RegressionBatch", "generator"]
-
-
-def generator(seed: int) -> torch.Generator:
-    """A CPU generator seeded with ``seed``: the one way randomness enters the package."""
-    if not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {type(seed).__name__}")
-    return torch.Generator().manual_seed(seed)
 
 
 @runtime_checkable

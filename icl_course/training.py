@@ -52,8 +52,7 @@ from pathlib import Path
 
 import torch
 
-from .runtime import get_device, require_finite
-from .tasks import generator
+from .runtime import generator, get_device, require_finite
 
 __all__ = ["TrainConfig", "History", "TrainingDiverged", "FullBatch", "train", "checkpointing"]
 

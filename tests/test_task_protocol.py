@@ -66,3 +66,12 @@ def test_a_task_without_a_loss_is_not_one():
             return None
 
     assert not isinstance(OnlySamples(), Task)
+
+
+def test_generator_lives_in_runtime_and_keeps_its_old_names():
+    from icl_course import runtime, tasks
+
+    assert icl.generator is tasks.generator is runtime.generator
+    assert torch.equal(torch.rand(3, generator=icl.generator(4)), torch.rand(3, generator=torch.Generator().manual_seed(4)))
+    with pytest.raises(ValueError, match="seed"):
+        runtime.generator(1.5)

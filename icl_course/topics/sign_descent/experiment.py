@@ -22,8 +22,7 @@ import torch
 from icl_course import plots
 from icl_course.progress import ProgressBar
 from icl_course.results import Lookup
-from icl_course.runtime import get_device, get_profile
-from icl_course.tasks import generator
+from icl_course.runtime import generator, get_device, get_profile
 from icl_course.training import FullBatch, TrainConfig, train
 
 from .optimizers import RuleOptimizer, UpdateRule, adam, gd, sign_descent

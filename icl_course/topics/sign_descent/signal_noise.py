@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from icl_course.tasks import generator
+from icl_course.runtime import generator
 
 __all__ = [
     "SignalNoiseTask",
