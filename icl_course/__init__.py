@@ -3,7 +3,7 @@
 The top level is the core every chapter shares, and data flows one way through it:
 ``tasks`` (sampling sequences) -> ``tokens`` (building Z) -> ``linear_transformer`` (models) ->
 ``training`` -> ``solvers`` and ``metrics`` (classical learners and comparisons) -> ``plots``;
-``runtime`` (device, profile, input checks), ``progress``, ``pretrained`` (shipped weights) and
+``runtime`` (device, profile, seeded generators, input checks), ``progress``, ``pretrained`` (shipped weights) and
 ``checking`` (the exercises' check machinery) serve them all.
 Each chapter's own code lives in its folder under ``icl_course.topics`` (the registry of chapters);
 the course's tooling (command line, notebooks, grading, landing page) in ``icl_course.course``.
@@ -29,9 +29,9 @@ from .metrics import (
     mse_loss,
     prediction_distance,
 )
-from .runtime import get_device, get_profile
+from .runtime import generator, get_device, get_profile
 from .solvers import GDPlusPlus, GradientDescent, LeastSquares, Ridge, tune_gdpp, tune_step_size
-from .tasks import Choice, Gaussian, RegressionBatch, RegressionTask, Uniform, generator
+from .tasks import Choice, Gaussian, RegressionBatch, RegressionTask, Task, Uniform
 from .tokens import make_tokens, read_prediction
 from .training import History, TrainConfig, TrainingDiverged, checkpointing, train
 
@@ -58,6 +58,7 @@ __all__ = [
     "RegressionBatch",
     "RegressionTask",
     "Ridge",
+    "Task",
     "TrainConfig",
     "TrainingDiverged",
     "Uniform",

@@ -27,8 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .runtime import require_finite
-from .tasks import generator
+from .runtime import generator, require_finite
 from .tokens import check_shapes, make_tokens, read_prediction
 
 __all__ = [

@@ -12,7 +12,8 @@ A *profile* sets the scale of every chapter's experiment:
 The environment variable ``ICL_COURSE_PROFILE`` picks one (``auto``, the default, picks ``full``
 on CUDA and ``quick`` otherwise); an explicit ``profile=`` argument wins over the variable.
 
-``require_finite`` is the one check every number that comes into the package passes.
+``generator(seed)`` is the one way randomness enters the package, and ``require_finite`` the one
+check every number that comes into the package passes.
 """
 
 from __future__ import annotations
@@ -26,6 +27,13 @@ import torch
 
 PROFILES = ("smoke", "quick", "full")
 PROFILE_ENV = "ICL_COURSE_PROFILE"
+
+
+def generator(seed: int) -> torch.Generator:
+    """A CPU generator seeded with ``seed``: the one way randomness enters the package."""
+    if not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {type(seed).__name__}")
+    return torch.Generator().manual_seed(seed)
 
 
 def get_device() -> torch.device:

@@ -4,8 +4,11 @@ A task draws a batch of *sequences*. Sequence ``b`` has its own weight vector ``
 context pairs ``(x_i, y_i)`` with ``y_i = <w_b, x_i> + eps_i`` and ``eps_i ~ N(0, sigma_b^2)``, and a
 query ``x_q`` whose noise-free target ``y_q = <w_b, x_q>`` the learner must predict.
 
-Input sampling is separate from the task (as in Garg et al.'s code), so the same task runs with
-uniform or Gaussian inputs, isotropic or not. Randomness comes only from the ``generator``
+Every chapter's data follows one contract, :class:`Task`: ``sample(batch_size, gen, device)``
+draws a batch and ``loss(model, batch)`` is the training objective; ``train`` and the evaluations
+call nothing else. Input sampling is separate from the task (as in Garg et al.'s code): a
+*distribution* (``Uniform``, ``Gaussian``, ...) has ``draw(shape, gen)`` for a tensor of that shape,
+so the same task runs with uniform or Gaussian inputs, isotropic or not. Randomness comes only from the generator
 argument: same seed, same batch. Batches are drawn on the CPU (so a seed means the same numbers on
 every machine) and then moved to ``device``.
 """
@@ -14,24 +17,36 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from .metrics import mse_loss
-from .runtime import require_finite
+from .runtime import generator, require_finite  # generator: also importable from here, as before it moved
 
-__all__ = ["Uniform", "Gaussian", "Choice", "IllConditioned", "RegressionTask", "RegressionBatch", "generator"]
-
-
-def generator(seed: int) -> torch.Generator:
-    """A CPU generator seeded with ``seed``: the one way randomness enters the package."""
-    if not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {type(seed).__name__}")
-    return torch.Generator().manual_seed(seed)
+__all__ = ["Task", "Uniform", "Gaussian", "Choice", "IllConditioned", "RegressionTask", "RegressionBatch", "generator"]
 
 
-# --- distributions: each draws a tensor of a given shape ---------------------------------------
+@runtime_checkable
+class Task(Protocol):
+    """The contract of every chapter's data: what ``train`` and the evaluations call, and nothing else.
+
+    ``RegressionTask`` here and each chapter's task (logistic regression, sequence regression,
+    signal-plus-noise data, the looped chapter's objectives) follow it; ``tests/test_task_protocol.py``
+    checks every one.
+    """
+
+    def sample(self, batch_size: int, gen: torch.Generator, device=None) -> Any:
+        """``batch_size`` fresh examples, drawn on the CPU with ``gen`` and moved to ``device``."""
+        ...
+
+    def loss(self, model: torch.nn.Module, batch: Any) -> Tensor:
+        """The training objective of ``model`` on ``batch``: a scalar tensor to minimise."""
+        ...
+
+
+# --- distributions: each draws a tensor of a given shape (draw, not a Task's sample) -------------
 
 
 @dataclass(frozen=True)
@@ -47,7 +62,7 @@ class Uniform:
         if not self.low < self.high:
             raise ValueError(f"Uniform needs low < high, got low={self.low}, high={self.high}")
 
-    def sample(self, shape, gen: torch.Generator, dtype=torch.float32) -> Tensor:
+    def draw(self, shape, gen: torch.Generator, dtype=torch.float32) -> Tensor:
         return self.low + (self.high - self.low) * torch.rand(shape, generator=gen, dtype=dtype)
 
 
@@ -74,7 +89,7 @@ class Gaussian:
     def dim(self) -> int | None:
         return None if self.cov is None else int(torch.as_tensor(self.cov).shape[0])
 
-    def sample(self, shape, gen: torch.Generator, dtype=torch.float32) -> Tensor:
+    def draw(self, shape, gen: torch.Generator, dtype=torch.float32) -> Tensor:
         z = torch.randn(shape, generator=gen, dtype=torch.float64)
         if self.cov is None:
             return (self.std * z).to(dtype)
@@ -101,7 +116,7 @@ class Choice:
         for value in self.values:
             require_finite("Choice: values", value)
 
-    def sample(self, shape, gen: torch.Generator, dtype=torch.float32) -> Tensor:
+    def draw(self, shape, gen: torch.Generator, dtype=torch.float32) -> Tensor:
         idx = torch.randint(len(self.values), shape, generator=gen)
         return torch.tensor(self.values, dtype=dtype)[idx]
 
@@ -132,7 +147,7 @@ class IllConditioned:
         lam = self.kappa ** torch.linspace(1, 0, self.d, dtype=torch.float64) if self.d > 1 else torch.ones(1, dtype=torch.float64)
         return lam / lam.mean()
 
-    def sample(self, shape, gen: torch.Generator, dtype=torch.float32) -> Tensor:
+    def draw(self, shape, gen: torch.Generator, dtype=torch.float32) -> Tensor:
         if shape[-1] != self.d:
             raise ValueError(f"IllConditioned has d={self.d} but samples need dimension {shape[-1]}")
         B = shape[0]
@@ -207,12 +222,12 @@ class RegressionTask:
         if not isinstance(self.n_ctx, int) or self.n_ctx < 1:
             raise ValueError(f"n_ctx must be an integer >= 1, got {self.n_ctx!r}")
         for name in ("inputs", "weights"):
-            if not callable(getattr(getattr(self, name), "sample", None)):
+            if not callable(getattr(getattr(self, name), "draw", None)):
                 raise TypeError(f"{name} must be a distribution such as Uniform() or Gaussian(), got {getattr(self, name)!r}")
             dim = getattr(getattr(self, name), "dim", None)
             if dim is not None and dim != self.d:
                 raise ValueError(f"{name} covariance is {dim}x{dim} but d={self.d}")
-        if not callable(getattr(self.noise, "sample", None)):
+        if not callable(getattr(self.noise, "draw", None)):
             require_finite("noise", self.noise, at_least=0)
         elif _support_min(self.noise) < 0:
             raise ValueError(f"noise levels must be >= 0, got {self.noise}")
@@ -224,12 +239,12 @@ class RegressionTask:
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"dtype must be a floating-point torch.dtype such as torch.float32, got {dtype!r}")
         B, n, d = batch_size, self.n_ctx, self.d
-        x_all = self.inputs.sample((B, n + 1, d), gen, dtype)  # (B, n+1, d): context, then query
-        w = self.weights.sample((B, d), gen, dtype)  # (B, d)
-        if not callable(getattr(self.noise, "sample", None)):
+        x_all = self.inputs.draw((B, n + 1, d), gen, dtype)  # (B, n+1, d): context, then query
+        w = self.weights.draw((B, d), gen, dtype)  # (B, d)
+        if not callable(getattr(self.noise, "draw", None)):
             sigma = torch.full((B,), float(self.noise), dtype=dtype)
         else:
-            sigma = self.noise.sample((B,), gen, dtype)
+            sigma = self.noise.draw((B,), gen, dtype)
         eps = sigma[:, None] * torch.randn((B, n), generator=gen, dtype=dtype)  # (B, n)
         y_all = torch.einsum("bnd,bd->bn", x_all, w)  # (B, n+1)
         batch = RegressionBatch(

@@ -1,12 +1,15 @@
 """Training a model on a stream of fresh tasks: ``train(model, task, config) -> History``.
 
 Each step draws a new batch from ``task`` (seeded by ``config.seed``), computes ``task.loss(model,
-batch)`` and takes one Adam step. The loop is quiet: it returns a history and calls an optional
-``callback(step, loss)`` after every step, which is where a progress bar plugs in
-(:class:`icl_course.progress.ProgressBar`).
+batch)`` and takes one optimizer step: AdamW with the config's rates and schedule, or any
+``torch.optim.Optimizer`` passed as ``optimizer=`` (chapter 7's update rules, as
+``RuleOptimizer``). A :class:`FullBatch` hands out one fixed training set instead of fresh batches.
+This is the package's one training loop. It is quiet: it returns a history, measures the model with
+``track=[(measure, every)]`` (kept in ``history.tracked``), calls an optional ``callback(step,
+loss)`` after every step, and shows a bar only when asked (``progress=True`` or a description).
 
-Any task with ``sample(batch_size, generator, device=...)`` and ``loss(model, batch)`` trains here,
-so later chapters reuse this loop for other tasks and models.
+Any :class:`~icl_course.tasks.Task` (``sample(batch_size, gen, device=...)``, ``loss(model,
+batch)``) trains here, so every chapter reuses this loop for its tasks and models.
 
 **Divergence.** ``train`` raises :class:`TrainingDiverged` when the loss is NaN or infinite (saying
 whether the batch or the learning rate is at fault), and when it blows up while still finite: the
@@ -19,8 +22,8 @@ spiky steps, and a model whose first loss is 0 or negative is not checked this w
 **Checkpoints.** ``train(..., checkpoint=PATH, checkpoint_every=N)`` writes the model, the
 optimizer, the data stream's generator, the task's counters (plain numbers in its ``__dict__``, such
 as a curriculum's step) and the history to ``PATH`` every ``N`` steps and at the end, atomically;
-the same call again resumes from it, and on one device gives bit for bit the run that was never
-interrupted. A checkpoint written by another model, task or config is refused (``ValueError``).
+the same call again resumes from it (the tracked measures too), and on one device gives bit for bit
+the run that was never interrupted. A checkpoint written by another model, task or config is refused (``ValueError``).
 Randomness must come from the generator ``train`` passes to ``task.sample`` (as everywhere in
 the package). Under ``with checkpointing(folder):`` every ``train`` call checkpoints into
 ``folder/<Model>-<key>.pt``, the key a hash of the initial weights and settings of the model, the
@@ -33,6 +36,7 @@ usual there, since a resumed run would not show it the steps before the checkpoi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -48,10 +52,9 @@ from pathlib import Path
 
 import torch
 
-from .runtime import get_device, require_finite
-from .tasks import generator
+from .runtime import generator, get_device, require_finite
 
-__all__ = ["TrainConfig", "History", "TrainingDiverged", "train", "checkpointing"]
+__all__ = ["TrainConfig", "History", "TrainingDiverged", "FullBatch", "train", "checkpointing"]
 
 DIVERGENCE_WINDOW = 20  # steps whose median loss is compared with the loss at step 0
 DIVERGENCE_FACTOR = 100.0  # ... and found diverged above this many times it
@@ -117,83 +120,89 @@ class History:
     steps: list[int] = field(default_factory=list)  # the last step of each logged window
     losses: list[float] = field(default_factory=list)  # mean training loss over that window
     seconds: float = 0.0  # wall-clock time of the whole run (with the parts before a resume)
+    tracked: list[dict[str, list]] = field(default_factory=list)  # per measure of train's track: step and its values
 
 
 def train(model: torch.nn.Module, task, config: TrainConfig, callback=None, device=None,
-          checkpoint: str | Path | None = None, checkpoint_every: int = 100) -> History:
-    """Train ``model`` in place on fresh batches of ``task``; return the loss history.
+          checkpoint: str | Path | None = None, checkpoint_every: int = 100, *, optimizer=None,
+          progress: bool | str = False, track=()) -> History:
+    """Train ``model`` in place on batches of ``task``; return the loss history.
+
+    ``task`` is a :class:`~icl_course.tasks.Task` (fresh batches every step) or a
+    :class:`FullBatch` (the same training set every step). ``optimizer`` is any
+    ``torch.optim.Optimizer`` over the model's parameters, used as it is (its own rates; the
+    config's ``lr``, ``betas``, ``weight_decay`` and schedule must stay at their defaults); None
+    means AdamW with the config's rates and schedule. ``progress=True`` (or a description) shows a
+    bar. ``track`` is a list of pairs ``(measure, every)``: ``measure(model) -> dict`` is called
+    without gradients before the first step and after every ``every``-th step and the last, and
+    ``history.tracked[i]`` holds the ``i``-th measure's values by key, with the steps taken under
+    ``"step"``. A checkpoint keeps them, so a resumed run has them all.
 
     Raises :class:`TrainingDiverged` with advice if the loss stops being finite or blows up (see
     the module's docstring). With ``checkpoint``, saves the run there every ``checkpoint_every``
     steps and at the end, and resumes from it if it exists; ``callback`` then sees only the steps
     this call runs. Under :func:`checkpointing`, ``checkpoint`` defaults to a file in its folder.
     """
+    track = _checked_track(track)
     device = device or get_device()
     model.to(device)
-    gen = generator(config.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
-    history, window, recent, first, start_step, seconds = History(), [], deque(maxlen=DIVERGENCE_WINDOW), None, 0, 0.0
-    if checkpoint is None and os.environ.get(CHECKPOINT_ENV) and _resumable(callback):  # under checkpointing()
-        fingerprint = _fingerprint(model, task, config)
-        key = hashlib.sha256(fingerprint.encode()).hexdigest()[:20]
-        checkpoint = Path(os.environ[CHECKPOINT_ENV]) / f"{type(model).__name__}-{key}.pt"
-        checkpoint_every = int(os.environ.get(CHECKPOINT_EVERY_ENV, checkpoint_every))
-    elif checkpoint is not None:
-        fingerprint = _fingerprint(model, task, config)
-    if checkpoint is not None:
-        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
-        checkpoint = Path(checkpoint)
-        if checkpoint.exists():
-            state = _load(checkpoint, fingerprint)
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            gen.set_state(state["generator"])
-            for name, value in state["task"].items():
-                if getattr(task, name, None) != value:
-                    object.__setattr__(task, name, value)  # a counter (also on a frozen dataclass)
-            history = History(list(state["history"]["steps"]), list(state["history"]["losses"]))
-            window, first, start_step, seconds = list(state["window"]), state["first"], state["step"], state["seconds"]
-            recent.extend(state["recent"])
-            _skip_progress(callback, start_step)
+    scheduled = optimizer is None
+    if scheduled:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    else:
+        _require_default_rates(config)
+    run = _Run(model, task, config, optimizer, generator(config.seed), track, scheduled)
+    checkpoint, checkpoint_every = _checkpoint_file(run, checkpoint, checkpoint_every, callback)
+    bar = _progress_bar(progress, config.steps)
+    hooks = [h for h in (bar, callback) if h is not None]
+    if checkpoint is not None and checkpoint.exists():
+        run.resume(_load(checkpoint, run.fingerprint))
+        for hook in hooks:
+            _skip_progress(hook, run.step)
+    else:
+        run.record(0)
     start = time.perf_counter()
-    for step in range(start_step, config.steps):
-        for group in opt.param_groups:
-            group["lr"] = config.lr_at(step)
-        batch = task.sample(config.batch_size, gen, device=device)
-        loss = task.loss(model, batch)
-        value = loss.item()
-        if not math.isfinite(value):
-            raise _non_finite(value, step, task, batch, config)
-        first = value if first is None else first
-        recent.append(value)
-        if len(recent) == DIVERGENCE_WINDOW and first > 0 and statistics.median(recent) > DIVERGENCE_FACTOR * first:
-            raise TrainingDiverged(
-                f"the training loss blew up: its median over steps {step - DIVERGENCE_WINDOW + 1}-{step} is "
-                f"{statistics.median(recent):.3g}, over {DIVERGENCE_FACTOR:g}x its {first:.3g} at step 0 "
-                f"(lr={config.lr_at(step):.2g}). {_ADVICE}"
-            )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        opt.step()
-        window.append(value)
-        if len(window) == config.log_every or step == config.steps - 1:
-            history.steps.append(step)
-            history.losses.append(sum(window) / len(window))
-            window = []
+    for step in range(run.step, config.steps):
+        if scheduled:
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr_at(step)
+        value = run.step_once(step, device)
+        run.record(step + 1)
         if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step == config.steps - 1):
-            _save(checkpoint, {
-                "format": _FORMAT, "fingerprint": fingerprint, "step": step + 1, "model": model.state_dict(),
-                "optimizer": opt.state_dict(), "generator": gen.get_state(), "task": _task_counters(task),
-                "history": {"steps": history.steps, "losses": history.losses}, "window": window,
-                "recent": list(recent), "first": first, "seconds": seconds + time.perf_counter() - start,
-            })
-        if callback is not None:
-            callback(step, value)
-    history.seconds = seconds + time.perf_counter() - start
-    return history
+            _save(checkpoint, run.state(seconds=run.seconds + time.perf_counter() - start))
+        for hook in hooks:
+            hook(step, value)
+    run.history.seconds = run.seconds + time.perf_counter() - start
+    return run.history
+
+
+@dataclass(frozen=True)
+class FullBatch:
+    """The same ``size`` samples of ``task`` at every step, drawn once from ``generator(seed)``:
+    full-batch training on a fixed training set (``TrainConfig.batch_size`` must be ``size``).
+
+    >>> from icl_course.tasks import RegressionTask
+    >>> full = FullBatch(RegressionTask(d=2, n_ctx=3), size=5, seed=1)
+    >>> bool((full.sample(5, generator(0)).xs == full.sample(5, generator(9)).xs).all())
+    True
+    """
+
+    task: object  # a Task: what the samples are and what the loss is
+    size: int  # the number of training samples
+    seed: int = 0  # the seed they are drawn with
+
+    def sample(self, batch_size: int, gen: torch.Generator | None = None, device=None):
+        """The training set on ``device`` (``gen`` is not used: the set is fixed)."""
+        if batch_size != self.size:
+            raise ValueError(f"batch_size must be the full batch's size {self.size}, got {batch_size!r}")
+        return self._batch.to(device=device)
+
+    def loss(self, model, batch) -> torch.Tensor:
+        return self.task.loss(model, batch)
+
+    @functools.cached_property
+    def _batch(self):
+        return self.task.sample(self.size, generator(self.seed))
 
 
 @contextmanager
@@ -223,7 +232,140 @@ def checkpointing(folder: str | Path, every: int = 100):
 # --- helpers ---------------------------------------------------------------------------------------
 
 
-def _non_finite(value: float, step: int, task, batch, config: TrainConfig) -> TrainingDiverged:
+class _Run:
+    """One training run's moving parts: the step, the loss history, the divergence check, tracking, checkpoints."""
+
+    def __init__(self, model, task, config: TrainConfig, optimizer, gen, track: list, scheduled: bool):
+        self.model, self.task, self.config, self.optimizer, self.gen = model, task, config, optimizer, gen
+        self.track, self.scheduled = track, scheduled
+        self.history, self.window, self.recent = History(tracked=[{} for _ in track]), [], deque(maxlen=DIVERGENCE_WINDOW)
+        self.first, self.step, self.seconds = None, 0, 0.0
+
+    @functools.cached_property
+    def fingerprint(self) -> str:  # of the initial model: _checkpoint_file asks for it before the first step
+        extra = {} if self.scheduled else {"optimizer": repr(self.optimizer)}
+        if self.track:
+            extra["track"] = ", ".join(f"{getattr(f, '__qualname__', repr(f))} every {every}" for f, every in self.track)
+        return _fingerprint(self.model, self.task, self.config, extra)
+
+    def step_once(self, step: int, device) -> float:
+        """Draw a batch, check its loss, take one optimizer step and log it; return the loss before the step."""
+        config = self.config
+        batch = self.task.sample(config.batch_size, self.gen, device=device)
+        loss = self.task.loss(self.model, batch)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise _non_finite(value, step, self.task, batch, self._rate())
+        self.first = value if self.first is None else self.first
+        self.recent.append(value)
+        recent = self.recent
+        if len(recent) == DIVERGENCE_WINDOW and self.first > 0 and statistics.median(recent) > DIVERGENCE_FACTOR * self.first:
+            raise TrainingDiverged(
+                f"the training loss blew up: its median over steps {step - DIVERGENCE_WINDOW + 1}-{step} is "
+                f"{statistics.median(recent):.3g}, over {DIVERGENCE_FACTOR:g}x its {self.first:.3g} at step 0 ({self._rate()}"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        self.optimizer.step()
+        self.window.append(value)
+        if len(self.window) == config.log_every or step == config.steps - 1:
+            self.history.steps.append(step)
+            self.history.losses.append(sum(self.window) / len(self.window))
+            self.window = []
+        self.step = step + 1
+        return value
+
+    def record(self, steps_taken: int) -> None:
+        """Call every measure of ``track`` that is due after ``steps_taken`` steps, and keep what it returns."""
+        for (measure, every), tracked in zip(self.track, self.history.tracked):
+            if steps_taken % every and steps_taken != self.config.steps:
+                continue
+            with torch.no_grad():
+                values = measure(self.model)
+            tracked.setdefault("step", []).append(steps_taken)
+            for key, value in values.items():
+                tracked.setdefault(key, []).append(value)
+
+    def _rate(self) -> str:
+        """The learning rate and what to try, for an error message."""
+        group = self.optimizer.param_groups[0]
+        if not self.scheduled:
+            rate = f"lr={group['lr']:.2g}" if "lr" in group else repr(self.optimizer)
+            return f"{rate}). Try a smaller learning rate for the optimizer"
+        return f"lr={group['lr']:.2g}). {_ADVICE}"
+
+    def state(self, seconds: float) -> dict:
+        h = self.history
+        return {
+            "format": _FORMAT, "fingerprint": self.fingerprint, "step": self.step, "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "generator": self.gen.get_state(),
+            "task": _task_counters(self.task), "history": {"steps": h.steps, "losses": h.losses, "tracked": h.tracked},
+            "window": self.window, "recent": list(self.recent), "first": self.first, "seconds": seconds,
+        }
+
+    def resume(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.gen.set_state(state["generator"])
+        for name, value in state["task"].items():
+            if getattr(self.task, name, None) != value:
+                object.__setattr__(self.task, name, value)  # a counter (also on a frozen dataclass)
+        h = state["history"]
+        self.history = History(list(h["steps"]), list(h["losses"]), tracked=[{k: list(v) for k, v in t.items()} for t in h["tracked"]])
+        self.window, self.first, self.step, self.seconds = list(state["window"]), state["first"], state["step"], state["seconds"]
+        self.recent.extend(state["recent"])
+
+
+def _checked_track(track) -> list:
+    """``track`` as a list of ``(measure, every)`` pairs, or a ValueError naming it."""
+    pairs = list(track)
+    for pair in pairs:
+        if not (isinstance(pair, tuple) and len(pair) == 2 and callable(pair[0]) and isinstance(pair[1], int)
+                and not isinstance(pair[1], bool) and pair[1] >= 1):
+            raise ValueError(f"track must be a list of (measure, every) pairs with every >= 1, got {pair!r} in it")
+    return pairs
+
+
+def _checkpoint_file(run: _Run, checkpoint, every: int, callback) -> tuple[Path | None, int]:
+    """Where this run checkpoints (None: nowhere) and how often; under :func:`checkpointing`, a file in its folder."""
+    if checkpoint is None and os.environ.get(CHECKPOINT_ENV) and _resumable(callback):
+        key = hashlib.sha256(run.fingerprint.encode()).hexdigest()[:20]
+        checkpoint = Path(os.environ[CHECKPOINT_ENV]) / f"{type(run.model).__name__}-{key}.pt"
+        every = int(os.environ.get(CHECKPOINT_EVERY_ENV, every))
+    if checkpoint is None:
+        return None, every
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"checkpoint_every must be an integer >= 1, got {every!r}")
+    run.fingerprint  # noqa: B018 (of the initial weights: taken now, before the first step)
+    return Path(checkpoint), every
+
+
+_DEFAULT_RATES = ("lr", "betas", "weight_decay", "warmup", "schedule", "min_lr_frac")  # TrainConfig's AdamW settings
+
+
+def _require_default_rates(config: TrainConfig) -> None:
+    """With an optimizer of the caller's own, the config's AdamW settings would do nothing: refuse them."""
+    defaults = TrainConfig()
+    for name in _DEFAULT_RATES:
+        if getattr(config, name) != getattr(defaults, name):
+            raise ValueError(f"TrainConfig.{name} is {getattr(config, name)!r}, but it sets train's default AdamW "
+                             f"and an optimizer was passed: set the rate on that optimizer instead")
+
+
+def _progress_bar(progress: bool | str, steps: int):
+    """A bar over ``steps`` steps if ``progress`` asks for one (a string is its description)."""
+    if not isinstance(progress, (bool, str)):
+        raise ValueError(f"progress must be True, False or a description, got {progress!r}")
+    if not progress:
+        return None
+    from .progress import ProgressBar
+
+    return ProgressBar(steps, desc=progress if isinstance(progress, str) else "training")
+
+
+def _non_finite(value: float, step: int, task, batch, rate: str) -> TrainingDiverged:
     """The error for a NaN or infinite loss: the data's fault if the batch holds such values, else the rate's."""
     where = _non_finite_part(batch, "batch")
     if where is not None:
@@ -232,7 +374,7 @@ def _non_finite(value: float, step: int, task, batch, config: TrainConfig) -> Tr
             f"batch drawn from {_short(repr(task))} holds NaN or infinite values. The learning rate is not at "
             "fault; check the task's settings (its distributions, noise and scales)."
         )
-    return TrainingDiverged(f"the training loss became {value} at step {step} (lr={config.lr_at(step):.2g}). {_ADVICE}")
+    return TrainingDiverged(f"the training loss became {value} at step {step} ({rate}")
 
 
 def _non_finite_part(batch, name: str) -> str | None:
@@ -270,9 +412,7 @@ def _skip_progress(callback, steps: int) -> None:
     from .progress import ProgressBar
 
     if isinstance(callback, ProgressBar) and steps:
-        callback.bar.update(steps)
-        if steps >= callback.total:
-            callback.bar.close()
+        callback.skip(steps)
 
 
 _PLAIN = (bool, int, float, str, type(None))
@@ -287,8 +427,9 @@ def _task_counters(task) -> dict:
     return {k: v for k, v in getattr(task, "__dict__", {}).items() if type(v) in (bool, int, float)}
 
 
-def _fingerprint(model: torch.nn.Module, task, config: TrainConfig) -> str:
-    """What a checkpoint must match (JSON): the model's initial weights and settings, the task, the config."""
+def _fingerprint(model: torch.nn.Module, task, config: TrainConfig, extra: dict) -> str:
+    """What a checkpoint must match (JSON): the model's initial weights and settings, the task, the config
+    and ``extra`` (the optimizer and the tracking, where not the default)."""
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         tensor = tensor.detach().cpu().contiguous()
@@ -302,6 +443,7 @@ def _fingerprint(model: torch.nn.Module, task, config: TrainConfig) -> str:
         "model settings": settings,
         "task": f"{type(task).__qualname__}: {re.sub(r' at 0x[0-9a-fA-F]+', '', repr(task))}",
         "config": dataclasses.asdict(config),
+        **{key: re.sub(r' at 0x[0-9a-fA-F]+', '', value) for key, value in extra.items()},
     }, sort_keys=True, default=repr)
 
 

@@ -279,7 +279,7 @@ def test_same_seed_same_run():
         (lambda: SignalNoiseTask(d=10, sparsity=10), "sparsity"),
         (lambda: SignalNoiseTask(snr=-1.0), "snr"),
         (lambda: SignalNoiseTask(noise_norm=0.0), "noise_norm"),
-        (lambda: SignalNoiseTask(d=10, sparsity=2).sample(0, generator(0)), "n"),
+        (lambda: SignalNoiseTask(d=10, sparsity=2).sample(0, generator(0)), "batch_size"),
         (lambda: SoftmaxAttentionClassifier(d=5, width=0), "width"),
         (lambda: SoftmaxAttentionClassifier(d=5, init_std=0.0), "init_std"),
         (lambda: SoftmaxAttentionClassifier(d=5)(torch.zeros(3, 2, 4)), "X"),
@@ -364,3 +364,41 @@ def test_reproduce_from_the_command_line(tmp_path):
     for key in ("train_loss", "test_accuracy", "steps_to_train_loss_0.1", "stages", "snr_sweep", "profile", "device"):
         assert key in metrics
     assert (tmp_path / "stages.png").stat().st_size > 1000
+
+
+# --- one training loop: rules train through icl_course.training.train -----------------------------------
+
+
+def test_rule_optimizer_gives_a_parameter_without_gradient_a_zero_one():
+    a, b = torch.ones(2, requires_grad=True), torch.ones(3, requires_grad=True)
+    rule = opt.RuleOptimizer([a, b], opt.adam(0.1))
+    (a.sum() ** 2).backward()  # b gets no gradient
+    rule.step()
+    assert torch.equal(b, torch.ones(3)) and not torch.equal(a, torch.ones(2))
+    assert repr(rule) == "RuleOptimizer(chain(scale_by_adam(0.9, 0.999, 1e-08), scale_by_learning_rate(0.1)))"
+
+
+def test_an_interrupted_experiment_resumes_bit_for_bit(tmp_path, monkeypatch):
+    """Chapter 7's runs checkpoint under ``checkpointing``, their tracked stages and test curves included."""
+    from icl_course import training
+
+    def untimed(metrics):
+        return {k: v for k, v in metrics.items() if k != "seconds"}
+
+    reference = untimed(sd.run("smoke").metrics)
+    real_save, saves = training._save, []
+
+    def save_then_stop(path, state):
+        real_save(path, state)
+        saves.append(state["step"])
+        if len(saves) == 30:  # mid-way through the second run (the smoke runs take 120 steps)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "_save", save_then_stop)
+    with training.checkpointing(tmp_path, every=5):
+        with pytest.raises(KeyboardInterrupt):
+            sd.run("smoke")
+        monkeypatch.setattr(training, "_save", real_save)
+        assert untimed(sd.run("smoke").metrics) == reference
+    n_runs = len(sd.OPTIMIZERS) * (1 + len(sd.CONFIGS["smoke"].sweep_snrs))
+    assert len(list(tmp_path.iterdir())) == n_runs  # the three optimizers' runs are told apart

@@ -293,3 +293,64 @@ def test_checkpointing_resumes_an_interrupted_experiment(tmp_path, monkeypatch):
 
 def test_checkpointing_skips_callbacks_that_record():
     assert training._resumable(None) and not training._resumable(lambda s, l: None)
+
+
+# --- the one loop's other data, optimizers, tracking and progress ---------------------------------------
+
+
+def test_track_measures_before_the_first_step_every_k_steps_and_at_the_end(tmp_path):
+    def weight_norm(model):
+        return {"norm": sum(p.norm().item() for p in model.parameters())}
+
+    def steps_seen(model):
+        return {"one": 1.0}
+
+    config = icl.TrainConfig(steps=25, batch_size=16, log_every=5)
+    model = icl.linear_transformer(d=3, n_layers=1)
+    history = icl.train(model, TASK, config, device="cpu", track=[(weight_norm, 10), (steps_seen, 1)])
+    assert history.tracked[0]["step"] == [0, 10, 20, 25] and len(history.tracked[0]["norm"]) == 4
+    assert history.tracked[0]["norm"][-1] == weight_norm(model)["norm"]
+    assert history.tracked[1]["step"] == list(range(26))
+    with pytest.raises(Interrupt):  # a resumed run has the measures from before its checkpoint
+        icl.train(icl.linear_transformer(d=3, n_layers=1), TASK, config, callback=interrupt_at(17), device="cpu",
+                  checkpoint=tmp_path / "run.pt", checkpoint_every=5, track=[(weight_norm, 10), (steps_seen, 1)])
+    resumed = icl.train(icl.linear_transformer(d=3, n_layers=1), TASK, config, device="cpu",
+                        checkpoint=tmp_path / "run.pt", checkpoint_every=5, track=[(weight_norm, 10), (steps_seen, 1)])
+    assert resumed.tracked == history.tracked and resumed.losses == history.losses
+
+
+def test_an_optimizer_of_ones_own_trains_at_its_own_rate():
+    model = icl.linear_transformer(d=3, n_layers=1)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.05)
+    history = icl.train(model, TASK, icl.TrainConfig(steps=30, batch_size=64, log_every=10), device="cpu", optimizer=sgd)
+    assert sgd.param_groups[0]["lr"] == 0.05 and history.losses[-1] < history.losses[0]
+    with pytest.raises(ValueError, match="TrainConfig.lr"):  # it would be ignored
+        icl.train(model, TASK, icl.TrainConfig(steps=3, lr=0.1), device="cpu", optimizer=sgd)
+    with pytest.raises(icl.TrainingDiverged, match=r"lr=1e\+03\). Try a smaller learning rate for the optimizer"):
+        big = torch.optim.SGD(model.parameters(), lr=1e3)
+        icl.train(model, TASK, icl.TrainConfig(steps=200, batch_size=64, grad_clip=None), device="cpu", optimizer=big)
+
+
+def test_full_batch_is_the_same_training_set_every_step():
+    full = training.FullBatch(TASK, size=32, seed=3)
+    a, b = full.sample(32, icl.generator(0)), full.sample(32, icl.generator(1))
+    assert torch.equal(a.xs, b.xs) and torch.equal(a.xs, TASK.sample(32, icl.generator(3)).xs)
+    history = icl.train(icl.linear_transformer(d=3, n_layers=1), full, icl.TrainConfig(steps=40, batch_size=32, lr=3e-2),
+                        device="cpu")
+    assert history.losses[-1] < 0.5 * history.losses[0]  # one fixed set is fit far faster than fresh batches
+    with pytest.raises(ValueError, match="batch_size"):
+        full.sample(16, icl.generator(0))
+
+
+def test_progress_bar_counts_the_steps_of_every_run_it_is_shown():
+    from icl_course.progress import ProgressBar
+
+    bar = ProgressBar(2 * 12, desc="two runs")
+    for seed in range(2):
+        icl.train(icl.linear_transformer(d=3, n_layers=1, seed=seed), TASK, icl.TrainConfig(steps=12, batch_size=8),
+                  callback=bar, device="cpu")
+    assert bar.done == bar.bar.n == 24  # not closed after the first run's 12
+    with pytest.raises(ValueError, match="progress"):
+        icl.train(icl.linear_transformer(d=3), TASK, icl.TrainConfig(steps=2), device="cpu", progress=1)
+    with pytest.raises(ValueError, match="track"):
+        icl.train(icl.linear_transformer(d=3), TASK, icl.TrainConfig(steps=2), device="cpu", track=[(print, 0)])

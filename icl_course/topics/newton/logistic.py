@@ -120,15 +120,15 @@ class LogisticTask:
         if not isinstance(self.newton_steps, int) or self.newton_steps < 1:
             raise ValueError(f"newton_steps must be an integer >= 1, got {self.newton_steps!r}")
         for name in ("inputs", "weights"):
-            if not callable(getattr(getattr(self, name), "sample", None)):
+            if not callable(getattr(getattr(self, name), "draw", None)):
                 raise TypeError(f"{name} must be a distribution such as Gaussian(), got {getattr(self, name)!r}")
 
     def sample(self, batch_size: int, gen: torch.Generator, device=None, dtype=torch.float32) -> LogisticBatch:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         B, n, d = batch_size, self.n_ctx, self.d
-        x_all = self.inputs.sample((B, n + 1, d), gen, dtype)  # (B, n+1, d)
-        w = self.weights.sample((B, d), gen, dtype)  # (B, d)
+        x_all = self.inputs.draw((B, n + 1, d), gen, dtype)  # (B, n+1, d)
+        w = self.weights.draw((B, d), gen, dtype)  # (B, d)
         p = torch.sigmoid(torch.einsum("bnd,bd->bn", x_all, w))  # (B, n+1)
         labels = torch.where(torch.rand((B, n), generator=gen, dtype=dtype) < p[:, :n], 1.0, -1.0).to(dtype)
         xs, x_q = x_all[:, :n], x_all[:, n]

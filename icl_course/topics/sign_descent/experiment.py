@@ -22,10 +22,10 @@ import torch
 from icl_course import plots
 from icl_course.progress import ProgressBar
 from icl_course.results import Lookup
-from icl_course.runtime import get_device, get_profile
-from icl_course.tasks import generator
+from icl_course.runtime import generator, get_device, get_profile
+from icl_course.training import FullBatch, TrainConfig, train
 
-from .optimizers import UpdateRule, adam, gd, minimize, sign_descent
+from .optimizers import RuleOptimizer, UpdateRule, adam, gd, sign_descent
 from .signal_noise import SignalNoiseTask, SoftmaxAttentionClassifier, accuracy, logistic_loss, stage_quantities
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "run",
     "make_rules",
     "datasets",
+    "training_set",
     "train_once",
     "first_step_accuracy",
 ]
@@ -127,12 +128,15 @@ def _evaluate(model, batch) -> tuple[float, float]:
     return logistic_loss(logits, batch.y).item(), accuracy(logits, batch.y)
 
 
+def training_set(config: SignDescentConfig, snr: float, run_index: int = 0) -> FullBatch:
+    """The fixed training set of run ``run_index`` at ``snr``, as ``train`` takes it (full batch)."""
+    return FullBatch(config.task(snr), config.n_train, seed=config.seed + 100 * run_index + 1)
+
+
 def datasets(config: SignDescentConfig, snr: float, run_index: int = 0, device=None):
     """The training and test sets of run ``run_index`` at ``snr``: ``(train_set, test_set)``."""
-    base = config.seed + 100 * run_index
-    task = config.task(snr)
-    train_set = task.sample(config.n_train, generator(base + 1), device=device)
-    test_set = task.sample(config.n_test, generator(base + 2), device=device)
+    train_set = training_set(config, snr, run_index).sample(config.n_train, device=device)
+    test_set = config.task(snr).sample(config.n_test, generator(config.seed + 100 * run_index + 2), device=device)
     return train_set, test_set
 
 
@@ -143,6 +147,8 @@ def train_once(
     """Train a fresh model with ``optimizer`` (a key of :func:`make_rules`) on data at ``snr``.
 
     Every optimizer with the same ``run_index`` starts from the same weights and sees the same data.
+    The test loss is tracked every ``config.log_every`` steps, the stage quantities (if asked for)
+    at every step; under :func:`icl_course.training.checkpointing` the run resumes with them.
     """
     rules = make_rules(config)
     if optimizer not in rules:
@@ -153,24 +159,19 @@ def train_once(
         config.d, width=config.width, init_std=config.init_std, seed=config.seed + 100 * run_index
     ).to(device)
 
-    stages = None
-    if track_stages:
-        stages = {"step": [0], **{k: [v] for k, v in stage_quantities(model, train_set).items()}}
-    test_curve = {"step": [0], "test_loss": [_evaluate(model, test_set)[0]]}
+    def measure_test_loss(model) -> dict[str, float]:
+        return {"test_loss": _evaluate(model, test_set)[0]}
 
-    def after_step(step: int, loss: float) -> None:
-        if stages is not None:
-            stages["step"].append(step + 1)
-            for k, v in stage_quantities(model, train_set).items():
-                stages[k].append(v)
-        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-            test_curve["step"].append(step + 1)
-            test_curve["test_loss"].append(_evaluate(model, test_set)[0])
-        if callback is not None:
-            callback(step, loss)
+    def measure_stages(model) -> dict[str, float]:
+        return stage_quantities(model, train_set)
 
-    params = list(model.parameters())
-    history = minimize(lambda: logistic_loss(model(train_set.X), train_set.y), params, rules[optimizer], config.steps, after_step)
+    history = train(
+        model, training_set(config, snr, run_index),
+        TrainConfig(steps=config.steps, batch_size=config.n_train, grad_clip=None, log_every=1), callback, device,
+        optimizer=RuleOptimizer(model.parameters(), rules[optimizer]),
+        track=[(measure_test_loss, config.log_every)] + ([(measure_stages, 1)] if track_stages else []),
+    )
+    test_curve, stages = history.tracked[0], (history.tracked[1] if track_stages else None)
     train_loss, train_acc = _evaluate(model, train_set)
     test_loss, test_acc = _evaluate(model, test_set)
     final = {"train_loss": train_loss, "train_accuracy": train_acc, "test_loss": test_loss, "test_accuracy": test_acc}
@@ -336,15 +337,9 @@ def run(profile: str | None = None, progress: bool = False, config: SignDescentC
     device = get_device()
     start = time.perf_counter()
     n_sweep = len(OPTIMIZERS) * len(config.sweep_snrs) * config.sweep_seeds
+    # one bar over every run (a bar per run would be 3 + n_sweep bars)
     bar = ProgressBar((len(OPTIMIZERS) + n_sweep) * config.steps, desc="sign descent, Adam, GD") if progress else None
-    done = [0]
-
-    def tick(step: int, loss: float) -> None:
-        bar(done[0], loss)
-        done[0] += 1
-
-    callback = tick if bar is not None else None
-    runs = {name: train_once(config, name, config.snr, 0, True, device, callback) for name in OPTIMIZERS}
+    runs = {name: train_once(config, name, config.snr, 0, True, device, bar) for name in OPTIMIZERS}
 
     sweep = {name: {"test_accuracy": [], "test_loss": [], "train_accuracy": [], "train_loss": []} for name in OPTIMIZERS}
     sweep_curves = {}
@@ -352,7 +347,7 @@ def run(profile: str | None = None, progress: bool = False, config: SignDescentC
         for name in OPTIMIZERS:
             finals = []
             for k in range(config.sweep_seeds):
-                one = train_once(config, name, snr, k, False, device, callback)
+                one = train_once(config, name, snr, k, False, device, bar)
                 finals.append(one.final)
                 if k == 0:
                     sweep_curves[(name, snr)] = one

@@ -11,22 +11,22 @@ chains of primitives, as in optax (``sign_descent = chain(scale_by_sign(), scale
 so "Adam with beta1 = beta2 = 0 is sign descent" is a statement about two chains that differ in one
 link, and a test checks it. Rules are pure: they never touch the tensors they are given.
 
-:func:`minimize` runs a rule on a full-batch objective and returns a :class:`~icl_course.training.History`.
-Chapter 1's streaming ``train`` keeps using ``torch.optim.AdamW``; these rules serve the chapters
-that compare outer optimizers.
+A rule trains a model through the package's one training loop: :class:`RuleOptimizer` makes it a
+``torch.optim.Optimizer`` for :func:`icl_course.training.train` (``optimizer=RuleOptimizer(
+model.parameters(), sign_descent(lr))``), with its divergence checks, checkpoints and progress bar.
+:func:`minimize` is the same loop on a loss of plain tensors (a quadratic, in the exercises).
 """
 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-from icl_course.training import History, TrainingDiverged
+from icl_course.training import History, TrainConfig, train
 
 __all__ = [
     "UpdateRule",
@@ -38,6 +38,7 @@ __all__ = [
     "sign_descent",
     "adam",
     "apply_updates",
+    "RuleOptimizer",
     "minimize",
 ]
 
@@ -50,6 +51,7 @@ class UpdateRule:
 
     init: Callable[[Tensors], Any]
     update: Callable[[Tensors, Any], tuple[Tensors, Any]]
+    name: str = "a custom rule"  # what it is, with its settings (checkpoints tell rules apart by it)
 
 
 def chain(*rules: UpdateRule) -> UpdateRule:
@@ -65,7 +67,7 @@ def chain(*rules: UpdateRule) -> UpdateRule:
             new_state.append(s)
         return grads, tuple(new_state)
 
-    return UpdateRule(init, update)
+    return UpdateRule(init, update, f"chain({', '.join(rule.name for rule in rules)})")
 
 
 # --- primitives ---------------------------------------------------------------------------------
@@ -79,12 +81,13 @@ def _positive(name: str, value: float) -> None:
 def scale_by_learning_rate(lr: float) -> UpdateRule:
     """``u = -lr * g``: the descent step (the minus sign lives here and only here)."""
     _positive("lr", lr)
-    return UpdateRule(lambda params: None, lambda grads, state: ([-lr * g for g in grads], state))
+    return UpdateRule(lambda params: None, lambda grads, state: ([-lr * g for g in grads], state),
+                      f"scale_by_learning_rate({lr!r})")
 
 
 def scale_by_sign() -> UpdateRule:
     """``u = sign(g)`` entrywise (``sign(0) = 0``): every coordinate moves by the same amount."""
-    return UpdateRule(lambda params: None, lambda grads, state: ([torch.sign(g) for g in grads], state))
+    return UpdateRule(lambda params: None, lambda grads, state: ([torch.sign(g) for g in grads], state), "scale_by_sign()")
 
 
 def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> UpdateRule:
@@ -113,7 +116,7 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Upda
         updates = [(m / c1) / ((v / c2).sqrt() + eps) for m, v in zip(ms, vs)]
         return updates, (t, ms, vs)
 
-    return UpdateRule(init, update)
+    return UpdateRule(init, update, f"scale_by_adam({b1!r}, {b2!r}, {eps!r})")
 
 
 # --- named rules ---------------------------------------------------------------------------------
@@ -154,32 +157,82 @@ def apply_updates(params: Tensors, updates: Tensors) -> Tensors:
 # --- running a rule --------------------------------------------------------------------------------
 
 
+class RuleOptimizer(torch.optim.Optimizer):
+    """``rule`` as a ``torch.optim.Optimizer``: ``step()`` moves every parameter by the rule's update.
+
+    A parameter without a gradient gets a zero one (so Adam's moments stay aligned with the list).
+
+    >>> w = torch.tensor([1.0, -2.0], requires_grad=True)
+    >>> opt = RuleOptimizer([w], gd(0.5))
+    >>> (0.5 * (w**2).sum()).backward(); opt.step(); w.tolist()
+    [0.5, -1.0]
+    """
+
+    def __init__(self, params, rule: UpdateRule):
+        super().__init__(params, {})
+        self.rule = rule
+        self.rule_state = rule.init([p.detach() for p in self._params()])
+
+    def _params(self) -> Tensors:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        params = self._params()
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        updates, self.rule_state = self.rule.update(grads, self.rule_state)
+        for p, u in zip(params, updates):
+            p.add_(u)
+
+    def state_dict(self) -> dict:
+        return {"rule_state": self.rule_state}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """The rule's state from :meth:`state_dict`, moved to the parameters' device (a checkpoint loads on the CPU)."""
+        self.rule_state = _to_device(state_dict["rule_state"], self._params()[0].device)
+
+    def __repr__(self) -> str:
+        return f"RuleOptimizer({self.rule.name})"
+
+
+def _to_device(state, device):
+    if torch.is_tensor(state):
+        return state.to(device)
+    if isinstance(state, (list, tuple)):
+        return type(state)(_to_device(s, device) for s in state)
+    return state
+
+
+class _Tensors(torch.nn.Module):
+    """Plain tensors as a module's buffers, so that ``train`` can move, save and restore them in place."""
+
+    def __init__(self, tensors: Tensors):
+        super().__init__()
+        for i, t in enumerate(tensors):
+            self.register_buffer(f"t{i}", t)
+
+
+@dataclass(frozen=True)
+class _Objective:
+    """A task whose every batch is empty and whose loss is ``loss_fn()``: a full-batch loss of closed-over tensors."""
+
+    loss_fn: Callable[[], Tensor]
+
+    def sample(self, batch_size: int, gen: torch.Generator | None = None, device=None) -> None:
+        return None
+
+    def loss(self, model, batch) -> Tensor:
+        return self.loss_fn()
+
+
 def minimize(loss_fn: Callable[[], Tensor], params: Tensors, rule: UpdateRule, steps: int, callback=None) -> History:
     """Take ``steps`` steps of ``rule`` on ``loss_fn()`` (a full-batch loss of ``params``), in place.
 
-    ``params`` are leaf tensors with ``requires_grad`` (e.g. ``list(model.parameters())``). Every
-    step is logged in the returned history (``losses[k]`` is the loss *before* step ``k``), and
-    ``callback(step, loss)`` is called after each step. Raises :class:`TrainingDiverged` if the
-    loss stops being finite.
+    ``params`` are leaf tensors with ``requires_grad``. Every step is logged in the returned history
+    (``losses[k]`` is the loss *before* step ``k``), and ``callback(step, loss)`` is called after
+    each step. This is :func:`icl_course.training.train` with a :class:`RuleOptimizer`, so it
+    raises :class:`~icl_course.training.TrainingDiverged` if the loss stops being finite.
     """
-    if not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
-    state = rule.init([p.detach() for p in params])
-    history = History()
-    start = time.perf_counter()
-    for step in range(steps):
-        loss = loss_fn()
-        value = loss.item()
-        if not math.isfinite(value):
-            raise TrainingDiverged(f"the loss became {value} at step {step}; try a smaller learning rate")
-        grads = torch.autograd.grad(loss, params)
-        updates, state = rule.update(list(grads), state)
-        with torch.no_grad():
-            for p, u in zip(params, updates):
-                p.add_(u)
-        history.steps.append(step)
-        history.losses.append(value)
-        if callback is not None:
-            callback(step, value)
-    history.seconds = time.perf_counter() - start
-    return history
+    config = TrainConfig(steps=steps, batch_size=1, grad_clip=None, log_every=1)
+    optimizer = RuleOptimizer(params, rule)
+    return train(_Tensors(params), _Objective(loss_fn), config, callback, device=params[0].device, optimizer=optimizer)
