@@ -18,7 +18,6 @@ import torch
 from icl_course import plots
 from icl_course.linear_transformer import FullAttention, LinearTransformer, gd_transformer, linear_transformer
 from icl_course.metrics import evaluate, model_cosine, model_distance, prediction_distance
-from icl_course.progress import ProgressBar
 from icl_course.results import Lookup
 from icl_course.runtime import get_device, get_profile
 from icl_course.solvers import GradientDescent, tune_step_size
@@ -148,21 +147,15 @@ def train_lsa(config: GDStepConfig, task, gd: GradientDescent, held_out, progres
     tasks: ``(model, history, tracking)``."""
     model = linear_transformer(config.d, n_layers=1, n_heads=1, init_std=config.init_std, seed=config.seed)
     train_config = replace(config.train, seed=config.seed + 1)
-    tracking = {"step": [], "lsa_loss": [], "model_cosine": [], "prediction_distance": []}
+
+    def alignment(model) -> dict:
+        return {"lsa_loss": evaluate(model, held_out), "model_cosine": model_cosine(model, gd, held_out),
+                "prediction_distance": prediction_distance(model, gd, held_out)}
+
     every = max(1, train_config.steps // config.n_track)
-    bar = ProgressBar(train_config.steps, desc="training LSA") if progress else None
-
-    def callback(step: int, loss: float) -> None:
-        if bar is not None:
-            bar(step, loss)
-        if step % every == 0 or step == train_config.steps - 1:
-            tracking["step"].append(step + 1)
-            tracking["lsa_loss"].append(evaluate(model, held_out))
-            tracking["model_cosine"].append(model_cosine(model, gd, held_out))
-            tracking["prediction_distance"].append(prediction_distance(model, gd, held_out))
-
-    history = train(model, task, train_config, callback=callback, device=device)
-    return model.eval(), history, tracking
+    history = train(model, task, train_config, device=device, progress=progress and "training LSA",
+                    track=[(alignment, every)])
+    return model.eval(), history, history.tracked[0]
 
 
 def out_of_distribution(config: GDStepConfig, learners: dict, device) -> dict[str, list[float]]:

@@ -22,7 +22,6 @@ import torch
 from icl_course import plots, pretrained
 from icl_course.linear_transformer import FullAttention, LinearTransformer, linear_transformer
 from icl_course.metrics import evaluate
-from icl_course.progress import ProgressBar
 from icl_course.results import Lookup
 from icl_course.runtime import get_device, get_profile
 from icl_course.tasks import Choice, Gaussian, RegressionTask, Uniform, generator
@@ -146,8 +145,8 @@ def train_model(spec: ModelSpec, d: int = 10, n_ctx: int = 20, progress: bool = 
     model = linear_transformer(d, n_layers=spec.n_layers, attention=spec.attention, clamp=spec.clamp, seed=spec.seed)
     init_like_gd(model, seed=spec.seed)
     config = spec.train_config()
-    bar = ProgressBar(config.steps, desc=f"training {spec.method} on {spec.setting}") if progress else None
-    history = train(model, make_task(spec.setting, d, n_ctx), config, callback=bar, device=device)
+    history = train(model, make_task(spec.setting, d, n_ctx), config, device=device,
+                    progress=progress and f"training {spec.method} on {spec.setting}")
     return model.cpu().eval(), history
 
 

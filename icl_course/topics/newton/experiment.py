@@ -24,7 +24,6 @@ import torch
 from icl_course import plots
 from icl_course.linear_transformer import LinearTransformer, linear_transformer
 from icl_course.metrics import mse_loss
-from icl_course.progress import ProgressBar
 from icl_course.results import Lookup
 from icl_course.runtime import get_device, get_profile
 from icl_course.tasks import IllConditioned, RegressionTask, generator
@@ -312,8 +311,7 @@ def train_and_match(config: NewtonConfig, task, held_out, device, progress: bool
     """
     model = linear_transformer(config.d, config.n_layers, config.n_heads, "full", config.init_std, config.clamp, config.seed)
     train_config = TrainConfig(**{**asdict(config.train), "seed": config.seed + 1})
-    bar = ProgressBar(train_config.steps, desc="linear transformer") if progress else None
-    history = train(model, task, train_config, callback=bar, device=device)
+    history = train(model, task, train_config, device=device, progress=progress and "linear transformer")
     model = model.cpu().double().eval()
     b = held_out.to(device="cpu", dtype=torch.float64)
     with torch.no_grad():
@@ -391,8 +389,7 @@ def logistic_regression(config: NewtonConfig, progress: bool, device):
     model = attention_mlp_transformer(config.d, config.logistic_blocks, config.n_heads, config.mlp_width,
                                       config.init_std, config.clamp, config.seed)
     train_config = TrainConfig(**{**asdict(config.logistic_train), "seed": config.seed + 1})
-    bar = ProgressBar(train_config.steps, desc="attention + MLP") if progress else None
-    history = train(model, logistic, train_config, callback=bar, device=device)
+    history = train(model, logistic, train_config, device=device, progress=progress and "attention + MLP")
     model = model.cpu().double().eval()
     with torch.no_grad():
         block_logits = model.predict_per_layer(lheld.xs, lheld.ys, lheld.x_query)  # (blocks, B)

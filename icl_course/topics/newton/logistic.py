@@ -32,7 +32,7 @@ from icl_course.metrics import mse_loss
 from icl_course.runtime import require_finite
 from icl_course.solvers import LinearSolver
 from icl_course.tasks import Gaussian, Uniform, generator
-from icl_course.tokens import check_shapes, make_tokens, read_prediction
+from icl_course.tokens import make_tokens, read_prediction
 
 __all__ = [
     "LogisticBatch",

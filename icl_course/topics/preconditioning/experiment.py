@@ -28,7 +28,6 @@ import torch
 from icl_course import plots
 from icl_course.linear_transformer import LinearTransformer, linear_transformer
 from icl_course.metrics import evaluate, implicit_weights, implicit_weights_per_layer
-from icl_course.progress import ProgressBar
 from icl_course.results import Lookup
 from icl_course.runtime import get_device, get_profile
 from icl_course.solvers import GDPlusPlus, GradientDescent, LeastSquares, tune_gdpp, tune_step_size
@@ -301,20 +300,12 @@ def _shared_colour_scale(fig):
     return fig
 
 
-def _train(model, task, train_config, seed, desc, progress, device=None, track=None, n_track: int = 0) -> History:
-    """Train with ``train_config`` at ``seed``; ``track(step, loss)`` runs ``n_track`` times, evenly spread,
-    and at the last step."""
+def _train(model, task, train_config, seed, desc, progress, device=None, measure=None, n_track: int = 0) -> History:
+    """Train with ``train_config`` at ``seed``; ``measure(model)`` runs about ``n_track`` times, evenly
+    spread (``history.tracked[0]``)."""
     cfg = TrainConfig(**{**asdict(train_config), "seed": seed})
-    bar = ProgressBar(cfg.steps, desc=desc) if progress else None
-    every = max(1, cfg.steps // n_track) if n_track else 0
-
-    def on_step(step, loss):
-        if bar is not None:
-            bar(step, loss)
-        if every and (step % every == 0 or step == cfg.steps - 1):
-            track(step, loss)
-
-    return train(model, task, cfg, callback=bar if track is None else on_step, device=device)  # a bar: resumable
+    track = [(measure, max(1, cfg.steps // n_track))] if measure is not None else []
+    return train(model, task, cfg, device=device, progress=progress and desc, track=track)
 
 
 def implicit_identity_error(model: LinearTransformer, batch) -> float:
@@ -384,15 +375,14 @@ class OneLayer:
 def one_layer(config: PreconditioningConfig, data: Data, closed: dict, progress: bool, device) -> OneLayer:
     """2. The one-layer model, compared with ``Gamma*`` while it trains and after."""
     model = linear_transformer(config.d, 1, config.n_heads, init_std=config.init_std, seed=config.seed)
-    tracking = {"step": [], "rel_error": [], "loss": []}
 
-    def track(step, loss):
-        tracking["step"].append(step + 1)
-        tracking["rel_error"].append(relative_error(layer_preconditioner(model.layers[0]).cpu(), data.gamma_star))
-        tracking["loss"].append(evaluate(model, data.probe))
+    def against_gamma_star(model) -> dict:
+        return {"rel_error": relative_error(layer_preconditioner(model.layers[0]).cpu(), data.gamma_star),
+                "loss": evaluate(model, data.probe)}
 
     history = _train(model, data.task, config.train_one_layer, config.seed + 1, "1 layer", progress, device,
-                     track=track, n_track=config.n_track)
+                     measure=against_gamma_star, n_track=config.n_track)
+    tracking = history.tracked[0]
     model.eval()
     trained = layer_preconditioner(model.layers[0]).cpu().double()
     sqrt_cov = torch.linalg.cholesky(data.cov)  # weighs each direction by its input scale

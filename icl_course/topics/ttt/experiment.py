@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from icl_course import plots
-from icl_course.progress import ProgressBar
 from icl_course.results import Lookup
 from icl_course.runtime import get_device, get_profile
 from icl_course.tasks import generator
@@ -313,8 +312,7 @@ def _train(config, task, mixer, b, lr, seed, label, device, progress):
     data_seed = config.seed + 1 if seed == config.seed else 1000 * seed + config.seed + 1
     train_config = TrainConfig(**{**asdict(config.train), "lr": lr, "seed": data_seed})
     model = make_model(replace(config, seed=seed), mixer, b)
-    bar = ProgressBar(train_config.steps, desc=label) if progress else None
-    history = train(model, task, train_config, callback=bar, device=device)
+    history = train(model, task, train_config, device=device, progress=progress and label)
     return model.eval(), history
 
 
