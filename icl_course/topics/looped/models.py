@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from icl_course import pretrained
 from icl_course.runtime import require_finite
 
 from .tasks import ONE, VOCAB_SIZE, ZERO, AlgorithmicBatch
@@ -100,6 +100,7 @@ class LoopedTransformer(nn.Module):
         super().__init__()
         _check_model_args(width, n_heads, seed, vocab_size)
         self.width, self.n_heads, self.vocab_size = width, n_heads, vocab_size
+        self.args = {"width": width, "n_heads": n_heads, "vocab_size": vocab_size}  # what rebuilds it (pretrained)
         with torch.random.fork_rng(devices=[]):  # the init is a function of the seed alone
             torch.manual_seed(seed)
             self.embed = nn.Embedding(vocab_size, width)
@@ -160,6 +161,7 @@ class NextTokenTransformer(nn.Module):
         if not isinstance(n_layers, int) or n_layers < 1:
             raise ValueError(f"n_layers must be an int >= 1, got {n_layers!r}")
         self.width, self.n_heads, self.n_layers, self.vocab_size = width, n_heads, n_layers, vocab_size
+        self.args = {"width": width, "n_heads": n_heads, "n_layers": n_layers, "vocab_size": vocab_size}
         with torch.random.fork_rng(devices=[]):  # the init is a function of the seed alone
             torch.manual_seed(seed)
             self.embed = nn.Embedding(vocab_size, width)
@@ -380,39 +382,8 @@ def clock_stop(logits: Tensor, clock_logits: Tensor) -> tuple[Tensor, Tensor]:
     return logits.argmax(-1)[chosen, torch.arange(B, device=done.device)], chosen + 1
 
 
-# --- shipped weights: the checksummed record of icl_course.pretrained, for looped models ------------
+# --- shipped weights: icl_course.pretrained saves and loads these classes ---------------------------
 
 
-MODELS = {"LoopedTransformer": LoopedTransformer, "Clock": Clock, "NextTokenTransformer": NextTokenTransformer}
-
-
-def save(name: str, model: nn.Module, provenance: dict, folder: Path | None = None) -> Path:
-    """Write ``model``'s weights and provenance (plus architecture and checksums) with :mod:`pretrained`."""
-    from icl_course import pretrained
-
-    if type(model).__name__ not in MODELS:
-        raise ValueError(f"model must be one of {sorted(MODELS)}, got {type(model).__name__}")
-    architecture = {"model": type(model).__name__, "width": model.width, "n_heads": model.n_heads,
-                    "vocab_size": model.vocab_size}
-    if isinstance(model, NextTokenTransformer):
-        architecture["n_layers"] = model.n_layers
-    return pretrained.save_state(name, model, architecture, provenance, folder)
-
-
-def _fields(architecture: dict) -> tuple[str, ...]:
-    extra = ("n_layers",) if architecture.get("model") == "NextTokenTransformer" else ()
-    return ("model", "width", "n_heads", "vocab_size", *extra)
-
-
-def _build(architecture: dict) -> nn.Module:
-    kind = architecture.pop("model")
-    if kind not in MODELS:
-        raise ValueError(f"model must be one of {sorted(MODELS)}, got {kind!r}")
-    return MODELS[kind](**architecture)
-
-
-def load(name: str, folder: Path | None = None) -> nn.Module:
-    """The shipped model ``name`` after checking its file and record (CPU, eval mode), see :mod:`pretrained`."""
-    from icl_course import pretrained
-
-    return pretrained.load_state(name, _build, _fields, folder)
+pretrained.register(LoopedTransformer, Clock, NextTokenTransformer)
+save, load = pretrained.save, pretrained.load  # the names notebooks use (icl.looped.load)
