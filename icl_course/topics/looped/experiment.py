@@ -30,6 +30,7 @@ import multiprocessing
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -62,7 +63,7 @@ from .models import (
 from .tasks import make_task
 
 __all__ = [
-    "LoopedConfig", "LoopedResult", "CONFIGS", "SHIPPED", "METHODS", "run", "train_models", "evaluate_looped", "accuracy_by_loop",
+    "LoopedConfig", "LoopedResult", "Family", "FAMILIES", "CONFIGS", "SHIPPED", "METHODS", "run", "train_models", "evaluate_looped", "accuracy_by_loop",
     "accuracy_figure", "clock_figure", "confidence_figure", "loops_figure", "ship", "write_weights", "shipped_name",
 ]
 
@@ -324,18 +325,12 @@ def _accuracy_table(config: LoopedConfig, task: str, predictors: dict, device, c
             if isinstance(model, NextTokenTransformer):
                 table.setdefault(family, {})[str(n)] = accuracy(model.predict(batch), batch.answer)
             elif family == "fixed-loop":
-                table.setdefault(family, {})[str(n)] = accuracy(model.predict(batch, config_fixed_loops(config, task)), batch.answer)
+                table.setdefault(family, {})[str(n)] = accuracy(model.predict(batch, spec.steps(spec.train_lengths[1])), batch.answer)
             else:
                 result = evaluate_looped(model, batch, cap, config.patience, config.min_confidence, clock)
                 for rule in ("oracle", "adaptive", "stable") + (("clock",) if clock is not None else ()):
                     table.setdefault(f"{family}-{rule}", {})[str(n)] = result[rule]
     return table
-
-
-def config_fixed_loops(config: LoopedConfig, task: str) -> int:
-    """The fixed-loop baseline's loop count: T(longest training length), enough for every training input."""
-    spec = config.task(task)
-    return spec.steps(spec.train_lengths[1])
 
 
 def _train(model, objective, config: LoopedConfig, steps: int, device, progress: bool, desc: str):
@@ -359,32 +354,49 @@ def _one_cpu_thread(device):
         torch.set_num_threads(threads)
 
 
+@dataclass(frozen=True)
+class Family:
+    """One model family of the chapter: a fresh model, its training objective and its budget, each
+    read from the config (``model(config, seed)``, ``objective(config, task)``, ``budget(config)``)."""
+
+    model: Callable[[LoopedConfig, int], torch.nn.Module]
+    objective: Callable[[LoopedConfig, object], object]
+    budget: Callable[[LoopedConfig], int]  # optimizer steps
+
+
+def _looped(config: LoopedConfig, seed: int) -> LoopedTransformer:
+    return LoopedTransformer(config.width, config.n_heads, seed=seed)
+
+
+FAMILIES = {
+    # the paper's training: supervision after exactly T(n) loops
+    "looped": Family(_looped, lambda c, spec: FullAnswerObjective(spec), lambda c: c.steps),
+    # ours: supervision after T(n) + k loops, k ~ U{0..K}, and a flat answer before loop T(n) - 1
+    "looped-fp": Family(_looped, lambda c, spec: FullAnswerObjective(
+        spec, extra_loops=c.extra_loops, unsure_weight=c.unsure_weight, curriculum=c.curriculum), lambda c: c.fp_steps),
+    # the same block with one loop count, T(longest training length), at every length
+    "fixed-loop": Family(_looped, lambda c, spec: FullAnswerObjective(spec, fixed_loops=spec.steps(spec.train_lengths[1])),
+                         lambda c: c.baseline_steps),
+    # distinct blocks of the baseline's width, next-token trained
+    "next-token": Family(lambda c, seed: NextTokenTransformer(c.baseline_width, c.n_heads, c.baseline_layers, seed=seed),
+                         lambda c, spec: NextTokenObjective(spec), lambda c: c.next_token_steps),
+    # a looped block that learns when T(n) loops are done
+    "clock": Family(lambda c, seed: Clock(c.width, c.n_heads, seed=seed), lambda c, spec: HaltingObjective(spec),
+                    lambda c: c.clock_steps),
+}
+
+
 def train_models(config: LoopedConfig, task: str, device, progress: bool = False, seed: int | None = None,
                  families=("looped", "looped-fp", "fixed-loop", "next-token")) -> tuple[dict, dict]:
-    """Train the requested model families on ``task``; return ``(models, histories)``."""
+    """Train the requested model families (:data:`FAMILIES`) on ``task``; return ``(models, histories)``."""
     spec = config.task(task)
     seed = config.seeds[0] if seed is None else seed
     models, histories = {}, {}
     with _one_cpu_thread(device):
-        for family in families:
-            if family == "next-token":
-                model = NextTokenTransformer(config.baseline_width, config.n_heads, config.baseline_layers, seed=seed)
-                objective, steps = NextTokenObjective(spec), config.next_token_steps
-            elif family == "clock":
-                model = Clock(config.width, config.n_heads, seed=seed)
-                objective, steps = HaltingObjective(spec), config.clock_steps
-            else:
-                model = LoopedTransformer(config.width, config.n_heads, seed=seed)
-                objective = FullAnswerObjective(
-                    spec,
-                    extra_loops=config.extra_loops if family == "looped-fp" else 0,
-                    unsure_weight=config.unsure_weight if family == "looped-fp" else 0.0,
-                    curriculum=config.curriculum if family == "looped-fp" else 0,
-                    fixed_loops=config_fixed_loops(config, task) if family == "fixed-loop" else None,
-                )
-                steps = {"looped": config.steps, "looped-fp": config.fp_steps, "fixed-loop": config.baseline_steps}[family]
-            models[family], histories[family] = _train(model, objective, config, steps, device, progress,
-                                                       f"{task}: {family} (seed {seed})")
+        for name in families:
+            family = FAMILIES[name]
+            models[name], histories[name] = _train(family.model(config, seed), family.objective(config, spec), config,
+                                                   family.budget(config), device, progress, f"{task}: {name} (seed {seed})")
     return models, histories
 
 
@@ -474,8 +486,7 @@ def run(profile: str | None = None, progress: bool = False, config: LoopedConfig
         "shipped": shipped,
         "clock": clocks,
         "parameters": {family: sum(p.numel() for p in m.parameters()) for (family, _), m in models.items()},
-        "steps": {"looped": config.steps, "looped-fp": config.fp_steps, "fixed-loop": config.baseline_steps,
-                  "next-token": config.next_token_steps},
+        "steps": {family: FAMILIES[family].budget(config) for family in ("looped", "looped-fp", "fixed-loop", "next-token")},
         "train_seconds": {f"{fam}/{task}": h.seconds for (fam, task), h in histories.items()},
         "total_seconds": time.perf_counter() - start,
         "profile": profile,
@@ -515,8 +526,7 @@ def ship(task: str, family: str, model, config: LoopedConfig, seconds: float, fo
         "train_lengths": list(config.task(task).train_lengths),
         "config": {k: v for k, v in asdict(config).items() if k not in ("tasks", "seeds", "train_lengths")},
         "seed": seed,
-        "steps": {"looped": config.steps, "looped-fp": config.fp_steps, "next-token": config.next_token_steps,
-                  "clock": config.clock_steps}[family],
+        "steps": FAMILIES[family].budget(config),
         "train_seconds": seconds,
         "device": str(device),
         "torch": torch.__version__ + (", trained with one CPU thread" if device.type == "cpu" else ""),

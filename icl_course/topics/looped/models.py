@@ -40,7 +40,7 @@ from icl_course.runtime import require_finite
 from .tasks import ONE, VOCAB_SIZE, ZERO, AlgorithmicBatch
 
 __all__ = [
-    "Block", "LoopedTransformer", "Clock", "NextTokenTransformer", "FullAnswerObjective", "NextTokenObjective",
+    "Block", "LoopedTransformer", "Clock", "NextTokenTransformer", "Supervised", "FullAnswerObjective", "NextTokenObjective",
     "HaltingObjective", "answer_confidence", "max_confidence_stop", "stable_stop", "clock_stop", "accuracy", "save", "load",
 ]
 
@@ -189,6 +189,14 @@ class NextTokenTransformer(nn.Module):
 # --- training objectives: the task's batches plus a loss, the contract of icl_course.training.train --
 
 
+@dataclass(frozen=True)
+class Supervised:
+    """One single-length group of a :class:`FullAnswerObjective` batch and its loop count."""
+
+    batch: AlgorithmicBatch
+    n_loops: int  # the answer is supervised after this many loops
+
+
 @dataclass
 class FullAnswerObjective:
     """Cross-entropy of the full answer after ``T(n) + k`` loops (or ``fixed_loops`` loops).
@@ -196,6 +204,11 @@ class FullAnswerObjective:
     ``extra_loops = K > 0`` draws ``k`` uniformly from ``0..K`` for every group: the answer must
     already be right after ``T(n)`` loops *and stay right* for ``K`` more, which makes it a fixed
     point of the loop. ``K = 0`` is the paper's training (supervision at exactly ``T(n)``).
+
+    What a training step sees is a function of the step and the generator alone:
+    :meth:`sample_at`. :meth:`sample`, the contract of :func:`icl_course.training.train` (which
+    gives no step), samples at ``step`` and moves it on by one; ``train`` calls it once a step and its
+    checkpoints save and restore ``step`` (a plain number), so a resumed run is the same run.
     """
 
     task: object  # an AlgorithmicTask
@@ -203,8 +216,7 @@ class FullAnswerObjective:
     fixed_loops: int | None = None  # train with this many loops at every length (the fixed-loop baseline)
     unsure_weight: float = 0.0  # weight of the "not done yet" loss on loops 1..T(n)-2 (0: off)
     curriculum: int = 0  # the longest training length grows to its final value over this many steps (0: off)
-    _gen: torch.Generator | None = None
-    _calls: int = 0
+    step: int = 0  # the training step that the next sample() draws for
 
     def __post_init__(self):
         if not isinstance(self.extra_loops, int) or self.extra_loops < 0:
@@ -215,27 +227,32 @@ class FullAnswerObjective:
         if not isinstance(self.curriculum, int) or self.curriculum < 0:
             raise ValueError(f"curriculum must be an int >= 0 (steps), got {self.curriculum!r}")
 
-    def sample(self, batch_size: int, gen: torch.Generator, device=None) -> list[AlgorithmicBatch]:
-        self._gen = gen  # k is drawn from the same stream as the data: same seed, same run
-        self._calls += 1  # one call per training step
-        return self.task.sample(batch_size, gen, device, self.task.longest_at(self._calls - 1, self.curriculum))
+    def sample_at(self, step: int, batch_size: int, gen: torch.Generator, device=None) -> list[Supervised]:
+        """The groups of training step ``step``: lengths up to the curriculum's longest at ``step``,
+        then each group's loop count, ``k`` drawn from ``gen`` after the data."""
+        groups = self.task.sample(batch_size, gen, device, self.task.longest_at(step, self.curriculum))
+        return [Supervised(batch, self._loops(batch, gen)) for batch in groups]
 
-    def loops(self, batch: AlgorithmicBatch) -> int:
+    def sample(self, batch_size: int, gen: torch.Generator, device=None) -> list[Supervised]:
+        groups = self.sample_at(self.step, batch_size, gen, device)
+        self.step += 1
+        return groups
+
+    def _loops(self, batch: AlgorithmicBatch, gen: torch.Generator) -> int:
         if self.fixed_loops is not None:
             return self.fixed_loops
-        k = int(torch.randint(0, self.extra_loops + 1, (1,), generator=self._gen)) if self.extra_loops else 0
+        k = int(torch.randint(0, self.extra_loops + 1, (1,), generator=gen)) if self.extra_loops else 0
         return batch.steps + k
 
-    def loss(self, model: LoopedTransformer, groups: list[AlgorithmicBatch]) -> Tensor:
+    def loss(self, model: LoopedTransformer, groups: list[Supervised]) -> Tensor:
         """Mean over groups of CE(answer after the last loop) + unsure_weight * CE(uniform, loops < T(n) - 1).
 
         The second term asks the loop to *say* it is not done yet: before T(n) - 1 loops its answer
         distribution should be flat, so a confident answer can only come from a finished loop.
         """
         total = 0.0
-        for batch in groups:
+        for batch, n_loops in ((g.batch, g.n_loops) for g in groups):
             L_ans = batch.answer.shape[1]
-            n_loops = self.loops(batch)
             early = max(0, batch.steps - 2) if self.unsure_weight else 0
             if early:
                 traj = model.trajectory(batch.prompt(), n_loops, last=L_ans)  # (T, B, L_ans, vocab)
