@@ -362,6 +362,14 @@ def test_smoke_profile_and_registration():
     assert {"accuracy_parity", "confidence_parity-looped", "confidence_parity-looped-fp", "loss_curves"} <= set(first.figures())
     again = experiment.run("smoke", config=config)
     assert again.metrics["accuracy"] == m["accuracy"]  # same seed, same result
+    # the named accessors read the metrics, and refuse what is not there
+    assert first.accuracy("next-token", 3) == m["accuracy"]["next-token"]["parity"]["3"]
+    assert first.seed_accuracy(0, 5) == m["accuracy"]["looped-oracle"]["parity"]["5"]
+    assert math.isnan(first.accuracy("next-token", 2))  # a test length the smoke profile skips (length_step 2)
+    with pytest.raises(KeyError, match="next-token"):
+        first.accuracy("next-tokens", 3)
+    with pytest.raises(ValueError, match="n must be a test length"):
+        first.accuracy("next-token", 9)
 
 
 def test_training_in_two_processes_gives_the_same_models():
