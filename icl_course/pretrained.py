@@ -233,7 +233,7 @@ def load(name: str, folder: Path | None = None, dtype=torch.float32) -> nn.Modul
 
 def restamp(name: str, architecture: dict, folder: Path | None = None) -> None:
     """Give ``name``'s record a new ``architecture`` (and digest) for the same, checked ``.pt`` file."""
-    weights, path, record = _checked(name, folder)
+    _, path, record = _checked(name, folder)
     _write_record(path, record, architecture, record["sha256"])
     load(name, folder)  # the new record must rebuild the model
 

@@ -95,7 +95,7 @@ def test_every_family_round_trips_through_one_save_and_load(tmp_path, family):
 def test_a_record_cannot_make_load_import_or_build_another_class(tmp_path):
     record = copy_shipped(SHIPPED, tmp_path)
     for model in ("os.system", "icl_course.course.cli.main", "icl_course.nowhere.Model"):
-        edit(record, lambda r: r["architecture"].update(model=model), restamp=True)
+        edit(record, lambda r, model=model: r["architecture"].update(model=model), restamp=True)
         with pytest.raises(RecordError, match="model") as err:
             pretrained.load(SHIPPED, folder=tmp_path)
         assert str(record) in str(err.value) and model in str(err.value)
