@@ -146,6 +146,14 @@ class LinearTransformer(nn.Module):
         self.d = layers[0].d
 
     @property
+    def args(self) -> dict:
+        """The arguments of :func:`linear_transformer` that rebuild this stack (all but its initialisation)."""
+        layer = self.layers[0]
+        attention = {cls: name for name, cls in ATTENTIONS.items()}[type(layer)]
+        return {"d": self.d, "n_layers": len(self.layers), "n_heads": layer.n_heads, "attention": attention,
+                "clamp": self.clamp}
+
+    @property
     def dtype(self) -> torch.dtype:
         """The dtype of the parameters: inputs must have it (``model.double()`` to run in float64)."""
         return next(self.parameters()).dtype

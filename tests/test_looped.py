@@ -19,6 +19,7 @@ from icl_course.topics.looped.models import (
     LoopedTransformer,
     NextTokenObjective,
     NextTokenTransformer,
+    Supervised,
     accuracy,
     answer_confidence,
     clock_stop,
@@ -80,10 +81,16 @@ def test_length_curriculum():
     assert task.longest_at(0, 0) == 12  # no curriculum
     objective = FullAnswerObjective(task, curriculum=1000)
     gen = generator(2)
-    early = [g.n for _ in range(20) for g in objective.sample(16, gen)]  # steps 0-19: lengths 1-2
-    assert set(early) == {1, 2}
-    objective._calls = 1000
-    assert max(g.n for _ in range(20) for g in objective.sample(16, gen)) == 12
+    early = [g.batch.n for _ in range(20) for g in objective.sample(16, gen)]  # steps 0-19: lengths 1-2
+    assert set(early) == {1, 2} and objective.step == 20
+    assert max(g.batch.n for step in range(1000, 1020) for g in objective.sample_at(step, 16, gen)) == 12
+    assert objective.step == 20  # sample_at is a function of the step and the generator: it moves nothing
+    again = FullAnswerObjective(task, curriculum=1000)
+    for _ in range(3):
+        again.sample(16, generator(0))
+    drawn, redrawn = again.sample(16, generator(5)), FullAnswerObjective(task, curriculum=1000).sample_at(3, 16, generator(5))
+    assert [(g.batch.n, g.n_loops) for g in drawn] == [(g.batch.n, g.n_loops) for g in redrawn]
+    assert all(torch.equal(a.batch.inputs, b.batch.inputs) for a, b in zip(drawn, redrawn))
 
 
 # --- the looped model ----------------------------------------------------------------------------
@@ -113,14 +120,15 @@ def test_objectives_and_baseline_shapes():
     task = Parity(train_lengths=(2, 4), groups=2)
     groups = task.sample(8, generator(0))
     fp = FullAnswerObjective(task, extra_loops=3)
-    fp.sample(8, generator(0))
-    assert all(g.steps <= fp.loops(g) <= g.steps + 3 for g in groups for _ in range(5))
-    assert FullAnswerObjective(task, fixed_loops=7).loops(groups[0]) == 7
+    ks = [g.n_loops - g.batch.steps for seed in range(20) for g in fp.sample(8, generator(seed))]
+    assert set(ks) == {0, 1, 2, 3}  # k ~ U{0..3}, drawn per group
+    assert {g.n_loops for g in FullAnswerObjective(task, fixed_loops=7).sample(8, generator(0))} == {7}
     # the "not done yet" term: cross-entropy to uniform on loops 1..T(n)-2, at least log(vocab) per group
     model = LoopedTransformer(width=16, n_heads=2)
     long_groups = Parity(train_lengths=(5, 5), groups=2).sample(8, generator(2))
-    plain = FullAnswerObjective(task).loss(model, long_groups)
-    unsure = FullAnswerObjective(task, unsure_weight=0.5).loss(model, long_groups)
+    supervised = [Supervised(g, g.steps) for g in long_groups]
+    plain = FullAnswerObjective(task).loss(model, supervised)
+    unsure = FullAnswerObjective(task, unsure_weight=0.5).loss(model, supervised)
     assert unsure - plain >= 0.5 * math.log(5) - 1e-5
     ntp = NextTokenTransformer(width=16, n_heads=2, n_layers=2)
     assert NextTokenObjective(task).loss(ntp, groups).ndim == 0
@@ -354,6 +362,14 @@ def test_smoke_profile_and_registration():
     assert {"accuracy_parity", "confidence_parity-looped", "confidence_parity-looped-fp", "loss_curves"} <= set(first.figures())
     again = experiment.run("smoke", config=config)
     assert again.metrics["accuracy"] == m["accuracy"]  # same seed, same result
+    # the named accessors read the metrics, and refuse what is not there
+    assert first.accuracy("next-token", 3) == m["accuracy"]["next-token"]["parity"]["3"]
+    assert first.seed_accuracy(0, 5) == m["accuracy"]["looped-oracle"]["parity"]["5"]
+    assert math.isnan(first.accuracy("next-token", 2))  # a test length the smoke profile skips (length_step 2)
+    with pytest.raises(KeyError, match="next-token"):
+        first.accuracy("next-tokens", 3)
+    with pytest.raises(ValueError, match="n must be a test length"):
+        first.accuracy("next-token", 9)
 
 
 def test_training_in_two_processes_gives_the_same_models():

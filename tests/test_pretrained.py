@@ -68,18 +68,39 @@ def test_an_edited_looped_architecture_fails_to_load(tmp_path):
         looped.load(name, tmp_path)
 
 
-def test_save_writes_both_checksums_and_round_trips(tmp_path):
-    model = linear_transformer(d=3, n_layers=2, attention="full", clamp=5.0, seed=1)
-    pretrained.save("demo/full", model, {"note": "test"}, folder=tmp_path)
-    record = pretrained.provenance("demo/full", folder=tmp_path)
+FAMILIES = {  # a small model of every family that ships weights, and an input it maps to outputs
+    "LinearTransformer": (lambda: linear_transformer(d=3, n_layers=2, attention="gdpp", clamp=5.0, init_std=0.3, seed=1),
+                          lambda m: m.predict(*(torch.randn(*s, generator=torch.Generator().manual_seed(0)) for s in ((2, 4, 3), (2, 4), (2, 3))))),
+    "LoopedTransformer": (lambda: looped.LoopedTransformer(width=16, n_heads=2, seed=1), lambda m: m(TOKENS, n_loops=3)),
+    "Clock": (lambda: looped.Clock(width=16, n_heads=4, seed=2), lambda m: m(TOKENS, n_loops=2)),
+    "NextTokenTransformer": (lambda: looped.NextTokenTransformer(width=8, n_heads=2, n_layers=3, seed=3), lambda m: m(TOKENS)),
+}
+TOKENS = torch.tensor([[0, 1, 1, 3, 4], [1, 0, 0, 3, 4]])
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_round_trips_through_one_save_and_load(tmp_path, family):
+    make, outputs = FAMILIES[family]
+    model = make().eval()
+    pretrained.save(f"demo/{family}", model, {"note": "test"}, folder=tmp_path)
+    record = pretrained.provenance(f"demo/{family}", folder=tmp_path)
+    assert record["note"] == "test" and record["architecture"]["model"].endswith(f".{family}")
     assert record["digest"] == pretrained.digest(record["architecture"], record["sha256"])
-    loaded = pretrained.load("demo/full", folder=tmp_path)
-    for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
-        assert torch.equal(a, b)
-    clock = looped.Clock(width=16, n_heads=2)
-    looped.save("demo/clock", clock, {"note": "test"}, folder=tmp_path)
-    assert isinstance(looped.load("demo/clock", tmp_path), looped.Clock)
-    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["clock.json", "clock.pt", "full.json", "full.pt"]
+    loaded = pretrained.load(f"demo/{family}", folder=tmp_path)
+    assert type(loaded) is type(model) and loaded.args == model.args
+    with torch.no_grad():
+        assert torch.equal(outputs(model), outputs(loaded))
+
+
+def test_a_record_cannot_make_load_import_or_build_another_class(tmp_path):
+    record = copy_shipped(SHIPPED, tmp_path)
+    for model in ("os.system", "icl_course.course.cli.main", "icl_course.nowhere.Model"):
+        edit(record, lambda r, model=model: r["architecture"].update(model=model), restamp=True)
+        with pytest.raises(RecordError, match="model") as err:
+            pretrained.load(SHIPPED, folder=tmp_path)
+        assert str(record) in str(err.value) and model in str(err.value)
+    with pytest.raises(ValueError, match="model must be one of the registered"):
+        pretrained.save("demo/block", looped.Block(8, 2), {}, folder=tmp_path)
 
 
 def test_non_finite_tensors_are_refused(tmp_path):
@@ -119,7 +140,7 @@ def test_an_incomplete_record_names_the_file_and_field(tmp_path, change, restamp
 @pytest.mark.parametrize("change, field", [
     (lambda r: r["architecture"].pop("n_layers"), "'n_layers'"),
     (lambda r: r["architecture"].pop("model"), "'model'"),
-    (lambda r: r["architecture"].update(model="Transformer"), "Transformer"),
+    (lambda r: r["architecture"].update(model="icl_course.topics.looped.models.Transformer"), "Transformer"),
 ])
 def test_an_incomplete_looped_record_names_the_file_and_field(tmp_path, change, field):
     name = "looped/parity-next-token"

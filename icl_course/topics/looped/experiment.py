@@ -29,6 +29,7 @@ import math
 import multiprocessing
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -62,7 +63,7 @@ from .models import (
 from .tasks import make_task
 
 __all__ = [
-    "LoopedConfig", "LoopedResult", "CONFIGS", "SHIPPED", "METHODS", "run", "train_models", "evaluate_looped", "accuracy_by_loop",
+    "LoopedConfig", "LoopedResult", "Family", "FAMILIES", "CONFIGS", "SHIPPED", "METHODS", "run", "train_models", "evaluate_looped", "accuracy_by_loop",
     "accuracy_figure", "clock_figure", "confidence_figure", "loops_figure", "ship", "write_weights", "shipped_name",
 ]
 
@@ -171,6 +172,27 @@ class LoopedResult:
     histories: dict  # (method family, task) -> History
     traces: dict  # task -> {"confidence": (T, B) list, "correct": ..., "n": int} for the confidence figure
     metrics: dict
+
+    def accuracy(self, method: str, n: int, task: str = "parity") -> float:
+        """Exact-answer accuracy of ``method`` (a key of ``metrics["accuracy"]``) at input length ``n``:
+        NaN at a test length this profile skips (``length_step``). An unknown method or task raises
+        a ``KeyError`` naming those there are; a length outside the test lengths a ``ValueError``."""
+        return self._at(self.metrics["accuracy"][method][task], n, task)
+
+    def seed_accuracy(self, seed: int, n: int, task: str = "parity") -> float:
+        """The paper's looped model trained with ``seed``, stopped by the oracle, at length ``n``."""
+        return self._at(self.metrics["oracle_accuracy_by_seed"][task][seed], n, task)
+
+    def clock_stops(self, n: int, task: str = "parity") -> tuple[float, float]:
+        """Where the shipped clock stops at length ``n``: the fraction at exactly T(n), and the mean loop."""
+        clock = self.metrics["clock"][task]
+        return self._at(clock["exact"], n, task), self._at(clock["loops"], n, task)
+
+    def _at(self, per_length: dict, n: int, task: str) -> float:
+        lo, hi = self.metrics["test_lengths"][task]
+        if not isinstance(n, int) or not lo <= n <= hi:
+            raise ValueError(f"n must be a test length of {task!r} ({lo}-{hi}), got {n!r}")
+        return per_length.get(str(n), math.nan)
 
     def figures(self) -> dict:
         """Every figure of the chapter, by name (what ``icl-course reproduce`` saves)."""
@@ -324,18 +346,12 @@ def _accuracy_table(config: LoopedConfig, task: str, predictors: dict, device, c
             if isinstance(model, NextTokenTransformer):
                 table.setdefault(family, {})[str(n)] = accuracy(model.predict(batch), batch.answer)
             elif family == "fixed-loop":
-                table.setdefault(family, {})[str(n)] = accuracy(model.predict(batch, config_fixed_loops(config, task)), batch.answer)
+                table.setdefault(family, {})[str(n)] = accuracy(model.predict(batch, spec.steps(spec.train_lengths[1])), batch.answer)
             else:
                 result = evaluate_looped(model, batch, cap, config.patience, config.min_confidence, clock)
                 for rule in ("oracle", "adaptive", "stable") + (("clock",) if clock is not None else ()):
                     table.setdefault(f"{family}-{rule}", {})[str(n)] = result[rule]
     return table
-
-
-def config_fixed_loops(config: LoopedConfig, task: str) -> int:
-    """The fixed-loop baseline's loop count: T(longest training length), enough for every training input."""
-    spec = config.task(task)
-    return spec.steps(spec.train_lengths[1])
 
 
 def _train(model, objective, config: LoopedConfig, steps: int, device, progress: bool, desc: str):
@@ -359,32 +375,49 @@ def _one_cpu_thread(device):
         torch.set_num_threads(threads)
 
 
+@dataclass(frozen=True)
+class Family:
+    """One model family of the chapter: a fresh model, its training objective and its budget, each
+    read from the config (``model(config, seed)``, ``objective(config, task)``, ``budget(config)``)."""
+
+    model: Callable[[LoopedConfig, int], torch.nn.Module]
+    objective: Callable[[LoopedConfig, object], object]
+    budget: Callable[[LoopedConfig], int]  # optimizer steps
+
+
+def _looped(config: LoopedConfig, seed: int) -> LoopedTransformer:
+    return LoopedTransformer(config.width, config.n_heads, seed=seed)
+
+
+FAMILIES = {
+    # the paper's training: supervision after exactly T(n) loops
+    "looped": Family(_looped, lambda c, spec: FullAnswerObjective(spec), lambda c: c.steps),
+    # ours: supervision after T(n) + k loops, k ~ U{0..K}, and a flat answer before loop T(n) - 1
+    "looped-fp": Family(_looped, lambda c, spec: FullAnswerObjective(
+        spec, extra_loops=c.extra_loops, unsure_weight=c.unsure_weight, curriculum=c.curriculum), lambda c: c.fp_steps),
+    # the same block with one loop count, T(longest training length), at every length
+    "fixed-loop": Family(_looped, lambda c, spec: FullAnswerObjective(spec, fixed_loops=spec.steps(spec.train_lengths[1])),
+                         lambda c: c.baseline_steps),
+    # distinct blocks of the baseline's width, next-token trained
+    "next-token": Family(lambda c, seed: NextTokenTransformer(c.baseline_width, c.n_heads, c.baseline_layers, seed=seed),
+                         lambda c, spec: NextTokenObjective(spec), lambda c: c.next_token_steps),
+    # a looped block that learns when T(n) loops are done
+    "clock": Family(lambda c, seed: Clock(c.width, c.n_heads, seed=seed), lambda c, spec: HaltingObjective(spec),
+                    lambda c: c.clock_steps),
+}
+
+
 def train_models(config: LoopedConfig, task: str, device, progress: bool = False, seed: int | None = None,
                  families=("looped", "looped-fp", "fixed-loop", "next-token")) -> tuple[dict, dict]:
-    """Train the requested model families on ``task``; return ``(models, histories)``."""
+    """Train the requested model families (:data:`FAMILIES`) on ``task``; return ``(models, histories)``."""
     spec = config.task(task)
     seed = config.seeds[0] if seed is None else seed
     models, histories = {}, {}
     with _one_cpu_thread(device):
-        for family in families:
-            if family == "next-token":
-                model = NextTokenTransformer(config.baseline_width, config.n_heads, config.baseline_layers, seed=seed)
-                objective, steps = NextTokenObjective(spec), config.next_token_steps
-            elif family == "clock":
-                model = Clock(config.width, config.n_heads, seed=seed)
-                objective, steps = HaltingObjective(spec), config.clock_steps
-            else:
-                model = LoopedTransformer(config.width, config.n_heads, seed=seed)
-                objective = FullAnswerObjective(
-                    spec,
-                    extra_loops=config.extra_loops if family == "looped-fp" else 0,
-                    unsure_weight=config.unsure_weight if family == "looped-fp" else 0.0,
-                    curriculum=config.curriculum if family == "looped-fp" else 0,
-                    fixed_loops=config_fixed_loops(config, task) if family == "fixed-loop" else None,
-                )
-                steps = {"looped": config.steps, "looped-fp": config.fp_steps, "fixed-loop": config.baseline_steps}[family]
-            models[family], histories[family] = _train(model, objective, config, steps, device, progress,
-                                                       f"{task}: {family} (seed {seed})")
+        for name in families:
+            family = FAMILIES[name]
+            models[name], histories[name] = _train(family.model(config, seed), family.objective(config, spec), config,
+                                                   family.budget(config), device, progress, f"{task}: {name} (seed {seed})")
     return models, histories
 
 
@@ -418,64 +451,100 @@ def _train_jobs(config: LoopedConfig, task: str, device, progress: bool, jobs: l
 # --- the experiment ----------------------------------------------------------------------------------
 
 
+@dataclass
+class Trained:
+    """What one task's training gives: every family's model and history (the first seed's), and the
+    paper's looped model of every seed."""
+
+    models: dict  # family -> model
+    histories: dict  # family -> History
+    by_seed: dict  # seed -> the looped model trained with it
+
+
+@dataclass
+class Shipped:
+    """The shipped models of one task: the predictors (``shipped-<family>``), the clock and their records."""
+
+    predictors: dict = field(default_factory=dict)
+    clock: LoopedTransformer | None = None
+    records: dict = field(default_factory=dict)  # family -> provenance
+
+
+def train_task(config: LoopedConfig, task: str, device, progress: bool = False) -> Trained:
+    """Train the paper's looped model with every seed and the other families with the first."""
+    families = ["looped", "fixed-loop", "next-token"] + (["looped-fp"] if config.train_fp else [])
+    first = config.seeds[0]
+    jobs = [(seed, "looped") for seed in config.seeds] + [(first, f) for f in families[1:]]
+    done = _train_jobs(config, task, device, progress, jobs)
+    return Trained(models={f: done[(first, f)][0] for f in families}, histories={f: done[(first, f)][1] for f in families},
+                   by_seed={seed: done[(seed, "looped")][0] for seed in config.seeds})
+
+
+def load_shipped(config: LoopedConfig, task: str, device) -> Shipped:
+    """The shipped ``looped/<task>-*`` models there are (none unless ``config.pretrained``)."""
+    shipped = Shipped()
+    for family in SHIPPED if config.pretrained else ():
+        if _has_shipped(task, family):
+            model = load(shipped_name(task, family)).to(device)
+            if family == "clock":
+                shipped.clock = model
+            else:
+                shipped.predictors[f"shipped-{family}"] = model
+            shipped.records[family] = _provenance(task, family)
+    return shipped
+
+
+def confidence_traces(config: LoopedConfig, task: str, trained: Trained, shipped: Shipped, device) -> dict:
+    """The confidence traces behind the stopping rules: 8 test inputs of the longest training length."""
+    spec = config.task(task)
+    n_long = spec.train_lengths[1]
+    batch = spec.sample_length(n_long, 8, generator(config.seed + 3), device=device)
+    cap = spec.steps(n_long) + config.extra_cap
+    traces = {f"{task}-looped": confidence_trace(trained.models["looped"].to(device), batch, cap)}
+    fp = trained.models.get("looped-fp", shipped.predictors.get("shipped-looped-fp"))
+    if fp is not None:
+        traces[f"{task}-looped-fp"] = confidence_trace(fp.to(device), batch, cap)
+    return traces
+
+
+def seed_spread(config: LoopedConfig, task: str, trained: Trained, first: dict, device) -> dict:
+    """The paper's looped model with the oracle, by seed (``first``: the first seed's, measured already)."""
+    spread = {str(config.seeds[0]): first}
+    for seed in config.seeds[1:]:
+        spread[str(seed)] = _accuracy_table(config, task, {"looped": trained.by_seed[seed].to(device)}, device)["looped-oracle"]
+    return spread
+
+
 def run(profile: str | None = None, progress: bool = False, config: LoopedConfig | None = None) -> LoopedResult:
     """Train every method on every task of the profile and measure accuracy against length."""
     profile = get_profile(profile)
     config = config or CONFIGS[profile]
     device = get_device()
     start = time.perf_counter()
-    accuracy_, models, histories, traces, seeds_, shipped, clocks = {}, {}, {}, {}, {}, {}, {}
+    accuracy_, models, histories, traces, seeds_, shipped_, clocks = {}, {}, {}, {}, {}, {}, {}
     for task in config.tasks:
-        spec = config.task(task)
-        families = ["looped", "fixed-loop", "next-token"] + (["looped-fp"] if config.train_fp else [])
-        jobs = [(seed, "looped") for seed in config.seeds] + [(config.seeds[0], f) for f in families[1:]]
-        done = _train_jobs(config, task, device, progress, jobs)
-        trained = {family: done[(config.seeds[0], family)][0] for family in families}
-        hist = {family: done[(config.seeds[0], family)][1] for family in families}
-        predictors, clock = dict(trained), None
-        for family in SHIPPED:  # the shipped models, trained longer
-            if config.pretrained and _has_shipped(task, family):
-                model = load(shipped_name(task, family)).to(device)
-                if family == "clock":
-                    clock = model
-                else:
-                    predictors[f"shipped-{family}"] = model
-                shipped.setdefault(task, {})[family] = _provenance(task, family)
-        for method, per_length in _accuracy_table(config, task, predictors, device, clock).items():
+        trained, shipped = train_task(config, task, device, progress), load_shipped(config, task, device)
+        if shipped.records:
+            shipped_[task] = shipped.records
+        table = _accuracy_table(config, task, {**trained.models, **shipped.predictors}, device, shipped.clock)
+        for method, per_length in table.items():
             accuracy_.setdefault(method, {})[task] = per_length
-        if clock is not None:  # where the shipped clock stops (on the same test inputs; the solver is irrelevant)
-            table = _clock_table(config, task, clock, trained["looped"].to(device), device)
-            clocks[task] = {"exact": table["clock-exact"], "loops": table["clock-loops"]}
-        for family, model in trained.items():
-            models[(family, task)], histories[(family, task)] = model.cpu(), hist[family]
-
-        # The confidence traces behind the stopping rules: 8 test inputs of the longest training length.
-        n_long = spec.train_lengths[1]
-        batch = spec.sample_length(n_long, 8, generator(config.seed + 3), device=device)
-        cap = spec.steps(n_long) + config.extra_cap
-        traces[f"{task}-looped"] = confidence_trace(trained["looped"].to(device), batch, cap)
-        fp = trained.get("looped-fp", predictors.get("shipped-looped-fp"))
-        if fp is not None:
-            traces[f"{task}-looped-fp"] = confidence_trace(fp.to(device), batch, cap)
-
-        # Seeds: the paper's looped model with the oracle, trained with every further seed.
-        seeds_[task] = {str(config.seeds[0]): accuracy_["looped-oracle"][task]}
-        for seed in config.seeds[1:]:
-            table = _accuracy_table(config, task, {"looped": done[(seed, "looped")][0].to(device)}, device)
-            seeds_[task][str(seed)] = table["looped-oracle"]
-        for model in trained.values():
-            model.cpu()
-
+        if shipped.clock is not None:  # where the shipped clock stops (on the same test inputs; the solver is irrelevant)
+            stops = _clock_table(config, task, shipped.clock, trained.models["looped"].to(device), device)
+            clocks[task] = {"exact": stops["clock-exact"], "loops": stops["clock-loops"]}
+        traces.update(confidence_traces(config, task, trained, shipped, device))
+        seeds_[task] = seed_spread(config, task, trained, table["looped-oracle"], device)
+        for family, model in trained.models.items():
+            models[(family, task)], histories[(family, task)] = model.cpu(), trained.histories[family]
     metrics = {
         "accuracy": accuracy_,
         "train_lengths": {task: list(config.task(task).train_lengths) for task in config.tasks},
         "test_lengths": {task: list(config.task(task).test_lengths) for task in config.tasks},
         "oracle_accuracy_by_seed": seeds_,
-        "shipped": shipped,
+        "shipped": shipped_,
         "clock": clocks,
         "parameters": {family: sum(p.numel() for p in m.parameters()) for (family, _), m in models.items()},
-        "steps": {"looped": config.steps, "looped-fp": config.fp_steps, "fixed-loop": config.baseline_steps,
-                  "next-token": config.next_token_steps},
+        "steps": {family: FAMILIES[family].budget(config) for family in ("looped", "looped-fp", "fixed-loop", "next-token")},
         "train_seconds": {f"{fam}/{task}": h.seconds for (fam, task), h in histories.items()},
         "total_seconds": time.perf_counter() - start,
         "profile": profile,
@@ -515,8 +584,7 @@ def ship(task: str, family: str, model, config: LoopedConfig, seconds: float, fo
         "train_lengths": list(config.task(task).train_lengths),
         "config": {k: v for k, v in asdict(config).items() if k not in ("tasks", "seeds", "train_lengths")},
         "seed": seed,
-        "steps": {"looped": config.steps, "looped-fp": config.fp_steps, "next-token": config.next_token_steps,
-                  "clock": config.clock_steps}[family],
+        "steps": FAMILIES[family].budget(config),
         "train_seconds": seconds,
         "device": str(device),
         "torch": torch.__version__ + (", trained with one CPU thread" if device.type == "cpu" else ""),

@@ -29,18 +29,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from icl_course import pretrained
 from icl_course.runtime import require_finite
 
 from .tasks import ONE, VOCAB_SIZE, ZERO, AlgorithmicBatch
 
 __all__ = [
-    "Block", "LoopedTransformer", "Clock", "NextTokenTransformer", "FullAnswerObjective", "NextTokenObjective",
+    "Block", "LoopedTransformer", "Clock", "NextTokenTransformer", "Supervised", "FullAnswerObjective", "NextTokenObjective",
     "HaltingObjective", "answer_confidence", "max_confidence_stop", "stable_stop", "clock_stop", "accuracy", "save", "load",
 ]
 
@@ -100,6 +100,7 @@ class LoopedTransformer(nn.Module):
         super().__init__()
         _check_model_args(width, n_heads, seed, vocab_size)
         self.width, self.n_heads, self.vocab_size = width, n_heads, vocab_size
+        self.args = {"width": width, "n_heads": n_heads, "vocab_size": vocab_size}  # what rebuilds it (pretrained)
         with torch.random.fork_rng(devices=[]):  # the init is a function of the seed alone
             torch.manual_seed(seed)
             self.embed = nn.Embedding(vocab_size, width)
@@ -160,6 +161,7 @@ class NextTokenTransformer(nn.Module):
         if not isinstance(n_layers, int) or n_layers < 1:
             raise ValueError(f"n_layers must be an int >= 1, got {n_layers!r}")
         self.width, self.n_heads, self.n_layers, self.vocab_size = width, n_heads, n_layers, vocab_size
+        self.args = {"width": width, "n_heads": n_heads, "n_layers": n_layers, "vocab_size": vocab_size}
         with torch.random.fork_rng(devices=[]):  # the init is a function of the seed alone
             torch.manual_seed(seed)
             self.embed = nn.Embedding(vocab_size, width)
@@ -187,6 +189,14 @@ class NextTokenTransformer(nn.Module):
 # --- training objectives: the task's batches plus a loss, the contract of icl_course.training.train --
 
 
+@dataclass(frozen=True)
+class Supervised:
+    """One single-length group of a :class:`FullAnswerObjective` batch and its loop count."""
+
+    batch: AlgorithmicBatch
+    n_loops: int  # the answer is supervised after this many loops
+
+
 @dataclass
 class FullAnswerObjective:
     """Cross-entropy of the full answer after ``T(n) + k`` loops (or ``fixed_loops`` loops).
@@ -194,6 +204,11 @@ class FullAnswerObjective:
     ``extra_loops = K > 0`` draws ``k`` uniformly from ``0..K`` for every group: the answer must
     already be right after ``T(n)`` loops *and stay right* for ``K`` more, which makes it a fixed
     point of the loop. ``K = 0`` is the paper's training (supervision at exactly ``T(n)``).
+
+    What a training step sees is a function of the step and the generator alone:
+    :meth:`sample_at`. :meth:`sample`, the contract of :func:`icl_course.training.train` (which
+    gives no step), samples at ``step`` and moves it on by one; ``train`` calls it once a step and its
+    checkpoints save and restore ``step`` (a plain number), so a resumed run is the same run.
     """
 
     task: object  # an AlgorithmicTask
@@ -201,8 +216,7 @@ class FullAnswerObjective:
     fixed_loops: int | None = None  # train with this many loops at every length (the fixed-loop baseline)
     unsure_weight: float = 0.0  # weight of the "not done yet" loss on loops 1..T(n)-2 (0: off)
     curriculum: int = 0  # the longest training length grows to its final value over this many steps (0: off)
-    _gen: torch.Generator | None = None
-    _calls: int = 0
+    step: int = 0  # the training step that the next sample() draws for
 
     def __post_init__(self):
         if not isinstance(self.extra_loops, int) or self.extra_loops < 0:
@@ -213,27 +227,32 @@ class FullAnswerObjective:
         if not isinstance(self.curriculum, int) or self.curriculum < 0:
             raise ValueError(f"curriculum must be an int >= 0 (steps), got {self.curriculum!r}")
 
-    def sample(self, batch_size: int, gen: torch.Generator, device=None) -> list[AlgorithmicBatch]:
-        self._gen = gen  # k is drawn from the same stream as the data: same seed, same run
-        self._calls += 1  # one call per training step
-        return self.task.sample(batch_size, gen, device, self.task.longest_at(self._calls - 1, self.curriculum))
+    def sample_at(self, step: int, batch_size: int, gen: torch.Generator, device=None) -> list[Supervised]:
+        """The groups of training step ``step``: lengths up to the curriculum's longest at ``step``,
+        then each group's loop count, ``k`` drawn from ``gen`` after the data."""
+        groups = self.task.sample(batch_size, gen, device, self.task.longest_at(step, self.curriculum))
+        return [Supervised(batch, self._loops(batch, gen)) for batch in groups]
 
-    def loops(self, batch: AlgorithmicBatch) -> int:
+    def sample(self, batch_size: int, gen: torch.Generator, device=None) -> list[Supervised]:
+        groups = self.sample_at(self.step, batch_size, gen, device)
+        self.step += 1
+        return groups
+
+    def _loops(self, batch: AlgorithmicBatch, gen: torch.Generator) -> int:
         if self.fixed_loops is not None:
             return self.fixed_loops
-        k = int(torch.randint(0, self.extra_loops + 1, (1,), generator=self._gen)) if self.extra_loops else 0
+        k = int(torch.randint(0, self.extra_loops + 1, (1,), generator=gen)) if self.extra_loops else 0
         return batch.steps + k
 
-    def loss(self, model: LoopedTransformer, groups: list[AlgorithmicBatch]) -> Tensor:
+    def loss(self, model: LoopedTransformer, groups: list[Supervised]) -> Tensor:
         """Mean over groups of CE(answer after the last loop) + unsure_weight * CE(uniform, loops < T(n) - 1).
 
         The second term asks the loop to *say* it is not done yet: before T(n) - 1 loops its answer
         distribution should be flat, so a confident answer can only come from a finished loop.
         """
         total = 0.0
-        for batch in groups:
+        for batch, n_loops in ((g.batch, g.n_loops) for g in groups):
             L_ans = batch.answer.shape[1]
-            n_loops = self.loops(batch)
             early = max(0, batch.steps - 2) if self.unsure_weight else 0
             if early:
                 traj = model.trajectory(batch.prompt(), n_loops, last=L_ans)  # (T, B, L_ans, vocab)
@@ -380,39 +399,8 @@ def clock_stop(logits: Tensor, clock_logits: Tensor) -> tuple[Tensor, Tensor]:
     return logits.argmax(-1)[chosen, torch.arange(B, device=done.device)], chosen + 1
 
 
-# --- shipped weights: the checksummed record of icl_course.pretrained, for looped models ------------
+# --- shipped weights: icl_course.pretrained saves and loads these classes ---------------------------
 
 
-MODELS = {"LoopedTransformer": LoopedTransformer, "Clock": Clock, "NextTokenTransformer": NextTokenTransformer}
-
-
-def save(name: str, model: nn.Module, provenance: dict, folder: Path | None = None) -> Path:
-    """Write ``model``'s weights and provenance (plus architecture and checksums) with :mod:`pretrained`."""
-    from icl_course import pretrained
-
-    if type(model).__name__ not in MODELS:
-        raise ValueError(f"model must be one of {sorted(MODELS)}, got {type(model).__name__}")
-    architecture = {"model": type(model).__name__, "width": model.width, "n_heads": model.n_heads,
-                    "vocab_size": model.vocab_size}
-    if isinstance(model, NextTokenTransformer):
-        architecture["n_layers"] = model.n_layers
-    return pretrained.save_state(name, model, architecture, provenance, folder)
-
-
-def _fields(architecture: dict) -> tuple[str, ...]:
-    extra = ("n_layers",) if architecture.get("model") == "NextTokenTransformer" else ()
-    return ("model", "width", "n_heads", "vocab_size", *extra)
-
-
-def _build(architecture: dict) -> nn.Module:
-    kind = architecture.pop("model")
-    if kind not in MODELS:
-        raise ValueError(f"model must be one of {sorted(MODELS)}, got {kind!r}")
-    return MODELS[kind](**architecture)
-
-
-def load(name: str, folder: Path | None = None) -> nn.Module:
-    """The shipped model ``name`` after checking its file and record (CPU, eval mode), see :mod:`pretrained`."""
-    from icl_course import pretrained
-
-    return pretrained.load_state(name, _build, _fields, folder)
+pretrained.register(LoopedTransformer, Clock, NextTokenTransformer)
+save, load = pretrained.save, pretrained.load  # the names notebooks use (icl.looped.load)
