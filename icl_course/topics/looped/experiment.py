@@ -356,8 +356,7 @@ def _accuracy_table(config: LoopedConfig, task: str, predictors: dict, device, c
 
 def _train(model, objective, config: LoopedConfig, steps: int, device, progress: bool, desc: str):
     train_config = config.train_config(steps)
-    bar = ProgressBar(steps, desc=desc) if progress else None
-    history = train(model, objective, train_config, callback=bar, device=device)
+    history = train(model, objective, train_config, device=device, progress=progress and desc)
     return model.eval(), history
 
 
