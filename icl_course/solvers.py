@@ -151,7 +151,7 @@ class Ridge(LinearSolver):
             return torch.linalg.solve(A, torch.einsum("bnd,bn->bd", xs, ys))
         except torch.linalg.LinAlgError as error:
             raise ValueError(
-                f"Ridge: X^T X + lam I is singular for some sequence (lam = 0 and repeated or dependent inputs?): "
+                "Ridge: X^T X + lam I is singular for some sequence (lam = 0 and repeated or dependent inputs?): "
                 "use a positive lam, or LeastSquares() for the minimum-norm solution"
             ) from error
 

@@ -5,7 +5,6 @@ smoke profile; these tests check what nbval does not.
 """
 
 import json
-import os
 from pathlib import Path
 
 import pytest

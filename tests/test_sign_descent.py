@@ -19,7 +19,6 @@ from icl_course.topics.sign_descent.signal_noise import (
     SoftmaxAttentionClassifier,
     accuracy,
     logistic_loss,
-    stage_quantities,
     value_noise,
 )
 from icl_course.training import TrainingDiverged

@@ -10,15 +10,20 @@ import torch
 
 import icl_course as icl
 from icl_course.tasks import Choice, Gaussian, IllConditioned, Task, Uniform
-from icl_course.training import FullBatch
 from icl_course.topics.looped.models import (
-    Clock, FullAnswerObjective, HaltingObjective, LoopedTransformer, NextTokenObjective, NextTokenTransformer,
+    Clock,
+    FullAnswerObjective,
+    HaltingObjective,
+    LoopedTransformer,
+    NextTokenObjective,
+    NextTokenTransformer,
 )
 from icl_course.topics.looped.tasks import make_task
 from icl_course.topics.newton.logistic import LogisticTask, attention_mlp_transformer
 from icl_course.topics.sign_descent.signal_noise import SignalNoiseTask, SoftmaxAttentionClassifier
 from icl_course.topics.ttt.models import SequenceModel
 from icl_course.topics.ttt.task import SequenceRegressionTask
+from icl_course.training import FullBatch
 
 PARITY = make_task("parity", (1, 6), (1, 8), groups=2)
 SEQUENCES = SequenceRegressionTask(d=2, n_points=4)

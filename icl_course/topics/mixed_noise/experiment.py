@@ -14,7 +14,7 @@ loads and evaluates them and trains one small model live, ``smoke`` trains tiny 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -28,7 +28,7 @@ from icl_course.tasks import Choice, Gaussian, RegressionTask, Uniform, generato
 from icl_course.training import History, TrainConfig, train
 
 from .discovered_algorithm import DiscoveredAlgorithm
-from .ridge import AdaRR, ConstRR, OracleRidge, TunedRR, tune_const_ridge, tune_tuned_ridge
+from .ridge import AdaRR, OracleRidge, tune_const_ridge, tune_tuned_ridge
 
 __all__ = [
     "SETTINGS",
