@@ -34,7 +34,8 @@ class Task(Protocol):
 
     ``RegressionTask`` here and each chapter's task (logistic regression, sequence regression,
     signal-plus-noise data, the looped chapter's objectives) follow it; ``tests/test_task_protocol.py``
-    checks every one.
+    checks every one. A task whose data depend on the training step (a curriculum) also has
+    ``sample_at(step, batch_size, gen, device=None)``, which ``train`` then calls instead of ``sample``.
     """
 
     def sample(self, batch_size: int, gen: torch.Generator, device=None) -> Any:

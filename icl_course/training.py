@@ -251,7 +251,9 @@ class _Run:
     def step_once(self, step: int, device) -> float:
         """Draw a batch, check its loss, take one optimizer step and log it; return the loss before the step."""
         config = self.config
-        batch = self.task.sample(config.batch_size, self.gen, device=device)
+        sample_at = getattr(self.task, "sample_at", None)  # a task whose data depend on the step (a curriculum)
+        batch = (sample_at(step, config.batch_size, self.gen, device=device) if sample_at is not None
+                 else self.task.sample(config.batch_size, self.gen, device=device))
         loss = self.task.loss(self.model, batch)
         value = loss.item()
         if not math.isfinite(value):

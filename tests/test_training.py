@@ -208,7 +208,7 @@ def test_resumed_run_is_bit_identical(tmp_path, stop, every):
 
 
 def test_resume_restores_a_curriculum(tmp_path):
-    """Chapter 6's looped-fp objective counts its calls to grow the lengths; a resume restores the count."""
+    """Chapter 6's looped-fp objective draws as a function of the step: a resumed run is the same run."""
     from icl_course.topics.looped.models import FullAnswerObjective, LoopedTransformer
     from icl_course.topics.looped.tasks import make_task
 

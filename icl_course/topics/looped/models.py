@@ -205,10 +205,10 @@ class FullAnswerObjective:
     already be right after ``T(n)`` loops *and stay right* for ``K`` more, which makes it a fixed
     point of the loop. ``K = 0`` is the paper's training (supervision at exactly ``T(n)``).
 
-    What a training step sees is a function of the step and the generator alone:
-    :meth:`sample_at`. :meth:`sample`, the contract of :func:`icl_course.training.train` (which
-    gives no step), samples at ``step`` and moves it on by one; ``train`` calls it once a step and its
-    checkpoints save and restore ``step`` (a plain number), so a resumed run is the same run.
+    What a training step sees is a function of the step and the generator alone: :meth:`sample_at`,
+    which :func:`icl_course.training.train` calls with the step, so the objective holds no state and
+    a resumed run is the same run. :meth:`sample` (the task protocol's) draws at the end of the
+    curriculum: the full range of training lengths.
     """
 
     task: object  # an AlgorithmicTask
@@ -216,7 +216,6 @@ class FullAnswerObjective:
     fixed_loops: int | None = None  # train with this many loops at every length (the fixed-loop baseline)
     unsure_weight: float = 0.0  # weight of the "not done yet" loss on loops 1..T(n)-2 (0: off)
     curriculum: int = 0  # the longest training length grows to its final value over this many steps (0: off)
-    step: int = 0  # the training step that the next sample() draws for
 
     def __post_init__(self):
         if not isinstance(self.extra_loops, int) or self.extra_loops < 0:
@@ -234,9 +233,7 @@ class FullAnswerObjective:
         return [Supervised(batch, self._loops(batch, gen)) for batch in groups]
 
     def sample(self, batch_size: int, gen: torch.Generator, device=None) -> list[Supervised]:
-        groups = self.sample_at(self.step, batch_size, gen, device)
-        self.step += 1
-        return groups
+        return self.sample_at(self.curriculum, batch_size, gen, device)
 
     def _loops(self, batch: AlgorithmicBatch, gen: torch.Generator) -> int:
         if self.fixed_loops is not None:
