@@ -25,6 +25,7 @@ from icl_course.topics.looped.models import (
     clock_stop,
     load,
     max_confidence_stop,
+    max_confidence_stop_batch,
     stable_stop,
 )
 from icl_course.topics.looped.tasks import BLANK, EQUALS, PLUS, Addition, Copy, Parity, make_task, show
@@ -175,6 +176,8 @@ def test_stopping_rules_on_known_trajectories():
     torch.testing.assert_close(conf_t, torch.tensor(conf), atol=1e-4, rtol=0)
     ans, loops = max_confidence_stop(logits)
     assert loops.tolist() == [5, 4] and ans[:, 0].tolist() == [1, 1]
+    ans, loops = max_confidence_stop_batch(logits)  # one loop for both: the most confident on average (loop 5)
+    assert loops.tolist() == [5, 5] and ans[:, 0].tolist() == [1, 0]
     ans, loops = stable_stop(logits, patience=2)
     assert loops.tolist() == [3, 6] and ans[:, 0].tolist() == [1, 1]  # never settles: keeps the last loop
     ans, loops = stable_stop(logits, patience=1)

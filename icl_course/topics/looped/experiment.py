@@ -57,6 +57,7 @@ from .models import (
     clock_stop,
     load,
     max_confidence_stop,
+    max_confidence_stop_batch,
     save,
     stable_stop,
 )
@@ -69,8 +70,8 @@ __all__ = [
 
 # Every method of the accuracy table, in the order of the figures.
 METHODS = (
-    "looped-oracle", "looped-adaptive", "looped-stable",
-    "looped-fp-oracle", "looped-fp-adaptive", "looped-fp-stable",
+    "looped-oracle", "looped-adaptive", "looped-batch", "looped-stable",
+    "looped-fp-oracle", "looped-fp-adaptive", "looped-fp-batch", "looped-fp-stable",
     "fixed-loop", "next-token",
 )
 
@@ -213,8 +214,9 @@ class LoopedResult:
 
 def evaluate_looped(model: LoopedTransformer, batch, max_loops: int, patience: int = 2,
                     min_confidence: float = math.log(0.9), clock: LoopedTransformer | None = None) -> dict:
-    """Accuracy of one looped model on one batch: oracle T(n), max-confidence and stable stopping,
-    and, given a ``clock``, stopping where the clock says "done".
+    """Accuracy of one looped model on one batch: oracle T(n), max-confidence stopping per sequence
+    (``adaptive``) and per batch of one length (``batch``), stable stopping, and, given a ``clock``,
+    stopping where the clock says "done".
 
     Also returns the mean loop count each rule chose (``*_loops``) and, with a clock, the fraction
     of inputs it stopped at exactly T(n) (``clock_exact``).
@@ -225,12 +227,15 @@ def evaluate_looped(model: LoopedTransformer, batch, max_loops: int, patience: i
         logits = model.trajectory(batch.prompt(), n_loops, last=L_ans)  # (T, B, L_ans, V)
         clock_logits = None if clock is None else clock.trajectory(batch.prompt(), n_loops, last=1)
     adaptive, t_adaptive = max_confidence_stop(logits)
+    per_batch, t_batch = max_confidence_stop_batch(logits)
     stable, t_stable = stable_stop(logits, patience, min_confidence)
     result = {
         "oracle": accuracy(logits[batch.steps - 1].argmax(-1), batch.answer),
         "adaptive": accuracy(adaptive, batch.answer),
+        "batch": accuracy(per_batch, batch.answer),
         "stable": accuracy(stable, batch.answer),
         "adaptive_loops": t_adaptive.float().mean().item(),
+        "batch_loops": t_batch.float().mean().item(),
         "stable_loops": t_stable.float().mean().item(),
     }
     if clock_logits is not None:
@@ -286,7 +291,7 @@ def accuracy_figure(metrics: dict, task: str, methods=None, length: int | None =
     fig, (ax,) = plots.figure(width=6.4, height=3.8)
     lo, hi = metrics["train_lengths"][task]
     ax.axvspan(lo - 0.5, hi + 0.5, color="0.85", label="training lengths")
-    styles = {"looped-oracle": "-", "looped-adaptive": ":", "looped-stable": ":", "looped-clock": "-.", "fixed-loop": "--",
+    styles = {"looped-oracle": "-", "looped-adaptive": ":", "looped-batch": ":", "looped-stable": ":", "looped-clock": "-.", "fixed-loop": "--",
               "next-token": "--"}
     for method, per_task in metrics["accuracy"].items():
         if task not in per_task or (methods is not None and method not in methods):
@@ -349,7 +354,7 @@ def _accuracy_table(config: LoopedConfig, task: str, predictors: dict, device, c
                 table.setdefault(family, {})[str(n)] = accuracy(model.predict(batch, spec.steps(spec.train_lengths[1])), batch.answer)
             else:
                 result = evaluate_looped(model, batch, cap, config.patience, config.min_confidence, clock)
-                for rule in ("oracle", "adaptive", "stable") + (("clock",) if clock is not None else ()):
+                for rule in ("oracle", "adaptive", "batch", "stable") + (("clock",) if clock is not None else ()):
                     table.setdefault(f"{family}-{rule}", {})[str(n)] = result[rule]
     return table
 

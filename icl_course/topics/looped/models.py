@@ -41,7 +41,7 @@ from .tasks import ONE, VOCAB_SIZE, ZERO, AlgorithmicBatch
 
 __all__ = [
     "Block", "LoopedTransformer", "Clock", "NextTokenTransformer", "Supervised", "FullAnswerObjective", "NextTokenObjective",
-    "HaltingObjective", "answer_confidence", "max_confidence_stop", "stable_stop", "clock_stop", "accuracy", "save", "load",
+    "HaltingObjective", "answer_confidence", "max_confidence_stop", "max_confidence_stop_batch", "stable_stop", "clock_stop", "accuracy", "save", "load",
 ]
 
 
@@ -355,6 +355,15 @@ def max_confidence_stop(logits: Tensor) -> tuple[Tensor, Tensor]:
     answers, conf = answer_confidence(logits)
     t = conf.argmax(0)  # (B,)
     return answers[t, torch.arange(answers.shape[1])], t + 1
+
+
+def max_confidence_stop_batch(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """The paper's rule for a batch of one input length: one loop count for every sequence, the loop
+    whose answers are most confident on average. Returns ``answers (B, L_ans)`` and the loop count
+    ``(B,)`` (1-based, the same for all)."""
+    answers, conf = answer_confidence(logits)
+    t = conf.mean(1).argmax()
+    return answers[t], (t + 1).expand(answers.shape[1])
 
 
 def stable_stop(logits: Tensor, patience: int = 2, min_confidence: float = -math.inf) -> tuple[Tensor, Tensor]:
