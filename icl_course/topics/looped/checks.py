@@ -42,9 +42,17 @@ def parity_loop(student_fn, gen):
         expect(torch.equal(got.long(), want), f"With n_steps={steps} the state should be the parity of the first {steps} bits.")
 
 
+def _raw_logit_loops(logits: torch.Tensor) -> torch.Tensor:
+    """The common mistake: loops ranked by raw logits instead of log-probabilities."""
+    return logits.max(-1).values.mean(-1).argmax(0) + 1
+
+
 @check("Exercise 2: maximum-confidence stopping")
 def max_confidence(student_fn, gen):
-    logits = _random_logits(gen)
+    for _ in range(100):  # inputs on which ranking by raw logits gives other loops, so the mistake shows
+        logits = _random_logits(gen)
+        if not torch.equal(_raw_logit_loops(logits), max_confidence_stop(logits)[1]):
+            break
     out = student_fn(logits)
     expect(isinstance(out, tuple) and len(out) == 2, "Return a pair `(answers, loops)`.")
     answers, loops = out
@@ -55,7 +63,7 @@ def max_confidence(student_fn, gen):
         raise Wrong("`loops` is off by one: report the loop *count*, 1 for the first loop, not the index.")
     if len(set(loops.tolist())) == 1 and len(set(want_loops.tolist())) > 1:
         raise Wrong("You chose one loop for the whole batch; choose the most confident loop for each sequence.")
-    raw = logits.max(-1).values.mean(-1).argmax(0) + 1
+    raw = _raw_logit_loops(logits)
     if torch.equal(loops.long(), raw) and not torch.equal(raw, want_loops):
         raise Wrong("You ranked loops by raw logits; the confidence is the log-*probability* (log_softmax) of the argmax.")
     expect(torch.equal(loops.long(), want_loops), f"Wrong loops: got {loops.tolist()}, expected {want_loops.tolist()}.")
