@@ -98,7 +98,10 @@ def value_noise_per_sample(student_fn, gen):
     d = int(torch.randint(20, 60, (1,), generator=gen))
     n = int(torch.randint(3, 9, (1,), generator=gen))
     task = SignalNoiseTask(d=d, snr=float(torch.empty(1).uniform_(0.2, 2.0, generator=gen)), sparsity=5)
-    batch = task.sample(n, gen, dtype=torch.float64)
+    for _ in range(100):  # both labels present, so that forgetting y_i shows
+        batch = task.sample(n, gen, dtype=torch.float64)
+        if (batch.y > 0).any() and (batch.y < 0).any():
+            break
     seed = int(torch.randint(2**31, (1,), generator=gen))
     model = SoftmaxAttentionClassifier(d, width=int(torch.randint(2, 5, (1,), generator=gen)), init_std=1.0, seed=seed).double()
     got = student_fn(model, batch)
