@@ -15,7 +15,9 @@ import importlib.machinery
 import sys
 import types
 
-TOPIC_NAMES = ("gd_step", "preconditioning", "mixed_noise", "newton", "ttt", "looped", "sign_descent")
+from icl_course.topics import TOPICS
+
+TOPIC_NAMES = tuple(t.name for t in TOPICS)
 
 MOVED = {
     "icl_course.preconditioners": "icl_course.topics.preconditioning.preconditioners",

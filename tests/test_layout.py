@@ -60,7 +60,6 @@ def test_the_registry_is_the_book_the_folders_and_the_command_line():
         assert t.checks().__name__ == f"icl_course.topics.{t.name}.checks"
         for key in (t.number, f"{t.number:02d}", t.name, t.command, t.stem, *t.old_stems):
             assert topics.get(key) is t
-    assert set(_moved.TOPIC_NAMES) == {t.name for t in topics.TOPICS}
 
 
 def test_an_unknown_topic_is_a_value_error_naming_the_choices():
