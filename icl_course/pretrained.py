@@ -58,11 +58,22 @@ from torch import nn
 from .linear_transformer import LinearTransformer, linear_transformer
 
 __all__ = ["WEIGHTS_DIR", "MODELS", "ChecksumError", "RecordError", "register", "save", "load", "provenance",
-           "available", "digest", "restamp"]
+           "available", "digest", "restamp", "ONE_RUN", "one_run"]
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 REGENERATE = "regenerate the weights with the experiment that made them (icl-course reproduce TOPIC --write-weights)"
 ALLOWED = "icl_course."  # load imports a record's module only inside this package
+
+
+# Every record says how its model was chosen (``selection``): the rule, the runs it was chosen from
+# and the chosen seed. A model chosen among several runs is chosen on validation data, never on the
+# data its reported metrics come from (``tests/test_pretrained.py`` checks every shipped record).
+ONE_RUN = "the only run with these settings: nothing was chosen"
+
+
+def one_run(seed: int) -> dict:
+    """The ``selection`` record of a model that is the only run of its settings."""
+    return {"rule": ONE_RUN, "runs": {str(seed): {}}, "chosen": seed}
 
 
 class ChecksumError(RuntimeError):

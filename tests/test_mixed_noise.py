@@ -128,7 +128,7 @@ SHIPPED_NAMES = pretrained.available("mixed_noise/")
 
 
 def test_every_shipped_model_is_there_with_provenance():
-    assert sorted(SHIPPED_NAMES) == sorted(spec.name for spec in mn.SHIPPED)
+    assert sorted(SHIPPED_NAMES) == sorted(spec.name for spec in mn.SHIPPED + (mn.RANDOM_INIT,))
     for name in SHIPPED_NAMES:
         record = pretrained.provenance(name)
         for key in ("spec", "train_config", "metrics", "eval", "sha256", "architecture", "train_seconds"):
@@ -259,6 +259,7 @@ def test_bad_input_names_the_parameter():
     cases = [
         (lambda: mn.ModelSpec("softmax", 2, "U(0,5)"), "attention"),
         (lambda: mn.ModelSpec("diag", 0, "U(0,5)"), "n_layers"),
+        (lambda: mn.ModelSpec("diag", 2, "U(0,5)", init="zeros"), "init"),
         (lambda: mn.make_task("U(0,9)"), "setting"),
         (lambda: mn.mean_noise_variance("U(0,9)"), "setting"),
         (lambda: noise_estimate(xs, ys), "n > d"),

@@ -41,6 +41,67 @@ def test_every_shipped_record_carries_a_digest_of_its_architecture_and_file():
         assert record["sha256"] == sha256 and record["digest"] == pretrained.digest(record["architecture"], sha256)
 
 
+def selection_problems(records: dict) -> list[str]:
+    """What is wrong with how the models of ``records`` (``{name: provenance}``) were chosen: every
+    record says how (``selection``); a model chosen among several runs was chosen on validation data
+    (drawn apart from its test data, at a length other than the longest test length it reports),
+    by the best validation score, and every run of the set carries the same record."""
+    problems, groups = [], {}
+    for name, record in records.items():
+        selection = record.get("selection")
+        if not isinstance(selection, dict) or not {"rule", "runs", "chosen"} <= set(selection):
+            problems.append(f"{name}: no selection record (rule, runs, chosen)")
+            continue
+        runs = selection["runs"]
+        if str(selection["chosen"]) not in runs:
+            problems.append(f"{name}: the chosen run {selection['chosen']} is not among the runs {sorted(runs)}")
+            continue
+        groups.setdefault(name.rsplit("-seed", 1)[0], []).append((name, selection))
+        if len(runs) < 2:
+            continue
+        scores = {int(seed): run.get("validation") for seed, run in runs.items()}
+        if any(not isinstance(v, (int, float)) for v in scores.values()):
+            problems.append(f"{name}: chosen among {len(runs)} runs without a validation score for each")
+            continue
+        if selection["chosen"] != max(scores, key=lambda seed: (scores[seed], -seed)):
+            problems.append(f"{name}: run {selection['chosen']} chosen, but the best validation score is another run's")
+        validation, test = selection.get("validation", {}), selection.get("test", {})
+        if not validation or validation.get("generator") == test.get("generator"):
+            problems.append(f"{name}: chosen on the inputs its test numbers come from (validation {validation}, test {test})")
+        if validation.get("length") == test.get("lengths", [None, None])[1]:
+            problems.append(f"{name}: chosen at the length it reports ({validation.get('length')})")
+    for stem, members in groups.items():
+        if len(members) > 1 and any(sel != members[0][1] for _, sel in members):
+            problems.append(f"{stem}: the runs of one set carry different selection records")
+    return problems
+
+
+def test_no_shipped_model_was_chosen_on_the_metric_it_reports():
+    records = {name: pretrained.provenance(name) for name in pretrained.available()}
+    assert selection_problems(records) == []
+    several = [name for name, record in records.items() if len(record["selection"]["runs"]) > 1]
+    assert several, "chapter 6 ships its paper-style models and clocks as sets of runs"
+
+
+def test_the_selection_check_catches_a_model_chosen_on_its_test():
+    good = {"rule": "r", "runs": {"0": {"validation": 0.9}, "1": {"validation": 0.5}}, "chosen": 0,
+            "validation": {"length": 18, "generator": "1 + 5 + 1000 n"}, "test": {"lengths": [1, 24], "generator": "1 + 2 + 1000 n"}}
+    assert selection_problems({"a-seed0": {"selection": good}, "a-seed1": {"selection": good}}) == []
+    bad = [
+        {**good, "chosen": 1},  # not the best on validation
+        {**good, "validation": {"length": 18, "generator": "1 + 2 + 1000 n"}},  # validated on the test inputs
+        {**good, "validation": {"length": 24, "generator": "1 + 5 + 1000 n"}},  # at the reported length
+        {**good, "runs": {"0": {"test_at_24": 0.9}, "1": {"test_at_24": 0.5}}},  # no validation score
+        {"rule": "r", "runs": {"0": {}}, "chosen": 3},
+    ]
+    for selection in bad:
+        assert len(selection_problems({"a": {"selection": selection}})) == 1, selection
+    assert selection_problems({"a": {}}) == ["a: no selection record (rule, runs, chosen)"]
+    other = {**good, "runs": {"0": {"validation": 0.9}, "1": {"validation": 0.6}}}
+    assert selection_problems({"a-seed0": {"selection": good}, "a-seed1": {"selection": other}}) == [
+        "a: the runs of one set carry different selection records"]
+
+
 def test_the_digest_is_the_sha256_of_the_canonical_json():
     import hashlib
 

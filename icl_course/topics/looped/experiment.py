@@ -18,7 +18,7 @@ transformers of fixed depth fail. Their code is not public; the sizes here are o
 and measures exact-answer accuracy at every test length, with the oracle ``T(n)`` and with three
 stopping rules: maximum confidence (the paper's), "the answer stopped changing", and a *clock*, a
 second looped model that only learns to count loops against the input length
-(:class:`~icl_course.topics.looped.models.HaltingObjective`; shipped as ``looped/parity-clock``). Where the
+(:class:`~icl_course.topics.looped.models.HaltingObjective`; five runs shipped as ``looped/parity-clock-seed*``). Where the
 ``quick`` budget is too small, the chapter also evaluates the shipped ``looped/*`` weights, trained
 with the settings of :data:`SHIPPED` by ``icl-course reproduce looped --write-weights``.
 """
@@ -65,7 +65,8 @@ from .tasks import make_task
 
 __all__ = [
     "LoopedConfig", "LoopedResult", "Family", "FAMILIES", "CONFIGS", "SHIPPED", "METHODS", "run", "train_models", "evaluate_looped", "accuracy_by_loop",
-    "accuracy_figure", "clock_figure", "confidence_figure", "loops_figure", "ship", "write_weights", "shipped_name",
+    "accuracy_figure", "clock_figure", "confidence_figure", "loops_figure", "runs_figure", "ship", "write_weights",
+    "shipped_name", "shipped_runs", "runs_table", "validation_score", "validation_length",
 ]
 
 # Every method of the accuracy table, in the order of the figures.
@@ -94,7 +95,7 @@ class LoopedConfig:
     schedule: str = "constant"  # or "cosine"
     weight_decay: float = 0.01
     extra_loops: int = 6  # K of the fixed-point training: supervise after T(n) + k, k ~ U{0..K}
-    curriculum: int = 0  # looped-fp: the longest training length grows to its final value over this many steps
+    curriculum: int = 0  # looped, looped-fp: the longest training length grows to its final value over this many steps
     fp_steps: int = 600  # optimizer steps of the looped-fp model (trained from scratch)
     clock_steps: int = 2000  # optimizer steps of the clock (HaltingObjective; only shipped, see SHIPPED)
     unsure_weight: float = 1.0  # looped-fp also learns a flat answer before loop T(n) - 1 (0: off)
@@ -140,30 +141,65 @@ CONFIGS = {
     "smoke": LoopedConfig(train_lengths={"parity": (1, 4)}, steps=10, baseline_steps=10, next_token_steps=10,
                           fp_steps=10, groups=2, n_eval=32, extra_cap=2, length_step=2),
     # a few CPU-minutes: the paper's looped model (three seeds) and both baselines on parity; looped-fp shipped
-    "quick": LoopedConfig(steps=1200, baseline_steps=400, next_token_steps=800, seeds=(0, 1, 2), train_fp=False,
-                          workers=2),
+    "quick": LoopedConfig(steps=1200, curriculum=300, baseline_steps=400, next_token_steps=800, seeds=(0, 1, 2),
+                          train_fp=False, workers=2),
     # a GPU: longer training, and copy and addition too
-    "full": LoopedConfig(tasks=("parity", "copy", "addition"), steps=2000, baseline_steps=1000, next_token_steps=1500,
-                         seeds=(0, 1, 2), train_fp=False, n_eval=1000),
+    "full": LoopedConfig(tasks=("parity", "copy", "addition"), steps=4000, curriculum=1000, baseline_steps=3000,
+                         next_token_steps=6000, seeds=(0, 1, 2, 3, 4), train_fp=False, n_eval=1000),
 }
 
 # The settings of the shipped ``looped/parity-*`` weights, one family each (``write_weights``). Their
-# provenance files say where each was trained and how it was chosen.
+# provenance files say where each was trained and how it was chosen. A family of several seeds ships
+# every run (``looped/parity-looped-seed3``); the one the chapter uses as "the" model is chosen on
+# validation inputs (:func:`validation_score`), never on the test lengths it is reported at.
 SHIPPED = {
-    # the paper's training, longer than in the quick profile
-    "looped": LoopedConfig(steps=2000, seeds=(1,), seed=1, n_eval=1000),
+    # the paper's training (its length curriculum, here over the first quarter), longer than in the quick profile
+    "looped": LoopedConfig(steps=4000, curriculum=1000, seeds=(0, 1, 2, 3, 4), seed=1, n_eval=1000, workers=2),
     # the fixed-point training from scratch: supervision at T(n) + k, flat before T(n) - 1, curriculum on the length
     "looped-fp": LoopedConfig(fp_steps=5000, batch_size=128, schedule="cosine", curriculum=2500, seeds=(0,), n_eval=1000),
-    # the next-token baseline, trained about twice as long as in the quick profile
-    "next-token": LoopedConfig(next_token_steps=1500, schedule="cosine", n_eval=1000),
+    # the baselines, each trained until it fits its own training lengths (or as long as we could)
+    "next-token": LoopedConfig(next_token_steps=6000, schedule="cosine", n_eval=1000),
+    "fixed-loop": LoopedConfig(baseline_steps=3000, schedule="cosine", n_eval=1000),
     # the clock: a second looped block that learns to count loops against the input length
-    "clock": LoopedConfig(clock_steps=2000, seeds=(1,), seed=1, n_eval=1000),
+    "clock": LoopedConfig(clock_steps=2000, seeds=(0, 1, 2, 3, 4), seed=1, n_eval=1000, workers=2),
 }
 
+# Runs of one family are chosen at this multiple of the longest training length (18 for parity
+# trained on 1-12), on inputs drawn from ``generator(seed + VALIDATION_OFFSET + 1000 n)``; the test
+# inputs of every reported number come from ``generator(seed + 2 + 1000 n)``.
+VALIDATION_FACTOR = 1.5
+VALIDATION_OFFSET = 5
 
-def shipped_name(task: str, family: str = "looped-fp") -> str:
-    """``looped/parity-fp`` (the fixed-point looped model) or ``looped/parity-next-token`` (the baseline)."""
+
+def _stem(task: str, family: str) -> str:
     return f"looped/{task}-{family.removeprefix('looped-')}"
+
+
+def shipped_runs(task: str, family: str, folder: Path | None = None) -> dict[int, str]:
+    """The shipped runs of a family of several seeds, ``{seed: name}`` (empty for a one-run family)."""
+    base = Path(folder) if folder is not None else WEIGHTS_DIR
+    stem = _stem(task, family)
+    runs = {}
+    for path in (base / stem).parent.glob(f"{Path(stem).name}-seed*.pt"):
+        tail = path.stem.rsplit("-seed", 1)[1]
+        if tail.isdigit():
+            runs[int(tail)] = f"{stem}-seed{tail}"
+    return dict(sorted(runs.items()))
+
+
+def shipped_name(task: str, family: str = "looped-fp", folder: Path | None = None) -> str:
+    """The shipped model of a family: ``looped/parity-fp`` (one run), or for a family of several
+    runs the one chosen on validation (``looped/parity-looped-seed3``, see its ``selection``)."""
+    runs = shipped_runs(task, family, folder)
+    if not runs:
+        return _stem(task, family)
+    selection = provenance(next(iter(runs.values())), folder).get("selection", {})
+    chosen = selection.get("chosen")
+    if chosen not in runs:
+        raise FileNotFoundError(f"the shipped runs of {_stem(task, family)} ({sorted(runs)}) do not name a chosen "
+                                f"run among them (selection.chosen = {chosen!r}); regenerate them with "
+                                f"python -m icl_course.topics.looped.experiment --write-weights --families {family}")
+    return runs[chosen]
 
 
 @dataclass
@@ -184,6 +220,11 @@ class LoopedResult:
         """The paper's looped model trained with ``seed``, stopped by the oracle, at length ``n``."""
         return self._at(self.metrics["oracle_accuracy_by_seed"][task][seed], n, task)
 
+    def run_accuracy(self, family: str, seed: int, n: int, task: str = "parity") -> float:
+        """A shipped run of ``family`` (``looped``: accuracy at T(n) loops; ``clock``: the fraction
+        it stops at exactly T(n)) with ``seed``, at length ``n`` of the test inputs."""
+        return self._at(self.metrics["shipped_runs"][task][family]["test"][seed], n, task)
+
     def clock_stops(self, n: int, task: str = "parity") -> tuple[float, float]:
         """Where the shipped clock stops at length ``n``: the fraction at exactly T(n), and the mean loop."""
         clock = self.metrics["clock"][task]
@@ -202,6 +243,8 @@ class LoopedResult:
             figs[f"accuracy_{task}"] = accuracy_figure(self.metrics, task)
             if task in self.metrics["clock"]:
                 figs[f"clock_{task}"] = clock_figure(self.metrics, task)
+            if self.metrics["shipped_runs"].get(task):
+                figs[f"runs_{task}"] = runs_figure(self.metrics, task)
         for key, trace in self.traces.items():
             figs[f"confidence_{key}"] = confidence_figure(trace, title=key)
         if self.histories:
@@ -306,6 +349,27 @@ def accuracy_figure(metrics: dict, task: str, methods=None, length: int | None =
     return fig
 
 
+def runs_figure(metrics: dict, task: str):
+    """Every shipped run against input length: the paper-style solvers' accuracy at T(n) loops and
+    the clocks' fraction stopped at exactly T(n), one line per seed, the run chosen on validation bold."""
+    runs = metrics["shipped_runs"][task]
+    fig, axes = plots.figure(ncols=len(runs), width=4.2, height=3.4)
+    lo, hi = metrics["train_lengths"][task]
+    labels = {"looped": "accuracy at T(n) loops", "clock": "fraction stopped at exactly T(n)"}
+    for ax, (family, record) in zip(axes, runs.items()):
+        ax.axvspan(lo - 0.5, hi + 0.5, color="0.85")
+        ax.axvline(record["validation_length"], color="k", lw=0.8, ls=":")
+        for seed, per_length in record["test"].items():
+            lengths = sorted(int(n) for n in per_length)
+            chosen = int(seed) == record["chosen"]
+            ax.plot(lengths, [per_length[str(n)] for n in lengths], lw=2.2 if chosen else 1, alpha=1 if chosen else 0.6,
+                    label=f"seed {seed}" + (" (chosen)" if chosen else ""))
+        ax.set(xlabel="input length n", ylabel=labels.get(family, "accuracy"), ylim=(-0.03, 1.03),
+               title=f"{task}: shipped {family} runs (dotted: validation length)")
+        ax.legend(fontsize=7, loc="lower left")
+    return fig
+
+
 def clock_figure(metrics: dict, task: str):
     """Where the clock stops against input length (mean loop, and the fraction at exactly T(n))."""
     clock = metrics["clock"][task]
@@ -350,7 +414,7 @@ def _accuracy_table(config: LoopedConfig, task: str, predictors: dict, device, c
         for family, model in predictors.items():
             if isinstance(model, NextTokenTransformer):
                 table.setdefault(family, {})[str(n)] = accuracy(model.predict(batch), batch.answer)
-            elif family == "fixed-loop":
+            elif family.removeprefix("shipped-") == "fixed-loop":
                 table.setdefault(family, {})[str(n)] = accuracy(model.predict(batch, spec.steps(spec.train_lengths[1])), batch.answer)
             else:
                 result = evaluate_looped(model, batch, cap, config.patience, config.min_confidence, clock)
@@ -395,7 +459,7 @@ def _looped(config: LoopedConfig, seed: int) -> LoopedTransformer:
 
 FAMILIES = {
     # the paper's training: supervision after exactly T(n) loops
-    "looped": Family(_looped, lambda c, spec: FullAnswerObjective(spec), lambda c: c.steps),
+    "looped": Family(_looped, lambda c, spec: FullAnswerObjective(spec, curriculum=c.curriculum), lambda c: c.steps),
     # ours: supervision after T(n) + k loops, k ~ U{0..K}, and a flat answer before loop T(n) - 1
     "looped-fp": Family(_looped, lambda c, spec: FullAnswerObjective(
         spec, extra_loops=c.extra_loops, unsure_weight=c.unsure_weight, curriculum=c.curriculum), lambda c: c.fp_steps),
@@ -511,6 +575,36 @@ def confidence_traces(config: LoopedConfig, task: str, trained: Trained, shipped
     return traces
 
 
+def runs_table(config: LoopedConfig, task: str, device) -> dict:
+    """Every shipped run of the families shipped as sets (``looped``, ``clock``), measured here:
+    ``{family: {"chosen": seed, "validation_length": n, "validation": {seed: score},
+    "test": {seed: {length: value}}}}``, the value a solver's accuracy at T(n) loops or the fraction
+    a clock stops at exactly T(n), on the test inputs of every length."""
+    spec = config.task(task)
+    table = {}
+    for family in ("looped", "clock"):
+        runs = shipped_runs(task, family) if config.pretrained else {}
+        if not runs:
+            continue
+        models = {seed: load(name).to(device) for seed, name in runs.items()}
+        record = {"chosen": provenance(shipped_name(task, family))["selection"]["chosen"],
+                  "validation_length": validation_length(config, task),
+                  "validation": {str(seed): validation_score(config, task, family, model, device) for seed, model in models.items()},
+                  "test": {str(seed): {} for seed in models}}
+        for n in range(1, spec.test_lengths[1] + 1, config.length_step):
+            batch = spec.sample_length(n, config.n_eval, generator(config.seed + 2 + 1000 * n), device=device)
+            for seed, model in models.items():
+                with torch.no_grad():
+                    if family == "clock":
+                        clock_logits = model.trajectory(batch.prompt(), batch.steps + config.extra_cap, last=1)
+                        value = (clock_stop(clock_logits, clock_logits)[1] == batch.steps).float().mean().item()
+                    else:
+                        value = accuracy(model.predict(batch, batch.steps), batch.answer)
+                record["test"][str(seed)][str(n)] = value
+        table[family] = record
+    return table
+
+
 def seed_spread(config: LoopedConfig, task: str, trained: Trained, first: dict, device) -> dict:
     """The paper's looped model with the oracle, by seed (``first``: the first seed's, measured already)."""
     spread = {str(config.seeds[0]): first}
@@ -525,7 +619,7 @@ def run(profile: str | None = None, progress: bool = False, config: LoopedConfig
     config = config or CONFIGS[profile]
     device = get_device()
     start = time.perf_counter()
-    accuracy_, models, histories, traces, seeds_, shipped_, clocks = {}, {}, {}, {}, {}, {}, {}
+    accuracy_, models, histories, traces, seeds_, shipped_, clocks, runs = {}, {}, {}, {}, {}, {}, {}, {}
     for task in config.tasks:
         trained, shipped = train_task(config, task, device, progress), load_shipped(config, task, device)
         if shipped.records:
@@ -538,6 +632,7 @@ def run(profile: str | None = None, progress: bool = False, config: LoopedConfig
             clocks[task] = {"exact": stops["clock-exact"], "loops": stops["clock-loops"]}
         traces.update(confidence_traces(config, task, trained, shipped, device))
         seeds_[task] = seed_spread(config, task, trained, table["looped-oracle"], device)
+        runs[task] = runs_table(config, task, device)
         for family, model in trained.models.items():
             models[(family, task)], histories[(family, task)] = model.cpu(), trained.histories[family]
     metrics = {
@@ -546,6 +641,7 @@ def run(profile: str | None = None, progress: bool = False, config: LoopedConfig
         "test_lengths": {task: list(config.task(task).test_lengths) for task in config.tasks},
         "oracle_accuracy_by_seed": seeds_,
         "shipped": shipped_,
+        "shipped_runs": runs,
         "clock": clocks,
         "parameters": {family: sum(p.numel() for p in m.parameters()) for (family, _), m in models.items()},
         "steps": {family: FAMILIES[family].budget(config) for family in ("looped", "looped-fp", "fixed-loop", "next-token")},
@@ -557,8 +653,12 @@ def run(profile: str | None = None, progress: bool = False, config: LoopedConfig
     return LoopedResult(config=config, models=models, histories=histories, traces=traces, metrics=Lookup.deep(metrics))
 
 
+def _has(name: str, folder: Path | None = None) -> bool:
+    return ((Path(folder) if folder is not None else WEIGHTS_DIR) / f"{name}.pt").exists()
+
+
 def _has_shipped(task: str, family: str = "looped-fp", folder: Path | None = None) -> bool:
-    return ((folder or WEIGHTS_DIR) / f"{shipped_name(task, family)}.pt").exists()
+    return _has(shipped_name(task, family, folder), folder)
 
 
 def _provenance(task: str, family: str = "looped-fp") -> dict:
@@ -568,35 +668,40 @@ def _provenance(task: str, family: str = "looped-fp") -> dict:
 # --- the shipped weights -----------------------------------------------------------------------------
 
 
-def ship(task: str, family: str, model, config: LoopedConfig, seconds: float, folder: Path | None = None,
-         notes: dict | None = None) -> dict:
-    """Measure ``model`` on fresh test inputs of every length and save it with its provenance
-    (``notes`` adds or overrides fields, e.g. where a model was trained and how it was chosen)."""
+def _measure(task: str, family: str, model, config: LoopedConfig, folder: Path | None = None) -> dict:
+    """The provenance of ``model`` (trained with ``config.seeds[0]``), measured on the test inputs of
+    every length (a clock by how it stops the shipped paper-style model in ``folder`` or the package)."""
     device = get_device()
-    if family == "clock":  # a clock is measured by how well it stops the shipped paper-style model
+    notes = {}
+    if family == "clock":
         solver_folder = folder if _has_shipped(task, "looped", folder) else None
-        solver = load(shipped_name(task, "looped"), solver_folder)
-        table = _clock_table(replace(config, length_step=1), task, model.to(device), solver.to(device), device)
-        notes = {"solver": {"name": shipped_name(task, "looped"),
-                            "sha256": provenance(shipped_name(task, "looped"), solver_folder)["sha256"]}, **(notes or {})}
+        solver_name = shipped_name(task, "looped", solver_folder)
+        table = _clock_table(replace(config, length_step=1), task, model.to(device), load(solver_name, solver_folder).to(device), device)
+        notes = {"solver": {"name": solver_name, "sha256": provenance(solver_name, solver_folder)["sha256"]}}
     else:
         table = _accuracy_table(replace(config, length_step=1), task, {family: model.to(device)}, device)
     seed = config.seeds[0]
-    record = {
+    return {
         "task": task,
         "method": family,
         "train_lengths": list(config.task(task).train_lengths),
-        "config": {k: v for k, v in asdict(config).items() if k not in ("tasks", "seeds", "train_lengths")},
+        "config": {k: v for k, v in asdict(config).items() if k not in ("tasks", "seeds", "train_lengths", "workers")},
         "seed": seed,
         "steps": FAMILIES[family].budget(config),
-        "train_seconds": seconds,
         "device": str(device),
         "torch": torch.__version__ + (", trained with one CPU thread" if device.type == "cpu" else ""),
         "metrics": {"n_eval": config.n_eval, "accuracy": table},
-        "regenerate": f"python -m icl_course.topics.looped.experiment --write-weights --tasks {task} --families {family} --seed {seed}",
-        **(notes or {}),
+        "regenerate": f"python -m icl_course.topics.looped.experiment --write-weights --tasks {task} --families {family}",
+        **notes,
     }
-    save(shipped_name(task, family), model.cpu(), record, folder)
+
+
+def ship(task: str, family: str, model, config: LoopedConfig, seconds: float, folder: Path | None = None,
+         notes: dict | None = None, name: str | None = None) -> dict:
+    """Measure ``model`` on fresh test inputs of every length and save it with its provenance as
+    ``name`` (default ``looped/<task>-<family>``; ``notes`` adds or overrides fields)."""
+    record = {**_measure(task, family, model, config, folder), "train_seconds": seconds, **(notes or {})}
+    save(name or _stem(task, family), model.cpu(), record, folder)
     return record
 
 
@@ -614,32 +719,100 @@ def _clock_table(config: LoopedConfig, task: str, clock, solver, device) -> dict
     return table
 
 
-def write_weights(tasks=("parity",), folder: Path | None = None, progress: bool = True,
-                  families=("looped", "looped-fp", "next-token", "clock"), seed: int | None = None) -> list[dict]:
-    """Train each task's models of ``families`` with the settings of :data:`SHIPPED` (``seed``
-    replaces the shipped seed) and save them with provenance under ``looped/``.
+def validation_length(config: LoopedConfig, task: str) -> int:
+    return round(VALIDATION_FACTOR * config.task(task).train_lengths[1])
 
-    ``icl-course reproduce looped --write-weights`` calls this with the defaults.
+
+def validation_score(config: LoopedConfig, task: str, family: str, model, device) -> float:
+    """What runs of one family are chosen by: on ``config.n_eval`` validation inputs of
+    :func:`validation_length`, the oracle accuracy of a looped model, the fraction a clock stops at
+    exactly T(n), or a baseline's accuracy."""
+    spec = config.task(task)
+    n = validation_length(config, task)
+    batch = spec.sample_length(n, config.n_eval, generator(config.seed + VALIDATION_OFFSET + 1000 * n), device=device)
+    model = model.to(device)
+    with torch.no_grad():
+        if family == "clock":
+            clock_logits = model.trajectory(batch.prompt(), batch.steps + config.extra_cap, last=1)
+            _, loops = clock_stop(clock_logits, clock_logits)
+            return (loops == batch.steps).float().mean().item()
+        if isinstance(model, NextTokenTransformer):
+            return accuracy(model.predict(batch), batch.answer)
+        loops = spec.steps(spec.train_lengths[1]) if family == "fixed-loop" else batch.steps
+        return accuracy(model.predict(batch, loops), batch.answer)
+
+
+def _selection(config: LoopedConfig, task: str, family: str, scores: dict, tests: dict) -> dict:
+    """The ``selection`` record every run of a family carries (the same in each)."""
+    n_val, hi = validation_length(config, task), config.task(task).test_lengths[1]
+    chosen = max(scores, key=lambda seed: (scores[seed], -seed))  # ties go to the lower seed
+    what = {"clock": "fraction stopped at exactly T(n)", "looped": "accuracy at T(n) loops"}.get(family, "accuracy")
+    return {
+        "rule": (f"the run with the highest {what} at length {n_val} ({VALIDATION_FACTOR}x the longest training length) "
+                 f"on {config.n_eval} validation inputs drawn apart from the test inputs; ties go to the lower seed"
+                 if len(scores) > 1 else "the only run with these settings: nothing was chosen"),
+        "validation": {"length": n_val, "n": config.n_eval, "generator": f"{config.seed} + {VALIDATION_OFFSET} + 1000 n"},
+        "test": {"lengths": [1, hi], "n": config.n_eval, "generator": f"{config.seed} + 2 + 1000 n"},
+        "runs": {str(seed): {"validation": scores[seed], f"test_at_{hi}": tests[seed]} for seed in scores},
+        "chosen": chosen,
+    }
+
+
+def _test_at_longest(record: dict, family: str) -> float:
+    table = record["metrics"]["accuracy"]
+    key = {"clock": "clock-exact", "looped": "looped-oracle", "looped-fp": "looped-fp-oracle"}.get(family, family)
+    per_length = table[key]
+    return per_length[max(per_length, key=int)]
+
+
+def write_weights(tasks=("parity",), folder: Path | None = None, progress: bool = True,
+                  families=("looped", "looped-fp", "next-token", "fixed-loop", "clock"), seeds=None) -> list[dict]:
+    """Train each task's models of ``families`` with the settings of :data:`SHIPPED` (``seeds``
+    replaces the shipped seeds) and save them with provenance under ``looped/``.
+
+    A family of several seeds ships every run as ``looped/<task>-<family>-seed<k>``, each with the
+    same ``selection`` record: every run's validation score and test accuracy at the longest test
+    length, and the run chosen by validation. The files are written only after every run is trained
+    and measured, and runs of other seeds are then removed, so an interrupted call leaves the
+    previous set as it was. ``icl-course reproduce looped --write-weights`` calls this with the defaults.
     """
     records = []
+    device = get_device()
     for task in tasks:
         for family in families:
-            config = SHIPPED[family] if seed is None else replace(SHIPPED[family], seeds=(seed,))
-            models, histories = train_models(config, task, get_device(), progress, families=(family,))
-            seconds = sum(h.seconds for h in histories.values())
-            records.append(ship(task, family, models[family], config, seconds, folder))
+            config = SHIPPED[family] if seeds is None else replace(SHIPPED[family], seeds=tuple(seeds))
+            done = _train_jobs(config, task, device, progress, [(seed, family) for seed in config.seeds])
+            several = len(config.seeds) > 1
+            scores = {seed: validation_score(config, task, family, model, device) for (seed, _), (model, _) in done.items()}
+            measured = {}
+            for (seed, _), (model, history) in done.items():  # measured (and saved below) on the test inputs
+                name = f"{_stem(task, family)}-seed{seed}" if several else _stem(task, family)
+                measured[seed] = (name, model, history, _measure(task, family, model, replace(config, seeds=(seed,)), folder))
+            selection = _selection(config, task, family, scores,
+                                   {seed: _test_at_longest(m[3], family) for seed, m in measured.items()})
+            for seed, (name, model, history, record) in sorted(measured.items()):
+                record.update(train_seconds=history.seconds, selection=selection)
+                save(name, model.cpu(), record, folder)
+                records.append(record)
+            keep = {m[0] for m in measured.values()}
+            stale = [n for n in shipped_runs(task, family, folder).values() if n not in keep]
+            if several and (_has(_stem(task, family), folder)):
+                stale.append(_stem(task, family))
+            for name in stale:  # runs of an earlier set that this one replaces
+                for suffix in (".pt", ".json"):
+                    ((Path(folder) if folder is not None else WEIGHTS_DIR) / f"{name}{suffix}").unlink(missing_ok=True)
     return records
 
 
-if __name__ == "__main__":  # python -m icl_course.topics.looped.experiment --write-weights [--families looped] [--seed N]
+if __name__ == "__main__":  # python -m icl_course.topics.looped.experiment --write-weights [--families looped] [--seeds 0 1 2]
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m icl_course.topics.looped.experiment")
     parser.add_argument("--write-weights", action="store_true", required=True)
     parser.add_argument("--tasks", nargs="+", default=["parity"])
     parser.add_argument("--families", nargs="+", default=list(SHIPPED), choices=list(SHIPPED))
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--folder", type=Path, default=None)
     args = parser.parse_args()
-    for rec in write_weights(tuple(args.tasks), args.folder, families=tuple(args.families), seed=args.seed):
+    for rec in write_weights(tuple(args.tasks), args.folder, families=tuple(args.families), seeds=args.seeds):
         print(rec["task"], rec["method"], {rule: {n: round(a, 3) for n, a in acc.items()} for rule, acc in rec["metrics"]["accuracy"].items()})

@@ -91,8 +91,11 @@ class ModelSpec:
     batch_size: int = 2048
     clamp: float | None = None  # token clamp for deep stacks
     seed: int = 0  # model init; the data stream uses seed + 1
+    init: str = "gd"  # "gd": every layer starts at a small GD step (init_like_gd, ours); "random": N(0, 1e-3^2), the paper's kind
 
     def __post_init__(self):
+        if self.init not in ("gd", "random"):
+            raise ValueError(f"init must be 'gd' or 'random', got {self.init!r}")
         if self.attention not in METHOD_NAMES:
             raise ValueError(f"attention must be one of {sorted(METHOD_NAMES)}, got {self.attention!r}")
         if not isinstance(self.n_layers, int) or self.n_layers < 1:
@@ -107,8 +110,9 @@ class ModelSpec:
 
     @property
     def name(self) -> str:
-        """The file name of its shipped weights: ``mixed_noise/diag-4l-u5``."""
-        return f"mixed_noise/{self.attention}-{self.n_layers}l-{SETTING_KEYS[self.setting]}"
+        """The file name of its shipped weights: ``mixed_noise/diag-4l-u5`` (``-random-init`` from a random start)."""
+        tail = "-random-init" if self.init == "random" else ""
+        return f"mixed_noise/{self.attention}-{self.n_layers}l-{SETTING_KEYS[self.setting]}{tail}"
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(
@@ -141,9 +145,10 @@ def init_like_gd(model: LinearTransformer, eta: float = 0.2, noise_std: float = 
 
 
 def train_model(spec: ModelSpec, d: int = 10, n_ctx: int = 20, progress: bool = False, device=None):
-    """Train the model of ``spec`` from the GD-step start: ``(model on the CPU, History)``."""
+    """Train the model of ``spec`` from its start (``spec.init``): ``(model on the CPU, History)``."""
     model = linear_transformer(d, n_layers=spec.n_layers, attention=spec.attention, clamp=spec.clamp, seed=spec.seed)
-    init_like_gd(model, seed=spec.seed)
+    if spec.init == "gd":
+        init_like_gd(model, seed=spec.seed)
     config = spec.train_config()
     history = train(model, make_task(spec.setting, d, n_ctx), config, device=device,
                     progress=progress and f"training {spec.method} on {spec.setting}")
@@ -187,11 +192,12 @@ def train_pretrained(spec: ModelSpec, n_eval: int = 50_000, folder: Path | None 
         "setting": spec.setting,
         "task": {"d": 10, "n_ctx": 20, "inputs": "N(0, I)", "weights": "N(0, I)", "noise": spec.setting},
         "train_config": asdict(spec.train_config()),
-        "init": "init_like_gd(eta=0.2, noise_std=1e-3)",
+        "init": "init_like_gd(eta=0.2, noise_std=1e-3)" if spec.init == "gd" else "N(0, 1e-3^2) (linear_transformer's default)",
         "final_train_loss": history.losses[-1],
         "train_seconds": history.seconds,
         "metrics": {"adjusted_loss": adjusted_loss(model, batch), "loss": evaluate(model, batch)},
         "eval": {"n_eval": n_eval, "seed": EVAL_SEED + 7},
+        "selection": pretrained.one_run(spec.seed),
         "torch": torch.__version__,
         "platform": platform.platform(),
     }
@@ -254,6 +260,10 @@ SHIPPED = (
     _diag(4, "U(0,2)"), _gdpp(4, "U(0,2)"),
     _diag(4, "{1,3}", lr=4e-3), _gdpp(4, "{1,3}"),  # DIAG at lr 1e-2 blew up on {1,3}
 )
+
+# DIAG-4L on U(0,5) with the same recipe from a small random start (the paper's kind of init, not
+# our GD-step start): does the algorithm read out of the model depend on where training started?
+RANDOM_INIT = _diag(4, init="random")
 
 
 @dataclass(frozen=True)
@@ -399,6 +409,11 @@ def _reverse(diag: LinearTransformer, n_trace: int) -> tuple[DiscoveredAlgorithm
     return algorithm, gap, reverse_engineer(algorithm, [0.5 * k for k in range(15)], n_trace, EVAL_SEED + 500)
 
 
+def _extra(method: str) -> bool:
+    """A model beside the table's (``"DIAG-2L (live)"``, ``"DIAG-4L (random init)"``): not in its rows."""
+    return method.endswith(")")
+
+
 def _layers(method: str) -> int:
     """``"DIAG-4L"`` (or ``"DIAG-4L (live)"``) -> 4."""
     return int(method.split("-")[1].split()[0].rstrip("L"))
@@ -419,10 +434,13 @@ def run(profile: str | None = None, progress: bool = False, config: MixedNoiseCo
     if config.live is not None:
         live_model, live_history = train_model(config.live, progress=progress, device=device)
         models[(config.live.method + " (live)", config.live.setting)] = live_model
+    random_init = RANDOM_INIT.method + " (random init)"
+    if config.source == "shipped" and RANDOM_INIT.name in pretrained.available("mixed_noise/"):
+        models[(random_init, RANDOM_INIT.setting)] = pretrained.load(RANDOM_INIT.name)
     table, se, baselines, info = _table(config, models, device)
 
     # Against depth and against a fixed noise level: the learners trained on U(0,5).
-    on_u5 = {m: model for (m, s), model in models.items() if s == "U(0,5)" and "live" not in m}
+    on_u5 = {m: model for (m, s), model in models.items() if s == "U(0,5)" and not _extra(m)}
     depth = {}
     for method in on_u5:
         depth.setdefault(method.split("-")[0], {})[_layers(method)] = table[method]["U(0,5)"]
@@ -432,6 +450,13 @@ def run(profile: str | None = None, progress: bool = False, config: MixedNoiseCo
     # (a token clamp is not part of the algorithm, so clamped stacks are left out).
     diag = {_layers(m): model for m, model in on_u5.items() if m.startswith("DIAG-") and model.clamp is None}
     algorithm, gap, traces = _reverse(diag[max(diag)], config.n_trace) if diag else (None, None, {})
+
+    start_check = None  # the same recipe from a random start, read out the same way
+    if (random_init, "U(0,5)") in models:
+        other, other_gap, other_traces = _reverse(models[(random_init, "U(0,5)")], config.n_trace)
+        start_check = {"method": random_init, "adjusted_loss": table[random_init]["U(0,5)"], "se": se[random_init]["U(0,5)"],
+                       "coefficients": [asdict(c) for c in other.layers], "algorithm_vs_model_max_abs_diff": other_gap,
+                       "traces": other_traces}
 
     if config.live is not None:
         method = config.live.method + " (live)"
@@ -445,6 +470,7 @@ def run(profile: str | None = None, progress: bool = False, config: MixedNoiseCo
         "algorithm_coefficients": [asdict(c) for c in algorithm.layers] if algorithm else None,
         "baselines": info,
         "live": live_metrics,
+        "random_init": start_check,
         "source": config.source,
         "n_eval": config.n_eval,
         "n_tune": config.n_tune,
@@ -549,7 +575,7 @@ def traces_figure(traces: dict):
 
 def write_weights(folder: Path | None = None, progress: bool = True) -> list[dict]:
     """Retrain every shipped model and write it with provenance into ``folder`` (default: the package)."""
-    return [train_pretrained(spec, folder=folder, progress=progress)[1] for spec in SHIPPED]
+    return [train_pretrained(spec, folder=folder, progress=progress)[1] for spec in SHIPPED + (RANDOM_INIT,)]
 
 
 # --- reading the results -------------------------------------------------------------------------
@@ -566,7 +592,7 @@ def table_markdown(table: dict, se: dict | None = None, settings: tuple[str, ...
         return f"{value:.3f}" + ("" if spread is None else f" ± {spread:.3f}")
 
     baselines = ["ConstRR", "AdaRR", "TunedRR"]
-    models = {m for m in table if "live" not in m and m not in baselines}
+    models = {m for m in table if not _extra(m) and m not in baselines}
     kinds = list(METHOD_NAMES.values())  # FULL, DIAG, GDPP
     rows = sorted(models, key=lambda m: (kinds.index(m.split("-")[0]), _layers(m))) + baselines
     header = "| method | " + " | ".join(f"{s} ours | {s} paper" for s in settings) + " |"
@@ -590,7 +616,7 @@ def compare(a: float, b: float, se_a: float, se_b: float) -> str:
 def headline(table: dict, setting: str = "U(0,5)") -> dict:
     """The chapter's claim in numbers: the deepest DIAG and GD++ models against ConstRR on ``setting``."""
     def deepest(prefix):
-        found = [m for m in table if m.startswith(prefix) and "live" not in m and setting in table[m]]
+        found = [m for m in table if m.startswith(prefix) and not _extra(m) and setting in table[m]]
         return max(found, key=_layers, default=None)
 
     diag, gdpp = deepest("DIAG-"), deepest("GDPP-")
@@ -605,8 +631,11 @@ def headline(table: dict, setting: str = "U(0,5)") -> dict:
 if __name__ == "__main__":  # same as: icl-course reproduce mixed-noise --write-weights [--weights-dir FOLDER]
     import sys
 
-    if len(sys.argv) < 2 or sys.argv[1] != "--write-weights":
-        raise SystemExit("usage: python -m icl_course.topics.mixed_noise.experiment --write-weights [FOLDER]")
+    if len(sys.argv) < 2 or sys.argv[1] not in ("--write-weights", "--write-random-init"):
+        raise SystemExit("usage: python -m icl_course.topics.mixed_noise.experiment --write-weights|--write-random-init [FOLDER]")
     target = Path(sys.argv[2]) if len(sys.argv) > 2 else None
-    for record in write_weights(target):
-        print(record["method"], record["setting"], record["metrics"])
+    if sys.argv[1] == "--write-random-init":  # only the random-start model
+        print(train_pretrained(RANDOM_INIT, folder=target, progress=True)[1]["metrics"])
+    else:
+        for record in write_weights(target):
+            print(record["method"], record["setting"], record["metrics"])

@@ -2,8 +2,9 @@
 
 Li et al. 2024 (arXiv 2410.04870) train a two-layer transformer (softmax attention, then a fixed
 linear layer) on signal-plus-sparse-noise data and prove that sign descent, Adam's simple
-surrogate, fits the training set fast by *memorising the noise*, in four stages, and then
-generalizes poorly, while gradient descent generalizes. The paper's sizes are not public; ours
+surrogate, fits the training set by *memorising the noise*, in four stages, and then generalizes
+poorly, while gradient descent generalizes. This chapter measures three of the four stages (not the
+paper's stage III, the majority vote of the query/key signal signs). The paper's sizes are not public; ours
 (``SignDescentConfig``) follow ``SCIENCE.md``: n = 50, d = 2000, noise on 40 coordinates.
 
 ``run(profile)`` trains the same initial model on the same data with the three optimizers at one
