@@ -594,13 +594,7 @@ def runs_table(config: LoopedConfig, task: str, device) -> dict:
         for n in range(1, spec.test_lengths[1] + 1, config.length_step):
             batch = spec.sample_length(n, config.n_eval, generator(config.seed + 2 + 1000 * n), device=device)
             for seed, model in models.items():
-                with torch.no_grad():
-                    if family == "clock":
-                        clock_logits = model.trajectory(batch.prompt(), batch.steps + config.extra_cap, last=1)
-                        value = (clock_stop(clock_logits, clock_logits)[1] == batch.steps).float().mean().item()
-                    else:
-                        value = accuracy(model.predict(batch, batch.steps), batch.answer)
-                record["test"][str(seed)][str(n)] = value
+                record["test"][str(seed)][str(n)] = _run_value(config, spec, family, model, batch)
         table[family] = record
     return table
 
@@ -730,16 +724,20 @@ def validation_score(config: LoopedConfig, task: str, family: str, model, device
     spec = config.task(task)
     n = validation_length(config, task)
     batch = spec.sample_length(n, config.n_eval, generator(config.seed + VALIDATION_OFFSET + 1000 * n), device=device)
-    model = model.to(device)
-    with torch.no_grad():
-        if family == "clock":
-            clock_logits = model.trajectory(batch.prompt(), batch.steps + config.extra_cap, last=1)
-            _, loops = clock_stop(clock_logits, clock_logits)
-            return (loops == batch.steps).float().mean().item()
-        if isinstance(model, NextTokenTransformer):
-            return accuracy(model.predict(batch), batch.answer)
-        loops = spec.steps(spec.train_lengths[1]) if family == "fixed-loop" else batch.steps
-        return accuracy(model.predict(batch, loops), batch.answer)
+    return _run_value(config, spec, family, model.to(device), batch)
+
+
+@torch.no_grad()
+def _run_value(config: LoopedConfig, spec, family: str, model, batch) -> float:
+    """One run's number on one batch: a clock's fraction stopped at exactly T(n), a baseline's
+    accuracy, or a looped model's accuracy at T(n) loops."""
+    if family == "clock":
+        clock_logits = model.trajectory(batch.prompt(), batch.steps + config.extra_cap, last=1)
+        return (clock_stop(clock_logits, clock_logits)[1] == batch.steps).float().mean().item()
+    if isinstance(model, NextTokenTransformer):
+        return accuracy(model.predict(batch), batch.answer)
+    loops = spec.steps(spec.train_lengths[1]) if family == "fixed-loop" else batch.steps
+    return accuracy(model.predict(batch, loops), batch.answer)
 
 
 def _selection(config: LoopedConfig, task: str, family: str, scores: dict, tests: dict) -> dict:
