@@ -193,6 +193,17 @@ def _solution_newton_schulz(A, n_iters):
     return nt.newton_schulz(A, n_iters)[-1]
 
 
+def test_newton_schulz_check_never_marks_a_converged_answer_off_by_one(capsys):
+    # It once did: on a well-conditioned A with n_iters = 8, X_7 equals X_8 to 1e-6, and a correct
+    # answer was called "one iteration too few". Each call draws a fresh matrix; 300 calls cover the
+    # conditioning the check draws (kappa 2 to 50) and every n_iters.
+    results = [checks.newton_schulz_iterate(_solution_newton_schulz) for _ in range(300)]
+    assert all(r.passed for r in results), [r.message for r in results if not r.passed][:3]
+    off_by_one = [checks.newton_schulz_iterate(lambda A, k: nt.newton_schulz(A, k + 1 if k else 0)[-1])
+                  for _ in range(100)]
+    assert all("one iteration too many" in r.message for r in off_by_one)
+
+
 def _solution_step_layers(d, n_ctx):
     double, correct = nt.newton_step_weights(d, n_ctx)
     return (double.Q[0].detach(), double.P[0].detach()), (correct.Q[0].detach(), correct.P[0].detach())
