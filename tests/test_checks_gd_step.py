@@ -56,3 +56,11 @@ def test_best_step_size_and_implicit_model_feedback():
     assert checks.best_step_size(lambda batch: 1.0).status == "wrong"
     result = checks.implicit_model(lambda model, xs, ys, xq: torch.zeros_like(xs))
     assert "query" in result.message
+
+
+def test_best_step_size_fails_a_number_that_ignores_the_batch(capsys):
+    # It once passed one: with one batch, eta = 1.85 was within the accepted loss (1e-3 of the best) on
+    # about one call in ten, whenever the drawn task's best step size fell near 1.85. The check now asks
+    # for two batches whose accepted step sizes do not overlap.
+    results = [checks.best_step_size(lambda batch: 1.85) for _ in range(100)]
+    assert all(r.status == "wrong" for r in results), sum(r.passed for r in results)
