@@ -491,3 +491,33 @@ def test_checks_give_specific_feedback(strict):
     assert late.status == "wrong" and "first loop" in late.message
     assert checks.stable_answer(lambda logits, patience: 1 / 0).status == "error"
     assert isinstance(late, checks_core.CheckResult)
+
+
+def test_checks_name_each_planted_mistake_on_every_draw(strict, capsys):
+    # Each once failed on some draws. Parity: on about 1 call in 2500 the prefix parities at the tried
+    # n_steps all equalled the full parity, and ignoring n_steps passed. Maximum confidence: on about 1
+    # call in 150 ranking by raw logits chose one loop for every sequence and was called "one loop for
+    # the whole batch"; on about 1 in 200 the sequences' best loops coincided and the batch rule passed.
+    full_parity = [checks.parity_loop(lambda bits, n_steps: bits.sum(1) % 2) for _ in range(20_000)]
+    assert all("run only n_steps" in r.message for r in full_parity), sum(r.passed for r in full_parity)
+
+    def raw_logits(logits):
+        t = logits.max(-1).values.mean(-1).argmax(0)
+        return logits.argmax(-1)[t, torch.arange(logits.shape[1])], t + 1
+
+    raw = [checks.max_confidence(raw_logits) for _ in range(2000)]
+    assert all("log-*probability*" in r.message for r in raw), [r.message for r in raw if "log-*prob" not in r.message][:3]
+    batch_rule = [checks.max_confidence(max_confidence_stop_batch) for _ in range(2000)]
+    assert all("one loop for the whole batch" in r.message for r in batch_rule), sum(r.passed for r in batch_rule)
+
+
+def test_max_confidence_check_has_no_ties_between_loops(strict, capsys):
+    # It had: a settled sequence repeated its logits exactly, so later loops tied for the most confident
+    # one, and a right answer that broke the tie towards the last loop failed on more than half the calls.
+    def last_of_ties(logits):
+        best, answers = logits.log_softmax(-1).max(-1)
+        t = best.shape[0] - 1 - best.mean(-1).flip(0).argmax(0)
+        return answers[t, torch.arange(logits.shape[1])], t + 1
+
+    results = [checks.max_confidence(last_of_ties) for _ in range(100)]
+    assert all(r.passed for r in results), [r.message for r in results if not r.passed][:3]

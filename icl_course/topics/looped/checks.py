@@ -19,14 +19,21 @@ def _random_logits(gen: torch.Generator) -> torch.Tensor:
     logits = 3 * torch.randn(T, B, L_ans, 5, generator=gen)
     settle = torch.randint(1, T, (B,), generator=gen)  # from this loop on, some sequences keep one answer
     for b in range(0, B, 2):
-        logits[settle[b]:, b] = logits[settle[b], b].clone()
+        # Each later loop rescales the logits by its own factor: a positive scale keeps every argmax (the
+        # answer stays), and distinct scales give distinct confidences, so no two loops tie for the most
+        # confident one (a tie would make any tie-break a right answer, the reference's only one of them).
+        scale = 1 + 0.05 * torch.randperm(T - settle[b], generator=gen)
+        logits[settle[b]:, b] = scale[:, None, None] * logits[settle[b], b]
     return logits
 
 
 @check("Exercise 1: parity as a loop")
 def parity_loop(student_fn, gen):
     B, n = int(torch.randint(3, 9, (1,), generator=gen)), int(torch.randint(4, 12, (1,), generator=gen))
-    bits = torch.randint(0, 2, (B, n), generator=gen)
+    for _ in range(100):  # bits on which stopping at the wrong step shows: for each n_steps tried below, some
+        bits = torch.randint(0, 2, (B, n), generator=gen)  # row's parity changes after it, and at its next bit
+        if all(bool((bits[:, s:].sum(1) % 2).any()) and bool(bits[:, s].any()) for s in (0, 1, n // 2)):
+            break
     full = student_fn(bits, n)
     expect(torch.is_tensor(full), f"Return a tensor, got {type(full).__name__}.")
     expect_shape("state", full, (B,))
@@ -49,9 +56,12 @@ def _raw_logit_loops(logits: torch.Tensor) -> torch.Tensor:
 
 @check("Exercise 2: maximum-confidence stopping")
 def max_confidence(student_fn, gen):
-    for _ in range(100):  # inputs on which ranking by raw logits gives other loops, so the mistake shows
+    for _ in range(100):  # inputs on which each mistake below shows, and is not taken for another one:
         logits = _random_logits(gen)
-        if not torch.equal(_raw_logit_loops(logits), max_confidence_stop(logits)[1]):
+        best, raw = max_confidence_stop(logits)[1], _raw_logit_loops(logits)
+        if (len(set(best.tolist())) > 1  # the sequences' best loops differ (one loop for all shows),
+                and len(set(raw.tolist())) > 1  # ranking by raw logits gives other loops, not one for all
+                and not torch.equal(raw, best) and not torch.equal(raw, best - 1)):  # nor these shifted by one
             break
     out = student_fn(logits)
     expect(isinstance(out, tuple) and len(out) == 2, "Return a pair `(answers, loops)`.")
