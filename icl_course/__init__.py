@@ -22,6 +22,7 @@ from .linear_transformer import (
 )
 from .metrics import (
     evaluate,
+    evaluate_with_error,
     implicit_weights,
     implicit_weights_per_layer,
     model_cosine,
@@ -64,6 +65,7 @@ __all__ = [
     "Uniform",
     "checkpointing",
     "evaluate",
+    "evaluate_with_error",
     "gd_transformer",
     "gdpp_transformer",
     "generator",

@@ -16,6 +16,7 @@ from .tokens import check_shapes, make_tokens, read_prediction
 __all__ = [
     "mse_loss",
     "evaluate",
+    "evaluate_with_error",
     "prediction_distance",
     "implicit_weights",
     "implicit_weights_per_layer",
@@ -46,6 +47,19 @@ def evaluate(predictor, batch) -> float:
     """0.5·MSE of ``predictor`` on the queries of ``batch``."""
     _check_batch(batch)
     return mse_loss(predictor.predict(batch.xs, batch.ys, batch.x_query), batch.y_query).item()
+
+
+@torch.no_grad()
+def evaluate_with_error(predictor, batch) -> tuple[float, float]:
+    """0.5·MSE of ``predictor`` on the queries of ``batch`` and its standard error over the
+    sequences (the sample standard deviation of the per-sequence losses over sqrt(B); NaN for B = 1)."""
+    _check_batch(batch)
+    y_hat = predictor.predict(batch.xs, batch.ys, batch.x_query)
+    if y_hat.shape != batch.y_query.shape:
+        raise ValueError(f"predictions have shape {tuple(y_hat.shape)} but y_query has shape {tuple(batch.y_query.shape)}")
+    per_sequence = 0.5 * (y_hat - batch.y_query).double() ** 2
+    se = per_sequence.std().item() / len(per_sequence) ** 0.5 if len(per_sequence) > 1 else float("nan")
+    return per_sequence.mean().item(), se
 
 
 @torch.no_grad()
