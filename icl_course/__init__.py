@@ -23,6 +23,7 @@ from .linear_transformer import (
 from .metrics import (
     evaluate,
     evaluate_with_error,
+    per_sequence_losses,
     implicit_weights,
     implicit_weights_per_layer,
     model_cosine,
@@ -66,6 +67,7 @@ __all__ = [
     "checkpointing",
     "evaluate",
     "evaluate_with_error",
+    "per_sequence_losses",
     "gd_transformer",
     "gdpp_transformer",
     "generator",

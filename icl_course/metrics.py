@@ -17,6 +17,7 @@ __all__ = [
     "mse_loss",
     "evaluate",
     "evaluate_with_error",
+    "per_sequence_losses",
     "prediction_distance",
     "implicit_weights",
     "implicit_weights_per_layer",
@@ -50,16 +51,21 @@ def evaluate(predictor, batch) -> float:
 
 
 @torch.no_grad()
-def evaluate_with_error(predictor, batch) -> tuple[float, float]:
-    """0.5·MSE of ``predictor`` on the queries of ``batch`` and its standard error over the
-    sequences (the sample standard deviation of the per-sequence losses over sqrt(B); NaN for B = 1)."""
+def per_sequence_losses(predictor, batch) -> torch.Tensor:
+    """0.5·squared error of ``predictor`` on the query of every sequence of ``batch``, ``(B,)`` float64."""
     _check_batch(batch)
     y_hat = predictor.predict(batch.xs, batch.ys, batch.x_query)
     if y_hat.shape != batch.y_query.shape:
         raise ValueError(f"predictions have shape {tuple(y_hat.shape)} but y_query has shape {tuple(batch.y_query.shape)}")
-    per_sequence = 0.5 * (y_hat - batch.y_query).double() ** 2
-    se = per_sequence.std().item() / len(per_sequence) ** 0.5 if len(per_sequence) > 1 else float("nan")
-    return per_sequence.mean().item(), se
+    return 0.5 * (y_hat - batch.y_query).double() ** 2
+
+
+def evaluate_with_error(predictor, batch) -> tuple[float, float]:
+    """0.5·MSE of ``predictor`` on the queries of ``batch`` and its standard error over the
+    sequences (the sample standard deviation of the per-sequence losses over sqrt(B); NaN for B = 1)."""
+    losses = per_sequence_losses(predictor, batch)
+    se = losses.std().item() / len(losses) ** 0.5 if len(losses) > 1 else float("nan")
+    return losses.mean().item(), se
 
 
 @torch.no_grad()

@@ -189,6 +189,35 @@ def test_smoke_run_has_the_issue_metrics():
     assert set(result.figures()) >= {"depth", "preconditioner", "implicit_model", "spectrum", "anisotropy"}
 
 
+def test_spread_over_seeds_measures_each_seed_as_the_chapter_does():
+    config = replace(pre.CONFIGS["smoke"], spread_seeds=(1,))
+    m = pre.run("smoke", config=config).metrics
+    alone = pre.run("smoke", config=replace(config, seed=1, spread_seeds=())).metrics
+    b = m["by_seed"]
+    assert b["seed"] == [0, 1]
+    for key in pre.SPREAD_KEYS:
+        assert b[key] == [m[key], alone[key]]
+    for L in config.depths:
+        assert b["lsa_loss"][L] == [m["lsa_loss"][L], alone["lsa_loss"][L]]
+        assert b["gdpp_loss"][L][0] == m["gdpp_loss"][L]
+        # a standard error over sequences: positive, and small against the loss on 4000 sequences
+        assert 0 < m["lsa_loss_se"][L] < 0.25 * m["lsa_loss"][L]
+    with pytest.raises(ValueError, match="spread_seeds"):
+        replace(config, spread_seeds=(0,))
+
+
+def test_seed_verdicts_count_the_seeds_on_which_each_claim_holds():
+    loss = lambda *v: {"1": [v[0], v[1]], "2": [v[2], v[3]]}  # depth -> one value per seed
+    b = {"seed": [0, 1], "lsa_loss": loss(0.3, 0.3, 0.1, 5.0), "lsa_loss_se": loss(0.01, 0.01, 0.001, 4.0),
+         "lsa_loss_median": loss(0.2, 0.2, 0.05, 0.06)}
+    for name in ("gd", "pgd", "gdpp"):
+        b[f"{name}_loss"], b[f"{name}_loss_median"] = loss(0.4, 0.4, 0.2, 0.2), loss(0.3, 0.3, 0.1, 0.1)
+    v = pre.seed_verdicts(b, (1, 2))
+    assert v["n_seeds"] == 2 and v["falls"] == 1  # seed 1's loss rises from 1 to 2 layers
+    assert v["beats"]["gd"] == {"1": 2, "2": 1} and v["beats_median"]["gdpp"] == {"1": 2, "2": 2}
+    assert v["fragile"] == [(2, 1)]
+
+
 # --- bad input -------------------------------------------------------------------------------------
 
 

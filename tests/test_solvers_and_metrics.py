@@ -69,3 +69,15 @@ def test_solver_shape_errors(batch):
         icl.GradientDescent(eta=1.0, n_steps=-1)
     with pytest.raises(ValueError, match="bounds"):
         icl.tune_step_size(batch, bounds=(1.0, 0.1))
+
+
+def test_evaluate_with_error_is_the_loss_and_its_standard_error_over_sequences():
+    task = icl.RegressionTask(d=3, n_ctx=8)
+    batch = task.sample(500, icl.generator(0))
+    solver = icl.GradientDescent(0.5, 2)
+    loss, se = icl.evaluate_with_error(solver, batch)
+    per_sequence = 0.5 * (solver.predict(batch.xs, batch.ys, batch.x_query) - batch.y_query).double() ** 2
+    assert loss == pytest.approx(icl.evaluate(solver, batch), rel=1e-6)
+    assert se == pytest.approx(per_sequence.std().item() / 500**0.5, rel=1e-9)
+    one = type(batch)(*(t[:1] for t in batch.tensors()))
+    assert icl.evaluate_with_error(solver, one)[1] != icl.evaluate_with_error(solver, one)[1]  # NaN for one sequence

@@ -21,13 +21,19 @@ linear model as in Vladymyrov et al. 2024.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
 from icl_course import plots
 from icl_course.linear_transformer import LinearTransformer, linear_transformer
-from icl_course.metrics import evaluate, implicit_weights, implicit_weights_per_layer
+from icl_course.metrics import (
+    evaluate,
+    evaluate_with_error,
+    implicit_weights,
+    implicit_weights_per_layer,
+    per_sequence_losses,
+)
 from icl_course.results import Lookup
 from icl_course.runtime import get_device, get_profile
 from icl_course.solvers import GDPlusPlus, GradientDescent, LeastSquares, tune_gdpp, tune_step_size
@@ -53,6 +59,10 @@ __all__ = [
     "closed_forms",
     "one_layer",
     "depth_comparison",
+    "tune_solvers",
+    "train_deep",
+    "seed_numbers",
+    "seed_verdicts",
     "implicit_models",
     "anisotropy_sweep",
     "covariance",
@@ -93,12 +103,17 @@ class PreconditioningConfig:
     sweep: tuple[float, ...] = (1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.2)  # anisotropies of the sweep
     sweep_steps: int = 3  # GD steps compared in the sweep
     seed: int = 0  # model init; data streams use seed + 1 (train), + 2 (held out), + 3 (tuning)
+    # The trained models again at each of these seeds (init, training data and held-out sequences),
+    # for the spread of the training numbers; figures and the rest of the chapter come from ``seed``.
+    spread_seeds: tuple[int, ...] = ()
 
     def __post_init__(self):
         if len(self.depths) == 0 or any(not isinstance(L, int) or L < 1 for L in self.depths):
             raise ValueError(f"depths must be a non-empty tuple of integers >= 1, got {self.depths!r}")
         if len(self.exponents) < 1:
             raise ValueError("exponents must hold one entry per input dimension")
+        if any(not isinstance(s, int) for s in self.spread_seeds) or self.seed in self.spread_seeds:
+            raise ValueError(f"spread_seeds must be integers other than seed ({self.seed}), got {self.spread_seeds!r}")
 
     @property
     def d(self) -> int:
@@ -120,7 +135,7 @@ CONFIGS = {
         sweep_steps=2,
     ),
     # about two minutes on a laptop CPU: every claim of the chapter holds here (see the tests)
-    "quick": PreconditioningConfig(),
+    "quick": PreconditioningConfig(spread_seeds=(1, 2)),
     # closer to the reference code (AdamW, 10k steps, batch 4000); meant for a GPU
     "full": PreconditioningConfig(
         n_heads=2,
@@ -128,6 +143,7 @@ CONFIGS = {
         train_deep=TrainConfig(steps=10_000, batch_size=4000, lr=3e-3, warmup=0.02, schedule="cosine"),
         n_tune=20_000,
         n_eval=200_000,
+        spread_seeds=(1, 2, 3, 4),
     ),
 }
 
@@ -352,11 +368,15 @@ def closed_forms(config: PreconditioningConfig, data: Data, device) -> dict:
     iso = torch.eye(config.d, dtype=torch.float64)
     iso_batch = make_task(config, iso).sample(config.n_eval, generator(config.seed + 4), device=device)
     plain_eta, plain_loss = best_plain_step(data.cov, n)
+    mc, mc_se = evaluate_with_error(GradientDescent(1.0, 1, data.gamma_star.float()), held_out)
+    iso_mc, iso_mc_se = evaluate_with_error(GradientDescent(1.0, 1, optimal_preconditioner(iso, n).float()), iso_batch)
     return {
         "gamma_star_loss": optimal_step_loss(data.cov, n),
-        "gamma_star_loss_mc": evaluate(GradientDescent(1.0, 1, data.gamma_star.float()), held_out),
+        "gamma_star_loss_mc": mc,
+        "gamma_star_loss_mc_se": mc_se,
         "gamma_star_loss_isotropic": optimal_step_loss(iso, n),
-        "gamma_star_loss_isotropic_mc": evaluate(GradientDescent(1.0, 1, optimal_preconditioner(iso, n).float()), iso_batch),
+        "gamma_star_loss_isotropic_mc": iso_mc,
+        "gamma_star_loss_isotropic_mc_se": iso_mc_se,
         "plain_step_loss": plain_loss,
         "plain_step_eta": plain_eta,
         "zero_predictor_loss": 0.5 * held_out.y_query.pow(2).mean().item(),
@@ -403,28 +423,82 @@ def one_layer(config: PreconditioningConfig, data: Data, closed: dict, progress:
 @dataclass
 class Depth:
     losses: dict[str, list[float]]  # "depth" and the held-out loss of every learner at each depth
+    errors: dict[str, list[float]]  # the standard error of each of those losses (over the sequences)
+    medians: dict[str, list[float]]  # the median per-sequence loss: deep models have heavy tails
     tuned: dict[str, dict[str, float]]  # the solvers' tuned step sizes (and GD++'s gamma), by depth
 
 
-def depth_comparison(config: PreconditioningConfig, data: Data, models: dict) -> Depth:
-    """3. Trained transformers against as many steps of GD, GD with ``Gamma*`` and GD++ (tuned)."""
-    losses = {"depth": list(config.depths), "lsa": [], "gd": [], "pgd": [], "gdpp": []}
+def tune_solvers(config: PreconditioningConfig, data: Data) -> dict[str, dict[str, float]]:
+    """Step sizes of plain GD, GD with ``Gamma*`` and GD++ (and its ``gamma``) for every depth, tuned on
+    ``data.tune_batch`` (never on the held-out sequences)."""
     tuned = {"gd_eta": {}, "pgd_eta": {}, "gdpp_eta": {}, "gdpp_gamma": {}}
     for L in config.depths:
-        gd_eta, _ = tune_step_size(data.tune_batch, L)
-        pgd_eta, _ = tune_step_size(data.tune_batch, L, data.gamma_star)
         gdpp_eta, gdpp_gamma, _ = tune_gdpp(data.tune_batch, L)
+        values = (tune_step_size(data.tune_batch, L)[0], tune_step_size(data.tune_batch, L, data.gamma_star)[0],
+                  gdpp_eta, gdpp_gamma)
+        for name, value in zip(tuned, values):
+            tuned[name][str(L)] = value
+    return tuned
+
+
+def depth_comparison(config: PreconditioningConfig, data: Data, models: dict, tuned: dict | None = None) -> Depth:
+    """3. Trained transformers against as many steps of GD, GD with ``Gamma*`` and GD++, with the
+    solvers' parameters ``tuned`` (tuned here when not given)."""
+    tuned = tune_solvers(config, data) if tuned is None else tuned
+    losses = {"depth": list(config.depths), "lsa": [], "gd": [], "pgd": [], "gdpp": []}
+    errors = {name: [] for name in ("lsa", "gd", "pgd", "gdpp")}
+    medians = {name: [] for name in errors}
+    for L in map(str, config.depths):
         solvers = {
-            "gd": GradientDescent(gd_eta, L),
-            "pgd": GradientDescent(pgd_eta, L, data.gamma_star.float()),
-            "gdpp": GDPlusPlus(gdpp_eta, gdpp_gamma, L),
-            "lsa": models[L],
+            "gd": GradientDescent(tuned["gd_eta"][L], int(L)),
+            "pgd": GradientDescent(tuned["pgd_eta"][L], int(L), data.gamma_star.float()),
+            "gdpp": GDPlusPlus(tuned["gdpp_eta"][L], tuned["gdpp_gamma"][L], int(L)),
+            "lsa": models[int(L)],
         }
         for name, solver in solvers.items():
-            losses[name].append(evaluate(solver, data.held_out))
-        for name, value in zip(tuned, (gd_eta, pgd_eta, gdpp_eta, gdpp_gamma)):
-            tuned[name][str(L)] = value
-    return Depth(losses, tuned)
+            per_sequence = per_sequence_losses(solver, data.held_out)
+            losses[name].append(per_sequence.mean().item())
+            errors[name].append(per_sequence.std().item() / len(per_sequence) ** 0.5)
+            medians[name].append(per_sequence.median().item())
+    return Depth(losses, errors, medians, tuned)
+
+
+def train_deep(config: PreconditioningConfig, data: Data, progress: bool, device) -> tuple[dict, dict]:
+    """The transformers of every depth in ``config.depths`` but one, trained with ``config.train_deep``:
+    ``(models, histories)`` by depth."""
+    models, histories = {}, {}
+    for L in (L for L in config.depths if L != 1):
+        model = linear_transformer(config.d, L, config.n_heads, init_std=config.init_std, seed=config.seed)
+        histories[L] = _train(model, data.task, config.train_deep, config.seed + 1, f"{L} layers", progress, device)
+        models[L] = model.eval()
+    return models, histories
+
+
+# The training numbers whose spread over seeds the chapter reports.
+SPREAD_KEYS = ("lsa1_rel_gap", "preconditioner_rel_error", "preconditioner_rel_error_sigma_weighted")
+
+
+def seed_numbers(config: PreconditioningConfig, tuned: dict, progress: bool, device) -> dict:
+    """Every model trained again at ``config.seed`` (its own init, training data and held-out
+    sequences) and measured as the chapter measures them; the solvers keep the parameters ``tuned``
+    for the chapter's seed (tuned on other sequences, so they stay fair to every seed)."""
+    data = make_data(config, device)
+    closed = {"gamma_star_loss": optimal_step_loss(data.cov, config.n_ctx),
+              "gamma_star_loss_mc": evaluate(GradientDescent(1.0, 1, data.gamma_star.float()), data.held_out)}
+    first = one_layer(config, data, closed, progress, device)
+    models, _ = train_deep(config, data, progress, device)
+    depth = depth_comparison(config, data, {1: first.model, **models}, tuned)
+    return {**{k: first.metrics[k] for k in SPREAD_KEYS}, **_depth_metrics(config, depth)}
+
+
+def _depth_metrics(config: PreconditioningConfig, depth: Depth) -> dict:
+    """``{name}_loss``, ``{name}_loss_se`` and ``{name}_loss_median`` by depth, for every learner."""
+    by_depth = lambda values: dict(zip(map(str, config.depths), values))  # noqa: E731
+    return {
+        **{f"{name}_loss": by_depth(depth.losses[name]) for name in depth.errors},
+        **{f"{name}_loss_se": by_depth(depth.errors[name]) for name in depth.errors},
+        **{f"{name}_loss_median": by_depth(depth.medians[name]) for name in depth.errors},
+    }
 
 
 def implicit_models(models: dict, ident) -> tuple[dict[int, list[float]], dict[str, float]]:
@@ -456,6 +530,36 @@ def anisotropy_sweep(config: PreconditioningConfig) -> dict[str, list]:
     return sweep
 
 
+def seed_verdicts(by_seed: dict, depths) -> dict:
+    """On how many seeds each depth claim holds, from ``metrics["by_seed"]``: ``falls`` (the mean loss
+    falls with every layer), ``beats[solver][depth]`` and ``beats_median[solver][depth]`` (the trained
+    model's mean, or median per-sequence, loss is below the solver's) and ``fragile``, the
+    ``(depth, seed)`` whose mean loss rests on a few sequences (standard error above a tenth of it)."""
+    b, depths = by_seed, [str(L) for L in depths]
+    seeds = range(len(b["seed"]))
+    count = lambda k, name, L: sum(a < g for a, g in zip(b[f"lsa_loss{k}"][L], b[f"{name}_loss{k}"][L]))  # noqa: E731
+    return {
+        "n_seeds": len(b["seed"]),
+        "falls": sum(all(b["lsa_loss"][a][s] > b["lsa_loss"][c][s] for a, c in zip(depths, depths[1:])) for s in seeds),
+        "beats": {name: {L: count("", name, L) for L in depths} for name in ("gd", "pgd", "gdpp")},
+        "beats_median": {name: {L: count("_median", name, L) for L in depths} for name in ("gd", "pgd", "gdpp")},
+        "fragile": [(int(L), b["seed"][s]) for L in depths for s in seeds if b["lsa_loss_se"][L][s] > 0.1 * b["lsa_loss"][L][s]],
+    }
+
+
+def _by_seed(config: PreconditioningConfig, metrics: dict, tuned: dict, progress: bool, device) -> dict:
+    """The training numbers at ``config.seed`` (from ``metrics``) and at every ``config.spread_seeds``,
+    each as a list in seed order (the depth-keyed losses as ``{depth: list}``)."""
+    keys = (*SPREAD_KEYS, *(f"{name}_loss{k}" for name in ("lsa", "gd", "pgd", "gdpp") for k in ("", "_se", "_median")))
+    runs = [metrics] + [seed_numbers(replace(config, seed=s, spread_seeds=()), tuned, progress, device)
+                        for s in config.spread_seeds]
+    out = {"seed": [config.seed, *config.spread_seeds]}
+    for k in keys:
+        first = runs[0][k]
+        out[k] = {L: [r[k][L] for r in runs] for L in first} if isinstance(first, dict) else [r[k] for r in runs]
+    return out
+
+
 def run(
     profile: str | None = None, progress: bool = False, config: PreconditioningConfig | None = None
 ) -> PreconditioningResult:
@@ -466,11 +570,8 @@ def run(
     data = make_data(config, device)
     closed = closed_forms(config, data, device)
     first = one_layer(config, data, closed, progress, device)
-    models, histories = {1: first.model}, {1: first.history}
-    for L in (L for L in config.depths if L != 1):
-        model = linear_transformer(config.d, L, config.n_heads, init_std=config.init_std, seed=config.seed)
-        histories[L] = _train(model, data.task, config.train_deep, config.seed + 1, f"{L} layers", progress, device)
-        models[L] = model.eval()
+    deep, deep_histories = train_deep(config, data, progress, device)
+    models, histories = {1: first.model, **deep}, {1: first.history, **deep_histories}
     depth = depth_comparison(config, data, models)
     implicit, identity_error = implicit_models(models, data.ident)
     k = max(config.depths)
@@ -479,7 +580,7 @@ def run(
     metrics = {
         **closed,
         **first.metrics,
-        **{f"{name}_loss": dict(zip(map(str, config.depths), depth.losses[name])) for name in ("lsa", "gd", "pgd", "gdpp")},
+        **_depth_metrics(config, depth),
         **depth.tuned,
         "ols_loss": evaluate(LeastSquares(), data.held_out),
         "implicit_identity_max_error": identity_error,
@@ -491,6 +592,7 @@ def run(
         "profile": profile,
         "device": str(device),
     }
+    metrics["by_seed"] = _by_seed(config, metrics, depth.tuned, progress, device)
     return PreconditioningResult(
         config=config,
         cov=data.cov,
