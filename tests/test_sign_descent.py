@@ -307,6 +307,9 @@ def test_the_sweep_keeps_every_seed_and_reuses_the_main_runs():
 
 
 def test_seed_statistics():
+    import doctest
+
+    assert doctest.testmod(seed_stats).failed == 0
     assert seed_stats.pm([0.5, 0.7]) == "0.60 ± 0.14"
     assert seed_stats.pm([0.5]) == "0.50"  # one seed: no spread
     assert seed_stats.pm([None, None], ".0f") == "not reached on 2 of 2 seeds"
@@ -314,6 +317,8 @@ def test_seed_statistics():
     assert seed_stats.mean_std([1.0, None]) == {"mean": 1.0, "std": None, "seeds": 2, "missing": 1}
     assert seed_stats.binomial_se(0.5, 100) == pytest.approx(0.05) and seed_stats.binomial_se(1.0, 10) == 0
     assert seed_stats.holds_on([True, False, True]) == "2 of 3 seeds" and seed_stats.holds_on([True]) == "1 of 1 seed"
+    assert seed_stats.where_holds([0.1, 0.2], [[False], [False]]) == "none"
+    assert seed_stats.where_holds([0.1, 0.2], [[True, True], [True, False]]) == "0.1, 0.2 (1 of 2 seeds)"
     with pytest.raises(ValueError, match="binomial_se"):
         seed_stats.binomial_se(1.5, 10)
 

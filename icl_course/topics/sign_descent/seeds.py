@@ -14,6 +14,8 @@ has the binomial standard error ``sqrt(p (1 - p) / n)``.
 '42 ± 3 (not reached on 1 of 3 seeds)'
 >>> holds_on([True, False, True])
 '2 of 3 seeds'
+>>> where_holds([0.1, 0.5, 1.0], [[True, True], [False, False], [True, False]])
+'0.1, 1 (1 of 2 seeds)'
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import math
 import statistics
 
-__all__ = ["mean_std", "over_seeds", "pm", "binomial_se", "holds_on"]
+__all__ = ["mean_std", "over_seeds", "pm", "binomial_se", "holds_on", "where_holds"]
 
 
 def mean_std(values: list[float | None]) -> dict[str, float | int | None]:
@@ -62,3 +64,9 @@ def binomial_se(p: float, n: int) -> float:
 def holds_on(verdicts: list[bool]) -> str:
     """``"k of n seeds"``: on how many seeds a claim holds."""
     return f"{sum(bool(v) for v in verdicts)} of {len(verdicts)} seed{'s' if len(verdicts) != 1 else ''}"
+
+
+def where_holds(xs: list[float], verdicts: list[list[bool]]) -> str:
+    """The ``xs`` (a sweep's SNRs) at which a claim holds on some seed, ``verdicts[i]`` being one per
+    seed at ``xs[i]``; those where it does not hold on every seed say on how many (``"none"``: nowhere)."""
+    return ", ".join(f"{x:g}" + ("" if all(v) else f" ({holds_on(v)})") for x, v in zip(xs, verdicts) if any(v)) or "none"
