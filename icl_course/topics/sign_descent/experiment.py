@@ -112,7 +112,7 @@ CONFIGS = {
     # 63 more for the sweep (its 9 runs at snr are the main ones)
     "quick": SignDescentConfig(),
     # a GPU (not yet timed on one): four times the data and dimension (same n s / d), longer
-    # training, more seeds and a wider sweep; 15 tracked runs and 75 more of 1000 steps
+    # training, more seeds and a wider sweep; 15 tracked runs and 81 more of 1000 steps
     "full": SignDescentConfig(
         d=8000, n_train=200, n_test=2000, steps=1000, seeds=5, sweep_seeds=3,
         sweep_snrs=(0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0),
