@@ -14,6 +14,7 @@ from icl_course.tasks import generator
 from icl_course.topics.sign_descent import checks
 from icl_course.topics.sign_descent import experiment as sd
 from icl_course.topics.sign_descent import optimizers as opt
+from icl_course.topics.sign_descent import seeds as seed_stats
 from icl_course.topics.sign_descent.signal_noise import (
     SignalNoiseTask,
     SoftmaxAttentionClassifier,
@@ -256,6 +257,72 @@ def test_metrics_and_figures(smoke):
     assert smoke.snr_curves(smoke.config.sweep_snrs[0]) is not None
 
 
+def test_every_headline_number_per_seed_with_its_spread(smoke):
+    """Run 0 is the top-level metrics; by_seed holds every seed; over_seeds is their mean and std."""
+    m = json.loads(json.dumps(smoke.metrics))
+    config, b = smoke.config, m["by_seed"]
+    assert config.seeds >= 2 and b["run_index"] == list(range(config.seeds)) and m["seeds"] == config.seeds
+    for key in sd.FINAL_KEYS + ("steps_to_train_loss_0.1",):
+        for n in sd.OPTIMIZERS:
+            values = b[key][n]
+            assert len(values) == config.seeds and values[0] == m[key][n]  # run 0 is the figures' run
+            spread = m["over_seeds"][key][n]
+            assert spread["seeds"] == config.seeds and spread["missing"] == sum(v is None for v in values)
+            got = [v for v in values if v is not None]
+            assert spread["mean"] == pytest.approx(sum(got) / len(got), rel=1e-12)
+            assert spread["std"] == pytest.approx(torch.tensor(got, dtype=torch.float64).std().item(), rel=1e-9, abs=1e-15)
+    for n in sd.OPTIMIZERS:
+        for key, values in b["stage_summary"][n].items():
+            assert len(values) == config.seeds and values[0] == m["stage_summary"][n][key]
+    # test accuracies carry their binomial standard error on n_test samples
+    for n in sd.OPTIMIZERS:
+        for p, se in zip(b["test_accuracy"][n], b["test_accuracy_se"][n]):
+            assert se == pytest.approx(math.sqrt(p * (1 - p) / config.n_test))
+        assert all(se >= 0 for se in b["test_loss_se"][n])
+    # the seeds differ (else the spread says nothing), and each claim has one verdict per seed
+    assert len(set(b["test_loss"]["sign descent"])) == config.seeds
+    assert set(m["holds"]) == set(sd.SEED_CLAIMS) and all(len(v) == config.seeds for v in m["holds"].values())
+    assert m["holds"]["gap"][0] == (m["test_accuracy"]["GD"] >= 0.95 and m["test_accuracy"]["sign descent"] < 0.8
+                                    and m["test_accuracy"]["Adam"] < 0.8)
+
+
+def test_the_sweep_keeps_every_seed_and_reuses_the_main_runs():
+    config = replace(SMOKE, d=200, n_train=10, n_test=50, steps=6, seeds=2, sweep_seeds=3, sweep_snrs=(0.1, SMOKE.snr))
+    result = sd.run("smoke", config=config)
+    sweep = result.metrics["snr_sweep"]
+    for n in sd.OPTIMIZERS:
+        for i in range(len(config.sweep_snrs)):
+            values = sweep[n]["by_seed"]["test_accuracy"][i]
+            assert len(values) == config.sweep_seeds
+            assert sweep[n]["test_accuracy"][i] == pytest.approx(sum(values) / len(values))
+            assert sweep[n]["test_accuracy_std"][i] == pytest.approx(torch.tensor(values, dtype=torch.float64).std().item(), abs=1e-12)
+        # at the main SNR the first seeds are the main runs, a third seed is trained
+        main = [r[n].final["test_loss"] for r in result.seed_runs]
+        assert sweep[n]["by_seed"]["test_loss"][1][: config.seeds] == main
+        assert result.sweep_curves[(n, config.snr)] is result.runs[n]
+    assert sd.train_once(config, "Adam", config.snr, 1).final == result.seed_runs[1]["Adam"].final  # reuse = retraining
+    holds = sd.sweep_holds(sweep, lambda acc: acc["GD"] >= acc["sign descent"])
+    assert [len(v) for v in holds] == [config.sweep_seeds] * len(config.sweep_snrs)
+    assert set(result.figures()) == {"stages", "training", "generalization_gap", "snr_sweep"}
+
+
+def test_seed_statistics():
+    import doctest
+
+    assert doctest.testmod(seed_stats).failed == 0
+    assert seed_stats.pm([0.5, 0.7]) == "0.60 ± 0.14"
+    assert seed_stats.pm([0.5]) == "0.50"  # one seed: no spread
+    assert seed_stats.pm([None, None], ".0f") == "not reached on 2 of 2 seeds"
+    assert seed_stats.pm([10, None, 14], ".0f") == "12 ± 3 (not reached on 1 of 3 seeds)"
+    assert seed_stats.mean_std([1.0, None]) == {"mean": 1.0, "std": None, "seeds": 2, "missing": 1}
+    assert seed_stats.binomial_se(0.5, 100) == pytest.approx(0.05) and seed_stats.binomial_se(1.0, 10) == 0
+    assert seed_stats.holds_on([True, False, True]) == "2 of 3 seeds" and seed_stats.holds_on([True]) == "1 of 1 seed"
+    assert seed_stats.where_holds([0.1, 0.2], [[False], [False]]) == "none"
+    assert seed_stats.where_holds([0.1, 0.2], [[True, True], [True, False]]) == "0.1, 0.2 (1 of 2 seeds)"
+    with pytest.raises(ValueError, match="binomial_se"):
+        seed_stats.binomial_se(1.5, 10)
+
+
 def test_same_seed_same_run():
     config = sd.SignDescentConfig(d=200, n_train=10, n_test=20, steps=5, sweep_snrs=(1.0,), sweep_seeds=1)
     a = sd.train_once(config, "Adam", 0.5, run_index=3, device=torch.device("cpu"))
@@ -289,6 +356,7 @@ def test_same_seed_same_run():
         (lambda: sd.SignDescentConfig(sweep_snrs=()), "sweep_snrs"),
         (lambda: sd.SignDescentConfig(stage1_steps=500), "stage1_steps"),
         (lambda: sd.SignDescentConfig(width=0), "width"),
+        (lambda: sd.SignDescentConfig(seeds=0), "seeds"),
         (lambda: sd.SignDescentConfig(init_std=0.0), "init_std"),
         (lambda: sd.train_once(sd.CONFIGS["smoke"], "SGD", 0.5), "optimizer"),
         (lambda: opt.minimize(lambda: torch.zeros(()), [], opt.gd(0.1), steps=-1), "steps"),
@@ -360,7 +428,8 @@ def test_reproduce_from_the_command_line(tmp_path):
 
     assert main(["reproduce", "sign-descent", "--profile", "smoke", "--out", str(tmp_path), "--quiet"]) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    for key in ("train_loss", "test_accuracy", "steps_to_train_loss_0.1", "stages", "snr_sweep", "profile", "device"):
+    for key in ("train_loss", "test_accuracy", "steps_to_train_loss_0.1", "stages", "snr_sweep", "by_seed", "over_seeds",
+                "holds", "profile", "device"):
         assert key in metrics
     assert (tmp_path / "stages.png").stat().st_size > 1000
 
@@ -399,5 +468,7 @@ def test_an_interrupted_experiment_resumes_bit_for_bit(tmp_path, monkeypatch):
             sd.run("smoke")
         monkeypatch.setattr(training, "_save", real_save)
         assert untimed(sd.run("smoke").metrics) == reference
-    n_runs = len(sd.OPTIMIZERS) * (1 + len(sd.CONFIGS["smoke"].sweep_snrs))
+    config = sd.CONFIGS["smoke"]
+    assert config.snr not in config.sweep_snrs  # else the sweep reuses main runs and there are fewer
+    n_runs = len(sd.OPTIMIZERS) * (config.seeds + len(config.sweep_snrs) * config.sweep_seeds)
     assert len(list(tmp_path.iterdir())) == n_runs  # the three optimizers' runs are told apart

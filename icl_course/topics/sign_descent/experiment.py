@@ -8,7 +8,10 @@ paper's stage III, the majority vote of the query/key signal signs). The paper's
 (``SignDescentConfig``) follow ``SCIENCE.md``: n = 50, d = 2000, noise on 40 coordinates.
 
 ``run(profile)`` trains the same initial model on the same data with the three optimizers at one
-signal-to-noise ratio, tracking the paper's stage quantities at every step, then repeats the
+signal-to-noise ratio, tracking the paper's stage quantities at every step, and does so again for
+``config.seeds`` seeds (run indices: initial weights, training and test data all change); run 0
+makes the figures, every headline number is also given per seed and as mean ± std over the seeds
+(``metrics["by_seed"]``, ``metrics["over_seeds"]``, ``metrics["holds"]``). It then repeats the
 training (without tracking) over a sweep of signal-to-noise ratios and seeds.
 """
 
@@ -27,6 +30,7 @@ from icl_course.runtime import generator, get_device, get_profile
 from icl_course.training import FullBatch, TrainConfig, train
 
 from .optimizers import RuleOptimizer, UpdateRule, adam, gd, sign_descent
+from .seeds import binomial_se, over_seeds
 from .signal_noise import SignalNoiseTask, SoftmaxAttentionClassifier, accuracy, logistic_loss, stage_quantities
 
 __all__ = [
@@ -40,6 +44,8 @@ __all__ = [
     "training_set",
     "train_once",
     "first_step_accuracy",
+    "SEED_CLAIMS",
+    "sweep_holds",
 ]
 
 OPTIMIZERS = ("sign descent", "Adam", "GD")  # the order of every table and figure
@@ -62,12 +68,13 @@ class SignDescentConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     stage1_steps: int = 3  # the window where stage I (value noise linear, keys at init) is measured
     sweep_snrs: tuple[float, ...] = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
-    sweep_seeds: int = 2  # seeds per (optimizer, snr) in the sweep
+    seeds: int = 3  # runs of the main comparison at snr (run indices 0 .. seeds - 1); run 0 makes the figures
+    sweep_seeds: int = 3  # seeds per (optimizer, snr) in the sweep (at snr, the main runs are reused)
     log_every: int = 10  # how often the test loss is measured along a run
     seed: int = 0  # run k uses model seed seed + 100 k, training data + 1, test data + 2
 
     def __post_init__(self):
-        for name in ("steps", "sweep_seeds", "log_every", "n_train", "n_test", "width"):
+        for name in ("steps", "seeds", "sweep_seeds", "log_every", "n_train", "n_test", "width"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"SignDescentConfig.{name} must be an integer >= 1, got {value!r}")
@@ -95,17 +102,19 @@ def make_rules(config: SignDescentConfig) -> dict[str, UpdateRule]:
 
 
 CONFIGS = {
-    # seconds: half the data and dimension (same n s / d), a short run and a two-point sweep; the
-    # stages and the generalization gap already show (the tests assert them at this scale)
+    # seconds: half the data and dimension (same n s / d), a short run, two seeds of the main
+    # comparison and a two-point sweep on one seed; the stages and the generalization gap already
+    # show (the tests assert them at this scale, on run 0)
     "smoke": SignDescentConfig(
-        d=1000, n_train=25, n_test=300, steps=120, sweep_snrs=(0.2, 4.0), sweep_seeds=1, log_every=20
+        d=1000, n_train=25, n_test=300, steps=120, seeds=2, sweep_snrs=(0.2, 4.0), sweep_seeds=1, log_every=20
     ),
-    # about a minute on one CPU core: the chapter's numbers
+    # about a minute on one CPU core: the chapter's numbers, 3 seeds everywhere; 9 tracked runs and
+    # 63 more for the sweep (its 9 runs at snr are the main ones)
     "quick": SignDescentConfig(),
     # a GPU (not yet timed on one): four times the data and dimension (same n s / d), longer
-    # training, more seeds and a wider sweep; 3 + 90 runs of 1000 steps
+    # training, more seeds and a wider sweep; 15 tracked runs and 81 more of 1000 steps
     "full": SignDescentConfig(
-        d=8000, n_train=200, n_test=2000, steps=1000, sweep_seeds=3,
+        d=8000, n_train=200, n_test=2000, steps=1000, seeds=5, sweep_seeds=3,
         sweep_snrs=(0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0),
     ),
 }
@@ -116,17 +125,29 @@ class Run:
     """One training run: final numbers, the loss at every step, test curves and (optionally) stages."""
 
     model: SoftmaxAttentionClassifier  # the trained model (on the CPU)
-    final: dict[str, float]  # train_loss, train_accuracy, test_loss, test_accuracy
+    final: dict[str, float]  # FINAL_KEYS: train and test loss and accuracy, the test ones' standard errors
     train_loss: list[float]  # before every step, then after the last
     test_curve: dict[str, list[float]]  # step, test_loss
     stages: dict[str, list[float]] | None  # step and STAGE_QUANTITIES, before every step and after the last
     seconds: float
 
 
+FINAL_KEYS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "test_loss_se", "test_accuracy_se")
+
+
 @torch.no_grad()
-def _evaluate(model, batch) -> tuple[float, float]:
+def _evaluate(model, batch) -> dict[str, float]:
+    """Mean logistic loss and accuracy on ``batch``, each with its standard error over the samples."""
     logits = model(batch.X)
-    return logistic_loss(logits, batch.y).item(), accuracy(logits, batch.y)
+    n = len(batch.y)
+    per_sample = torch.nn.functional.softplus(-batch.y * logits)  # (n,): what logistic_loss averages
+    acc = accuracy(logits, batch.y)
+    return {
+        "loss": logistic_loss(logits, batch.y).item(),
+        "accuracy": acc,
+        "loss_se": per_sample.std().item() / math.sqrt(n) if n > 1 else float("nan"),
+        "accuracy_se": binomial_se(acc, n),
+    }
 
 
 def training_set(config: SignDescentConfig, snr: float, run_index: int = 0) -> FullBatch:
@@ -161,7 +182,7 @@ def train_once(
     ).to(device)
 
     def measure_test_loss(model) -> dict[str, float]:
-        return {"test_loss": _evaluate(model, test_set)[0]}
+        return {"test_loss": _evaluate(model, test_set)["loss"]}
 
     def measure_stages(model) -> dict[str, float]:
         return stage_quantities(model, train_set)
@@ -173,10 +194,13 @@ def train_once(
         track=[(measure_test_loss, config.log_every)] + ([(measure_stages, 1)] if track_stages else []),
     )
     test_curve, stages = history.tracked[0], (history.tracked[1] if track_stages else None)
-    train_loss, train_acc = _evaluate(model, train_set)
-    test_loss, test_acc = _evaluate(model, test_set)
-    final = {"train_loss": train_loss, "train_accuracy": train_acc, "test_loss": test_loss, "test_accuracy": test_acc}
-    return Run(model.cpu(), final, history.losses + [train_loss], test_curve, stages, history.seconds)
+    on_train, on_test = _evaluate(model, train_set), _evaluate(model, test_set)
+    final = {
+        "train_loss": on_train["loss"], "train_accuracy": on_train["accuracy"],
+        "test_loss": on_test["loss"], "test_accuracy": on_test["accuracy"],
+        "test_loss_se": on_test["loss_se"], "test_accuracy_se": on_test["accuracy_se"],  # over the n_test samples
+    }
+    return Run(model.cpu(), final, history.losses + [on_train["loss"]], test_curve, stages, history.seconds)
 
 
 def first_step_below(values: list[float], threshold: float) -> int | None:
@@ -243,13 +267,95 @@ def stage_summary(config: SignDescentConfig, stages: dict[str, list[float]]) -> 
     }
 
 
+def _never(steps: int | None) -> float:
+    return math.inf if steps is None else steps
+
+
+# What the chapter claims of one seed's main comparison, each a test of ``one`` (``by_seed`` at one
+# seed: metric -> optimizer -> value, and stage_summary -> optimizer -> name -> value). The
+# thresholds are the claim tests' (tests/test_sign_descent.py), where they have one.
+SEED_CLAIMS = {
+    "fit": (
+        "sign descent and Adam fit every training sample",
+        lambda one: one["train_accuracy"]["sign descent"] == 1 and one["train_accuracy"]["Adam"] == 1,
+    ),
+    "gap": (
+        "GD generalizes (test accuracy >= 0.95), sign descent and Adam do not (< 0.8)",
+        lambda one: one["test_accuracy"]["GD"] >= 0.95 and max(one["test_accuracy"][n] for n in ("sign descent", "Adam")) < 0.8,
+    ),
+    "test_loss": (
+        "sign descent's test loss is over 10 times GD's",
+        lambda one: one["test_loss"]["sign descent"] > 10 * one["test_loss"]["GD"],
+    ),
+    "gd_fits_first": (
+        "GD reaches training loss 0.1 in fewer steps than sign descent",
+        lambda one: _never(one["steps_to_train_loss_0.1"]["GD"]) < _never(one["steps_to_train_loss_0.1"]["sign descent"]),
+    ),
+    "stage1": (
+        "stage I (sign descent): equal value-noise increments (within 1%), key noise moves < 20% of its size",
+        lambda one: one["stage_summary"]["sign descent"]["stage1_value_noise_increment_spread"] < 0.01
+        and one["stage_summary"]["sign descent"]["stage1_key_noise_relative_change"] < 0.2,
+    ),
+    "qk_first": (
+        "query/key noise signs agree (90%) before the noise patch's attention to the signal falls below 0.1 (sign descent)",
+        lambda one: _never(one["stage_summary"]["sign descent"]["steps_to_qk_sign_agreement_0.9"])
+        < _never(one["stage_summary"]["sign descent"]["steps_to_noise_attention_0.1"]),
+    ),
+    "memorisation": (
+        "value noise ends above value signal with sign descent and Adam, below it with GD",
+        lambda one: all(
+            (one["stage_summary"][n]["final_value_noise"] > one["stage_summary"][n]["final_value_signal"]) == (n != "GD")
+            for n in OPTIMIZERS
+        ),
+    ),
+}
+
+
+def _at_seed(tree, k: int):
+    """The ``k``-th entry of every per-seed list in ``tree``."""
+    return {key: _at_seed(v, k) for key, v in tree.items()} if isinstance(tree, dict) else tree[k]
+
+
+def sweep_holds(snr_sweep: dict, test) -> list[list[bool]]:
+    """Per sweep SNR, per seed: does ``test({optimizer: test accuracy})`` hold? (``snr_sweep`` is
+    ``metrics["snr_sweep"]``.) ``sweep_holds(sweep, lambda a: a["GD"] >= 0.95)[i]`` is one verdict per seed."""
+    per_seed = {n: snr_sweep[n]["by_seed"]["test_accuracy"] for n in OPTIMIZERS}  # n -> snr -> seed
+    return [
+        [test({n: per_seed[n][i][k] for n in OPTIMIZERS}) for k in range(len(per_seed[OPTIMIZERS[0]][i]))]
+        for i in range(len(snr_sweep["snr"]))
+    ]
+
+
+def _band(fig, panel: int, xs, spread: dict[str, dict[str, list]]):
+    """Shade mean ± std around the curve of each name in ``spread`` ({name: {"mean", "std"}}) on
+    ``fig``'s panel ``panel``, in the curve's colour; a point without a std gets no band."""
+    ax = fig.axes[panel]
+    for line in list(ax.lines):
+        s = spread.get(line.get_label())
+        if s is None or all(v is None for v in s["std"]):
+            continue
+        lo = [m - (v or 0.0) for m, v in zip(s["mean"], s["std"])]
+        hi = [m + (v or 0.0) for m, v in zip(s["mean"], s["std"])]
+        ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
+
+
+def _error_bars(fig, errors: dict[str, list[float | None]]):
+    """Error bars on ``plots.bars``' bars: ``{series: one error per group}`` (None: none)."""
+    ax = fig.axes[0]
+    for bars, errs in zip(list(ax.containers), errors.values()):
+        xs = [r.get_x() + r.get_width() / 2 for r in bars]
+        ys = [r.get_height() for r in bars]
+        ax.errorbar(xs, ys, yerr=[e or 0.0 for e in errs], fmt="none", ecolor="black", capsize=3, lw=1)
+
+
 @dataclass
 class SignDescentResult:
     config: SignDescentConfig
-    runs: dict[str, Run]  # the main run at config.snr, by optimizer
-    sweep: dict[str, dict[str, list[float]]]  # optimizer -> metric -> one mean per sweep snr
+    runs: dict[str, Run]  # the main run at config.snr, by optimizer (run 0: the figures')
+    sweep: dict[str, dict]  # optimizer -> metric -> one mean per sweep snr; also metric_std and by_seed
     sweep_curves: dict[tuple[str, float], Run]  # (optimizer, snr) -> the first seed's run
     metrics: dict = field(default_factory=dict)
+    seed_runs: list[dict[str, Run]] = field(default_factory=list)  # the main runs by run index (0 is ``runs``)
 
     def snr_curves(self, snr: float):
         """Training and test loss of the three optimizers at one sweep ``snr`` (first seed)."""
@@ -273,6 +379,35 @@ class SignDescentResult:
         k = min(len(sign["step"]), 4 * self.config.stage1_steps + 1)  # zoom on stage I
         steps = sign["step"]
         m = self.metrics
+        acc = m["over_seeds"]
+        gap = plots.bars(
+            {n: {"train accuracy": acc["train_accuracy"][n]["mean"], "test accuracy": acc["test_accuracy"][n]["mean"]} for n in OPTIMIZERS},
+            ylabel="accuracy",
+            title=f"after {self.config.steps} steps, SNR {self.config.snr:g}"
+            + (f"; mean ± std over {self.config.seeds} seeds" if self.config.seeds > 1 else ""),
+            ylim=(0, 1.25),  # room for the legend above the bars
+        )
+        _error_bars(gap, {key: [acc[key][n]["std"] for n in OPTIMIZERS] for key in ("train_accuracy", "test_accuracy")})
+        sweep = plots.panels(
+            {
+                "test accuracy": {
+                    **{n: self.sweep[n]["test_accuracy"] for n in OPTIMIZERS},
+                    **{f"{n}, first-step estimate": self.metrics["first_step_accuracy"][n] for n in ("sign descent", "GD")},
+                },
+                "test loss": {n: self.sweep[n]["test_loss"] for n in OPTIMIZERS},
+            },
+            x=list(self.config.sweep_snrs),
+            xlabel="signal-to-noise ratio ||mu|| / (sigma_p sqrt(s))",
+            logx=True,
+            marker="o",
+            styles={
+                f"{n}, first-step estimate": {"ls": "--", "marker": None, "color": f"C{OPTIMIZERS.index(n)}"}
+                for n in ("sign descent", "GD")
+            },
+        )
+        for panel, key in enumerate(("test_accuracy", "test_loss")):  # shaded: mean ± std over the seeds
+            _band(sweep, panel, list(self.config.sweep_snrs),
+                  {n: {"mean": self.sweep[n][key], "std": self.sweep[n][f"{key}_std"]} for n in OPTIMIZERS})
         return {
             "stages": plots.panels(
                 {
@@ -305,72 +440,77 @@ class SignDescentResult:
                 xlabel="step",
                 logy=("training loss",),
             ),
-            "generalization_gap": plots.bars(
-                {n: {"train accuracy": m["train_accuracy"][n], "test accuracy": m["test_accuracy"][n]} for n in OPTIMIZERS},
-                ylabel="accuracy",
-                title=f"after {self.config.steps} steps, SNR {self.config.snr:g}",
-                ylim=(0, 1.25),  # room for the legend above the bars
-            ),
-            "snr_sweep": plots.panels(
-                {
-                    "test accuracy": {
-                        **{n: self.sweep[n]["test_accuracy"] for n in OPTIMIZERS},
-                        **{f"{n}, first-step estimate": self.metrics["first_step_accuracy"][n] for n in ("sign descent", "GD")},
-                    },
-                    "test loss": {n: self.sweep[n]["test_loss"] for n in OPTIMIZERS},
-                },
-                x=list(self.config.sweep_snrs),
-                xlabel="signal-to-noise ratio ||mu|| / (sigma_p sqrt(s))",
-                logx=True,
-                marker="o",
-                styles={
-                    f"{n}, first-step estimate": {"ls": "--", "marker": None, "color": f"C{OPTIMIZERS.index(n)}"}
-                    for n in ("sign descent", "GD")
-                },
-            ),
+            "generalization_gap": gap,
+            "snr_sweep": sweep,
         }
 
 
 def run(profile: str | None = None, progress: bool = False, config: SignDescentConfig | None = None) -> SignDescentResult:
-    """Train with sign descent, Adam and GD at ``config.snr`` (stages tracked), then sweep the SNR."""
+    """Train with sign descent, Adam and GD at ``config.snr`` on ``config.seeds`` seeds (stages
+    tracked), then sweep the SNR. Top-level metrics are run 0's (the figures' run), ``by_seed`` holds
+    every seed's, ``over_seeds`` their mean and std, ``holds`` each of ``SEED_CLAIMS`` per seed."""
     profile = get_profile(profile)
     config = config or CONFIGS[profile]
     device = get_device()
     start = time.perf_counter()
-    n_sweep = len(OPTIMIZERS) * len(config.sweep_snrs) * config.sweep_seeds
-    # one bar over every run (a bar per run would be 3 + n_sweep bars)
-    bar = ProgressBar((len(OPTIMIZERS) + n_sweep) * config.steps, desc="sign descent, Adam, GD") if progress else None
-    runs = {name: train_once(config, name, config.snr, 0, True, device, bar) for name in OPTIMIZERS}
+    seeds = range(config.seeds)
+    reused = len(OPTIMIZERS) * min(config.seeds, config.sweep_seeds) * (config.snr in config.sweep_snrs)
+    n_runs = len(OPTIMIZERS) * (config.seeds + len(config.sweep_snrs) * config.sweep_seeds) - reused
+    # one bar over every run (a bar per run would be n_runs bars)
+    bar = ProgressBar(n_runs * config.steps, desc="sign descent, Adam, GD") if progress else None
+    seed_runs = [{name: train_once(config, name, config.snr, k, True, device, bar) for name in OPTIMIZERS} for k in seeds]
+    runs = seed_runs[0]
 
-    sweep = {name: {"test_accuracy": [], "test_loss": [], "train_accuracy": [], "train_loss": []} for name in OPTIMIZERS}
+    def sweep_run(name: str, snr: float, k: int) -> Run:
+        if snr == config.snr and k < config.seeds:
+            return seed_runs[k][name]  # the same run (tracking the stages does not change it)
+        return train_once(config, name, snr, k, False, device, bar)
+
+    keys = ("test_accuracy", "test_loss", "train_accuracy", "train_loss")
+    sweep = {name: {key: [] for key in keys} | {f"{key}_std": [] for key in keys} | {"by_seed": {key: [] for key in keys}}
+             for name in OPTIMIZERS}
     sweep_curves = {}
     for snr in config.sweep_snrs:
         for name in OPTIMIZERS:
-            finals = []
-            for k in range(config.sweep_seeds):
-                one = train_once(config, name, snr, k, False, device, bar)
-                finals.append(one.final)
-                if k == 0:
-                    sweep_curves[(name, snr)] = one
-            for key in sweep[name]:
-                sweep[name][key].append(sum(f[key] for f in finals) / len(finals))
+            finals = [sweep_run(name, snr, k) for k in range(config.sweep_seeds)]
+            sweep_curves[(name, snr)] = finals[0]
+            for key in keys:
+                values = [one.final[key] for one in finals]
+                spread = over_seeds(values)
+                sweep[name][key].append(spread["mean"])
+                sweep[name][f"{key}_std"].append(spread["std"])  # None with one seed
+                sweep[name]["by_seed"][key].append(values)  # snr -> seed
 
+    by_seed = {
+        "run_index": list(seeds),
+        **{key: {n: [seed_runs[k][n].final[key] for k in seeds] for n in OPTIMIZERS} for key in FINAL_KEYS},
+        "steps_to_train_loss_0.1": {n: [first_step_below(seed_runs[k][n].train_loss, 0.1) for k in seeds] for n in OPTIMIZERS},
+        "stage_summary": {n: {} for n in OPTIMIZERS},
+    }
+    for n in OPTIMIZERS:
+        summaries = [stage_summary(config, seed_runs[k][n].stages) for k in seeds]
+        by_seed["stage_summary"][n] = {key: [one[key] for one in summaries] for key in summaries[0]}
     metrics = {
         "snr": config.snr,
-        **{key: {n: runs[n].final[key] for n in OPTIMIZERS} for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy")},
+        **{key: {n: runs[n].final[key] for n in OPTIMIZERS} for key in FINAL_KEYS},
         "steps_to_train_loss_0.1": {n: first_step_below(runs[n].train_loss, 0.1) for n in OPTIMIZERS},
         "stage_summary": {n: stage_summary(config, runs[n].stages) for n in OPTIMIZERS},
         "stages": {n: runs[n].stages for n in OPTIMIZERS},
+        "by_seed": by_seed,
+        "over_seeds": over_seeds({k: v for k, v in by_seed.items() if k != "run_index"}),
+        "holds": {name: [bool(test(_at_seed(by_seed, k))) for k in seeds] for name, (_, test) in SEED_CLAIMS.items()},
         "snr_sweep": {"snr": list(config.sweep_snrs), "seeds": config.sweep_seeds, **sweep},
         "first_step_accuracy": {
             n: [first_step_accuracy(config, snr)[n] for snr in config.sweep_snrs] for n in ("sign descent", "GD")
         },
         "sign_step_bound": sign_step_bound(config),
         "steps": config.steps,
+        "seeds": config.seeds,
         "n_train": config.n_train,
+        "n_test": config.n_test,
         "d": config.d,
         "seconds": time.perf_counter() - start,
         "profile": profile,
         "device": str(device),
     }
-    return SignDescentResult(config, runs, sweep, sweep_curves, Lookup.deep(metrics))
+    return SignDescentResult(config, runs, sweep, sweep_curves, Lookup.deep(metrics), seed_runs)
