@@ -58,7 +58,7 @@ from torch import nn
 from .linear_transformer import LinearTransformer, linear_transformer
 
 __all__ = ["WEIGHTS_DIR", "MODELS", "ChecksumError", "RecordError", "register", "save", "load", "provenance",
-           "available", "digest", "restamp", "ONE_RUN", "one_run"]
+           "available", "digest", "restamp", "set_selection", "ONE_RUN", "one_run"]
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 REGENERATE = "regenerate the weights with the experiment that made them (icl-course reproduce TOPIC --write-weights)"
@@ -247,6 +247,12 @@ def restamp(name: str, architecture: dict, folder: Path | None = None) -> None:
     _, path, record = _checked(name, folder)
     _write_record(path, record, architecture, record["sha256"])
     load(name, folder)  # the new record must rebuild the model
+
+
+def set_selection(name: str, selection: dict, folder: Path | None = None) -> None:
+    """Give ``name``'s record a new ``selection`` (how it was chosen) for the same, checked ``.pt`` file."""
+    _, path, record = _checked(name, folder)
+    _write_record(path, {**record, "selection": selection}, record["architecture"], record["sha256"])
 
 
 def available(prefix: str = "", folder: Path | None = None) -> list[str]:

@@ -2,6 +2,7 @@
 
 import functools
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -127,8 +128,17 @@ def test_discovered_algorithm_contains_gd_and_gdpp():
 SHIPPED_NAMES = pretrained.available("mixed_noise/")
 
 
+def trained_seed_runs() -> tuple:
+    """The headline model's other seeds whose training did not diverge (those ship weights)."""
+    runs = pretrained.provenance(mn.SHIPPED[3].name)["selection"]["runs"]
+    return tuple(spec for spec in mn.SEED_RUNS if "diverged" not in runs[str(spec.seed)])
+
+
 def test_every_shipped_model_is_there_with_provenance():
-    assert sorted(SHIPPED_NAMES) == sorted(spec.name for spec in mn.SHIPPED + (mn.RANDOM_INIT,))
+    assert mn.SHIPPED[3] == replace(mn.SEED_RUNS[0], seed=0)  # the headline model is seed 0 of its set
+    expected = mn.SHIPPED + (mn.RANDOM_INIT,) + trained_seed_runs()
+    assert sorted(SHIPPED_NAMES) == sorted(spec.name for spec in expected)
+    assert len(trained_seed_runs()) >= 2  # the spread over seeds needs runs to spread over
     for name in SHIPPED_NAMES:
         record = pretrained.provenance(name)
         for key in ("spec", "train_config", "metrics", "eval", "sha256", "architecture", "train_seconds"):
@@ -167,6 +177,23 @@ def shipped_claims(seed):
 @pytest.mark.parametrize("name", SHIPPED_NAMES)
 def test_shipped_model_has_the_loss_its_provenance_claims(name):
     shipped_claims.check(keys=[f"provenance_rel_gap {name}"])
+
+
+def test_seed_spread_reports_every_seed_and_chooses_on_validation():
+    config = replace(mn.CONFIGS["quick"], n_eval=2_000)
+    specs = (mn.SHIPPED[3], *trained_seed_runs())
+    models = {(mn.SHIPPED[3].method if s.seed == 0 else mn._seed_method(s), s.setting): pretrained.load(s.name)
+              for s in specs}
+    test = mn.make_task("U(0,5)").sample(2_000, icl.generator(123))
+    table = {m: {"U(0,5)": mn.adjusted_loss(model, test)} for (m, _), model in models.items()}
+    se = {m: {"U(0,5)": 0.01} for m in table}
+    out = mn.seed_spread(config, models, table, se, torch.device("cpu"))
+    assert out["seeds"] == [s.seed for s in specs] and out["attempted"] == [0, 1, 2, 3, 4]
+    assert sorted(out["seeds"] + list(out["diverged"])) == out["attempted"]
+    assert out["test"] == [table[m]["U(0,5)"] for (m, _) in models]
+    best = out["seeds"][min(range(len(specs)), key=out["validation"].__getitem__)]
+    assert out["chosen_seed"] == best and out["chosen_test"] == out["test"][out["seeds"].index(best)]
+    assert out["validation"] != out["test"]  # chosen on sequences of its own
 
 
 def test_a_damaged_weight_file_is_refused(tmp_path):

@@ -59,16 +59,18 @@ def selection_problems(records: dict) -> list[str]:
         groups.setdefault(name.rsplit("-seed", 1)[0], []).append((name, selection))
         if len(runs) < 2:
             continue
-        scores = {int(seed): run.get("validation") for seed, run in runs.items()}
+        # a run whose training diverged ships no model and cannot be chosen; it is reported as such
+        scores = {int(seed): run.get("validation") for seed, run in runs.items() if "diverged" not in run}
         if any(not isinstance(v, (int, float)) for v in scores.values()):
             problems.append(f"{name}: chosen among {len(runs)} runs without a validation score for each")
             continue
-        if selection["chosen"] != max(scores, key=lambda seed: (scores[seed], -seed)):
+        sign = -1 if selection.get("better", "higher") == "lower" else 1  # a loss is better lower
+        if selection["chosen"] != max(scores, key=lambda seed: (sign * scores[seed], -seed)):
             problems.append(f"{name}: run {selection['chosen']} chosen, but the best validation score is another run's")
         validation, test = selection.get("validation", {}), selection.get("test", {})
         if not validation or validation.get("generator") == test.get("generator"):
             problems.append(f"{name}: chosen on the inputs its test numbers come from (validation {validation}, test {test})")
-        if validation.get("length") == test.get("lengths", [None, None])[1]:
+        if "length" in validation and validation["length"] == test.get("lengths", [None, None])[1]:
             problems.append(f"{name}: chosen at the length it reports ({validation.get('length')})")
     for stem, members in groups.items():
         if len(members) > 1 and any(sel != members[0][1] for _, sel in members):
@@ -96,6 +98,14 @@ def test_the_selection_check_catches_a_model_chosen_on_its_test():
     ]
     for selection in bad:
         assert len(selection_problems({"a": {"selection": selection}})) == 1, selection
+    # a loss: the lowest validation score must be the one chosen
+    loss = {"rule": "r", "runs": {"0": {"validation": 0.9}, "1": {"validation": 0.5}}, "better": "lower",
+            "validation": {"generator": 1600}, "test": {"generator": 1007}}
+    assert selection_problems({"a": {"selection": {**loss, "chosen": 1}}}) == []
+    assert len(selection_problems({"a": {"selection": {**loss, "chosen": 0}}})) == 1
+    failed = {**loss, "runs": {**loss["runs"], "2": {"diverged": "the training loss blew up"}}}
+    assert selection_problems({"a": {"selection": {**failed, "chosen": 1}}}) == []
+    assert len(selection_problems({"a": {"selection": {**failed, "chosen": 2}}})) == 1  # not a candidate
     assert selection_problems({"a": {}}) == ["a: no selection record (rule, runs, chosen)"]
     other = {**good, "runs": {"0": {"validation": 0.9}, "1": {"validation": 0.6}}}
     assert selection_problems({"a-seed0": {"selection": good}, "a-seed1": {"selection": other}}) == [
