@@ -14,7 +14,7 @@ from icl_course.tasks import generator
 from icl_course.topics.sign_descent import checks
 from icl_course.topics.sign_descent import experiment as sd
 from icl_course.topics.sign_descent import optimizers as opt
-from icl_course.topics.sign_descent import seeds as seed_stats
+from icl_course import results as seed_stats
 from icl_course.topics.sign_descent.signal_noise import (
     SignalNoiseTask,
     SoftmaxAttentionClassifier,

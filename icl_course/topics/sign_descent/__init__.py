@@ -3,6 +3,4 @@
 ``signal_noise``: the signal-plus-noise data and the two-layer softmax-attention classifier.
 
 ``optimizers``: GD, sign descent and Adam as small update rules.
-
-``seeds``: numbers over seeds (mean ± std, a test accuracy's standard error, on how many seeds a claim holds).
 """

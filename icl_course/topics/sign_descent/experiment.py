@@ -25,12 +25,11 @@ import torch
 
 from icl_course import plots
 from icl_course.progress import ProgressBar
-from icl_course.results import Lookup
+from icl_course.results import Lookup, binomial_se, over_seeds
 from icl_course.runtime import generator, get_device, get_profile
 from icl_course.training import FullBatch, TrainConfig, train
 
 from .optimizers import RuleOptimizer, UpdateRule, adam, gd, sign_descent
-from .seeds import binomial_se, over_seeds
 from .signal_noise import SignalNoiseTask, SoftmaxAttentionClassifier, accuracy, logistic_loss, stage_quantities
 
 __all__ = [
