@@ -17,7 +17,7 @@ import torch
 
 from icl_course import plots
 from icl_course.linear_transformer import FullAttention, LinearTransformer, gd_transformer, linear_transformer
-from icl_course.metrics import evaluate, model_cosine, model_distance, prediction_distance
+from icl_course.metrics import evaluate, model_cosine, model_distance, per_sequence_losses, prediction_distance
 from icl_course.results import Lookup
 from icl_course.runtime import get_device, get_profile
 from icl_course.solvers import GradientDescent, tune_step_size
@@ -38,7 +38,7 @@ class GDStepConfig:
     n_eval: int = 10_000  # held-out sequences behind every reported metric
     n_track: int = 20  # how many times alignment is measured during training
     ood_scales: tuple[float, ...] = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0)  # test-time input-range multipliers
-    seed: int = 0  # model init; the data streams use seed + 1 (train) and seed + 2 (held out)
+    seed: int = 0  # model init; the data streams use seed + 1 (train), seed + 2 (held out), seed + 4 (GD's step tuned)
     # The whole experiment again at each of these seeds (model, training and held-out data all change),
     # for the spread of the training numbers; figures and the headline numbers come from ``seed``.
     spread_seeds: tuple[int, ...] = ()
@@ -134,12 +134,13 @@ def interpolate(model: LinearTransformer, gd_model: LinearTransformer, alpha: fl
 SPREAD_KEYS = ("lsa_loss", "best_gd_loss", "relative_gap", "model_cosine", "prediction_distance", "implied_eta")
 
 
-def best_one_step(held_out) -> tuple[GradientDescent, float, list[float], list[float]]:
-    """The best one-step GD learner by line search on the held-out tasks, its loss, and the loss
-    along a grid of step sizes: ``(gd, loss, eta_grid, grid_losses)``."""
-    eta, loss = tune_step_size(held_out, n_steps=1)
+def best_one_step(tune, held_out) -> tuple[GradientDescent, float, list[float], list[float]]:
+    """The best one-step GD learner by line search on the ``tune`` tasks, its loss on the held-out
+    ones, and the held-out loss along a grid of step sizes: ``(gd, loss, eta_grid, grid_losses)``."""
+    eta, _ = tune_step_size(tune, n_steps=1)
     eta_grid = torch.logspace(-1, 1.5, 60).tolist()
-    return GradientDescent(eta), loss, eta_grid, [evaluate(GradientDescent(e), held_out) for e in eta_grid]
+    gd = GradientDescent(eta)
+    return gd, evaluate(gd, held_out), eta_grid, [evaluate(GradientDescent(e), held_out) for e in eta_grid]
 
 
 def train_lsa(config: GDStepConfig, task, gd: GradientDescent, held_out, progress: bool, device):
@@ -182,7 +183,8 @@ def run(profile: str | None = None, progress: bool = False, config: GDStepConfig
     device = get_device()
     task = make_task(config)
     held_out = task.sample(config.n_eval, generator(config.seed + 2), device=device)
-    gd, gd_loss, eta_grid, gd_losses = best_one_step(held_out)
+    tune = task.sample(config.n_eval, generator(config.seed + 4), device=device)  # never the held-out tasks
+    gd, gd_loss, eta_grid, gd_losses = best_one_step(tune, held_out)
     model, history, tracking = train_lsa(config, task, gd, held_out, progress, device)
     ood = out_of_distribution(config, {"lsa": model, "gd": gd}, device)
     interp = interpolation(model, gd.eta, held_out, device)
@@ -191,12 +193,17 @@ def run(profile: str | None = None, progress: bool = False, config: GDStepConfig
     _, gd_loss_paper_text = tune_step_size(paper_text_batch.to(device), n_steps=1)
     _, P_scaled = rescaled_like_gd(model)
     lsa_loss = evaluate(model, held_out)
+    lsa_errors, gd_errors = per_sequence_losses(model, held_out), per_sequence_losses(gd, held_out)
+    se = lambda errors: errors.std().item() / len(errors) ** 0.5  # noqa: E731 (over the sequences)
     metrics = {
         "best_gd_loss": gd_loss,
+        "best_gd_loss_se": se(gd_errors),
         "best_gd_eta": gd.eta,
         "lsa_loss": lsa_loss,
+        "lsa_loss_se": se(lsa_errors),
         "zero_predictor_loss": 0.5 * held_out.y_query.pow(2).mean().item(),
         "relative_gap": lsa_loss / gd_loss - 1,
+        "relative_gap_se": se(lsa_errors - gd_errors) / gd_loss,  # paired: both on the same sequences
         "model_cosine": model_cosine(model, gd, held_out),
         "model_l2_distance": model_distance(model, gd, held_out),
         "prediction_distance": prediction_distance(model, gd, held_out),
