@@ -237,6 +237,9 @@ def test_smoke_profile_runs_and_reports_every_metric():
                 "softmax_equivalence_max_abs_err", "primal_dual_max_abs_err", "dual_speedup", "profile", "device"):
         assert key in m
     assert {"linear-attention", "ttt-linear", "delta-rule", "ttt-mlp", "softmax"} <= set(m["icl_error"])
+    # each error with its standard error over the held-out sequences: positive, and below the error itself
+    assert set(m["icl_error_se"]) == set(m["icl_error"])
+    assert all(0 < m["icl_error_se"][k] < m["icl_error"][k] for k in m["icl_error"])
     assert m["primal_dual_max_abs_err"] < 1e-5 and m["linear_attention_equivalence_max_abs_err"] < 1e-10
     assert m["state_floats"]["softmax"][-1] > m["state_floats"]["softmax"][0]  # the cache grows ...
     assert m["state_floats"]["ttt-linear"][-1] == m["state_floats"]["ttt-linear"][0]  # ... TTT's state does not

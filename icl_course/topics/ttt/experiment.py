@@ -359,7 +359,10 @@ def run(profile: str | None = None, progress: bool = False, config: TTTConfig | 
 
     validation = task.sample(config.n_eval, generator(config.seed + 5), device=device)  # for the rates only
     models, histories, chosen = _train_all(config, task, validation, last, device, progress)
-    errors = {name: task.error_by_position(model, held_out).tolist() for name, model in models.items()}
+    squared = {name: task.squared_errors(model, held_out) for name, model in models.items()}  # (B, n) each
+    errors = {name: sq.mean(0).tolist() for name, sq in squared.items()}
+    # the standard error of each mixer's error over the last quarter, over the held-out sequences
+    error_se = {name: (sq[:, last].mean(1).std() / len(sq) ** 0.5).item() for name, sq in squared.items()}
     errors["ridge"] = ridge_by_position(task, held_out.to("cpu")).tolist()
     mean_last = lambda curve: sum(curve[last]) / len(curve[last])  # noqa: E731
     mini_batch_errors = {config.mini_batch: mean_last(errors["ttt-linear"])} if "ttt-linear" in errors else {}
@@ -381,6 +384,7 @@ def run(profile: str | None = None, progress: bool = False, config: TTTConfig | 
         "dual_speedup_mlp": timing["mlp"]["speedup"],
         "timing_length": config.timing_length,
         "icl_error": {name: mean_last(errors[name]) for name in config.mixers},
+        "icl_error_se": {name: error_se[name] for name in config.mixers},
         "icl_error_by_seed": {name: [mean_last(errors[name]), *spread.get(name, [])] for name in config.mixers},
         "seeds": [config.seed, *config.spread_seeds],
         "chosen_lr": chosen,

@@ -79,9 +79,13 @@ class SequenceRegressionTask:
         return mse_loss(self.predict(model, batch), batch.ys)
 
     @torch.no_grad()
+    def squared_errors(self, model, batch: RegressionBatch) -> Tensor:
+        """Squared error (not halved) of the prediction of every ``y_i`` of every sequence: (B, n)."""
+        return (self.predict(model, batch) - batch.ys) ** 2
+
     def error_by_position(self, model, batch: RegressionBatch) -> Tensor:
         """Mean squared error (not halved) of the prediction of ``y_i``, for each position: (n,)."""
-        return ((self.predict(model, batch) - batch.ys) ** 2).mean(0)
+        return self.squared_errors(model, batch).mean(0)
 
 
 @torch.no_grad()
