@@ -163,6 +163,9 @@ def test_smoke_run_is_reproducible_and_has_the_metrics_and_figures():
     assert a.metrics["model_layer_loss"] == b.metrics["model_layer_loss"]  # same seed, same result
     assert a.metrics["logistic_model_loss"] == b.metrics["logistic_model_loss"]
     assert len(a.metrics["matching_gd_steps"]) == newton.CONFIGS["smoke"].n_layers
+    # every per-layer loss comes with its standard error over the held-out sequences
+    loss, se = a.metrics["model_layer_loss"], a.metrics["model_layer_loss_se"]
+    assert len(se) == len(loss) and all(0 < e < v for e, v in zip(se, loss))
     assert set(a.figures()) == {"inverse_convergence", "iterations_vs_kappa", "construction", "loss_curves",
                                 "layer_errors", "matching", "logistic"}
 

@@ -429,6 +429,9 @@ def run(profile: str | None = None, progress: bool = False, config: NewtonConfig
         **counts,
         **built,
         "model_layer_loss": [mse_loss(p, held_out.y_query).item() for p in layer_preds],
+        # the standard error of each over the held-out sequences
+        "model_layer_loss_se": [(0.5 * (p - held_out.y_query).double() ** 2).std().item() / len(p) ** 0.5
+                                for p in layer_preds],
         "newton_loss": newton_match["algo_err"],
         "least_squares_loss": newton_match["algo_err"][-1],
         "matching_newton_steps": newton_match["by_prediction"],
