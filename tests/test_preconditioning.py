@@ -163,6 +163,26 @@ def depth_claims(seed):
     }
 
 
+@claim(context_max_rel_gap=("<", 0.04))  # max over n = 5 and 40 of |L(model) / L(Gamma*, closed form) - 1|
+def context_claims(seed):
+    """A one-layer model trained as the chapter's context-length sweep trains it, at the shortest and the
+    longest context of the quick profile, against the closed form of Gamma*'s loss at that n."""
+    gaps = []
+    for n in (QUICK.context_lengths[0], QUICK.context_lengths[-1]):
+        config = replace(QUICK, n_ctx=n)
+        task = pre.make_task(config)
+        model = icl.linear_transformer(5, 1, 1, seed=10 * seed)
+        icl.train(model, task, replace(QUICK.train_one_layer, steps=QUICK.context_steps, seed=10 * seed + 1),
+                  device=torch.device("cpu"))
+        loss = icl.evaluate(model.eval(), task.sample(20_000, icl.generator(10 * seed + 2)))
+        gaps.append(abs(loss / pc.optimal_step_loss(COV, n) - 1))
+    return {"context_max_rel_gap": max(gaps)}
+
+
+def test_one_layer_follows_gamma_star_across_context_lengths():
+    context_claims.check()
+
+
 def test_one_layer_learns_gamma_star():
     depth_claims.check(keys=["gamma_rel_error", "loss_gap_to_gamma_star"])
 
@@ -186,7 +206,13 @@ def test_smoke_run_has_the_issue_metrics():
     for key in ("lsa_loss", "gd_loss", "pgd_loss", "gdpp_loss"):
         assert set(m[key]) == {str(L) for L in pre.CONFIGS["smoke"].depths}
     json.dumps(m)
-    assert set(result.figures()) >= {"depth", "preconditioner", "implicit_model", "spectrum", "anisotropy"}
+    assert set(result.figures()) >= {"depth", "preconditioner", "implicit_model", "spectrum", "anisotropy", "context_length"}
+    c = m["context_length"]
+    assert c["n"] == list(pre.CONFIGS["smoke"].context_lengths)
+    assert c["gamma_star_closed"] == [pc.optimal_step_loss(COV, n) for n in c["n"]]
+    L = c["depth"]
+    for key in ("lsa1", "lsa1_se", f"lsa{L}", f"lsa{L}_se", f"lsa{L}_median", f"pgd{L}", f"pgd{L}_se"):
+        assert len(c[key]) == len(c["n"]) and all(v > 0 for v in c[key]), key
 
 
 def test_spread_over_seeds_measures_each_seed_as_the_chapter_does():

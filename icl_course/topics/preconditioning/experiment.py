@@ -15,7 +15,10 @@ linear model as in Vladymyrov et al. 2024.
    size), preconditioned GD (``Gamma*`` times a tuned step size), GD++ (tuned ``eta`` and ``gamma``)
    and least squares; and the implicit linear model ``w_l`` read out after every layer;
 4. what GD++'s input preconditioning does to the spectrum of ``S = (1/n) X^T X``, and how the gap
-   between plain and preconditioned GD grows with the anisotropy of ``Sigma``.
+   between plain and preconditioned GD grows with the anisotropy of ``Sigma``;
+5. the loss against the number of context pairs ``n`` (``variable_N`` in the reference code): the
+   closed form of ``Gamma*``'s loss at each ``n`` beside one- and ``context_depth``-layer models
+   trained at that ``n``, and as many steps of ``Gamma*``-preconditioned GD.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ __all__ = [
     "seed_verdicts",
     "implicit_models",
     "anisotropy_sweep",
+    "context_length_sweep",
     "covariance",
     "make_task",
     "step_losses",
@@ -103,6 +107,11 @@ class PreconditioningConfig:
     sweep: tuple[float, ...] = (1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.2)  # anisotropies of the sweep
     sweep_steps: int = 3  # GD steps compared in the sweep
     seed: int = 0  # model init; data streams use seed + 1 (train), + 2 (held out), + 3 (tuning)
+    # 5. The context-length sweep: a one-layer model (context_steps steps of train_one_layer) and a
+    # context_depth-layer one (train_deep) trained at every n, measured on n_probe held-out sequences.
+    context_lengths: tuple[int, ...] = (5, 10, 20, 40)
+    context_depth: int = 3
+    context_steps: int = 1000
     # The trained models again at each of these seeds (init, training data and held-out sequences),
     # for the spread of the training numbers; figures and the rest of the chapter come from ``seed``.
     spread_seeds: tuple[int, ...] = ()
@@ -112,6 +121,11 @@ class PreconditioningConfig:
             raise ValueError(f"depths must be a non-empty tuple of integers >= 1, got {self.depths!r}")
         if len(self.exponents) < 1:
             raise ValueError("exponents must hold one entry per input dimension")
+        if len(self.context_lengths) == 0 or any(not isinstance(n, int) or n < 1 for n in self.context_lengths):
+            raise ValueError(f"context_lengths must be a non-empty tuple of integers >= 1, got {self.context_lengths!r}")
+        for name in ("context_depth", "context_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if any(not isinstance(s, int) for s in self.spread_seeds) or self.seed in self.spread_seeds:
             raise ValueError(f"spread_seeds must be integers other than seed ({self.seed}), got {self.spread_seeds!r}")
 
@@ -133,6 +147,9 @@ CONFIGS = {
         n_identity=100,
         sweep=(1.0, 0.5),
         sweep_steps=2,
+        context_lengths=(5, 20),
+        context_depth=2,
+        context_steps=40,
     ),
     # about two minutes on a laptop CPU: every claim of the chapter holds here (see the tests)
     "quick": PreconditioningConfig(spread_seeds=(1, 2)),
@@ -287,7 +304,24 @@ class PreconditioningResult:
                 title="the price of not preconditioning",
             ),
         }
-        for name in ("depth", "implicit_model", "spectrum"):  # integer axes: layers, steps, indices
+        c = m["context_length"]
+        L = c["depth"]
+        figures["context_length"] = plots.curves(
+            c["n"],
+            {
+                "Gamma* (closed form, 1 step)": c["gamma_star_closed"],
+                "trained, 1 layer": c["lsa1"],
+                f"GD with Gamma*, {L} steps (tuned eta)": c[f"pgd{L}"],
+                f"trained, {L} layers": c[f"lsa{L}"],
+                f"trained, {L} layers (median sequence)": c[f"lsa{L}_median"],
+            },
+            xlabel="context pairs n",
+            ylabel="held-out 0.5·MSE",
+            logx=True,
+            logy=True,
+            title="loss against context length",
+        )
+        for name in ("depth", "implicit_model", "spectrum", "context_length"):  # integer axes
             ax = figures[name].axes[0]
             ax.set_xticks([int(t) for t in ax.lines[0].get_xdata()])
         return figures
@@ -547,6 +581,36 @@ def seed_verdicts(by_seed: dict, depths) -> dict:
     }
 
 
+def context_length_sweep(config: PreconditioningConfig, progress: bool, device) -> dict[str, list]:
+    """5. Held-out loss against the number of context pairs ``n``: ``Gamma*``'s closed form, a trained
+    one-layer model, a trained ``context_depth``-layer model and as many steps of GD preconditioned
+    by that ``n``'s ``Gamma*`` (step size tuned on other sequences); means with standard errors and,
+    for the deep model, the median per-sequence loss."""
+    L, cov = config.context_depth, covariance(config)
+    keys = ("gamma_star_closed", "lsa1", "lsa1_se", f"lsa{L}", f"lsa{L}_se", f"lsa{L}_median", f"pgd{L}", f"pgd{L}_se")
+    out = {"n": list(config.context_lengths), "depth": L, **{k: [] for k in keys}}
+    one_layer_config = replace(config.train_one_layer, steps=config.context_steps)
+    for i, n in enumerate(config.context_lengths):
+        task = make_task(replace(config, n_ctx=n), cov)
+        held_out = task.sample(config.n_probe, generator(config.seed + 20 + i), device=device)
+        tune = task.sample(config.n_tune, generator(config.seed + 40 + i), dtype=torch.float64)
+        gamma = optimal_preconditioner(cov, n)
+        pgd = GradientDescent(tune_step_size(tune, L, gamma)[0], L, gamma.float())
+        models = {}
+        for depth, train_config in ((1, one_layer_config), (L, config.train_deep)):
+            model = linear_transformer(config.d, depth, config.n_heads, init_std=config.init_std, seed=config.seed)
+            _train(model, task, train_config, config.seed + 1, f"{depth} layer(s), n = {n}", progress, device)
+            models[depth] = model.eval()
+        out["gamma_star_closed"].append(optimal_step_loss(cov, n))
+        for name, learner in (("lsa1", models[1]), (f"lsa{L}", models[L]), (f"pgd{L}", pgd)):
+            losses = per_sequence_losses(learner, held_out)
+            out[name].append(losses.mean().item())
+            out[f"{name}_se"].append(losses.std().item() / len(losses) ** 0.5)
+            if name == f"lsa{L}":
+                out[f"{name}_median"].append(losses.median().item())
+    return out
+
+
 def _by_seed(config: PreconditioningConfig, metrics: dict, tuned: dict, progress: bool, device) -> dict:
     """The training numbers at ``config.seed`` (from ``metrics``) and at every ``config.spread_seeds``,
     each as a list in seed order (the depth-keyed losses as ``{depth: list}``)."""
@@ -577,6 +641,7 @@ def run(
     k = max(config.depths)
     spectra = gdpp_spectra(data.ident, depth.tuned["gdpp_gamma"][str(k)], k)  # 4a. GD++ and the spectrum of S
     sweep = anisotropy_sweep(config)
+    context = context_length_sweep(config, progress, device)
     metrics = {
         **closed,
         **first.metrics,
@@ -587,6 +652,7 @@ def run(
         "implicit_distance_to_ls": {str(L): v for L, v in implicit.items()},
         "gdpp_condition_number": spectra["condition_number"],
         "sweep": sweep,
+        "context_length": context,
         "train_seconds": {str(L): h.seconds for L, h in histories.items()},
         "n_eval": config.n_eval,
         "profile": profile,
