@@ -83,6 +83,17 @@ def test_layer_preconditioner_of_the_construction_and_of_a_random_layer():
 # --- GD++ ------------------------------------------------------------------------------------------
 
 
+def test_distance_to_multiple_is_zero_on_the_ray_and_one_when_orthogonal():
+    inv = torch.linalg.inv(COV)
+    assert pc.distance_to_multiple(-3 * inv, inv) == (pytest.approx(0, abs=1e-12), pytest.approx(-3))
+    other = torch.randn(5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    orthogonal = other - (other * inv).sum() / (inv * inv).sum() * inv
+    assert pc.distance_to_multiple(orthogonal, inv)[0] == pytest.approx(1)
+    assert 0 < pc.distance_to_multiple(pc.optimal_preconditioner(COV, N), inv)[0] < 1  # Gamma* is not on the ray
+    with pytest.raises(ValueError, match="shape"):
+        pc.distance_to_multiple(torch.eye(2), torch.eye(3))
+
+
 def test_gdpp_transformer_equals_gdpp_solver_layer_by_layer():
     b = pre.make_task(QUICK).sample(200, icl.generator(0), dtype=torch.float64)
     stack = gdpp_transformer(5, eta=0.8, gamma=0.25, n_steps=4, dtype=torch.float64)
@@ -207,6 +218,9 @@ def test_smoke_run_has_the_issue_metrics():
         assert set(m[key]) == {str(L) for L in pre.CONFIGS["smoke"].depths}
     json.dumps(m)
     assert set(result.figures()) >= {"depth", "preconditioner", "implicit_model", "spectrum", "anisotropy", "context_length"}
+    for L in pre.CONFIGS["smoke"].depths:  # every layer of every model against Ahn et al.'s critical points
+        assert len(m["critical_point"][L]["distance"]) == L
+        assert all(0 <= x <= 1 for x in m["critical_point"][L]["distance"])
     c = m["context_length"]
     assert c["n"] == list(pre.CONFIGS["smoke"].context_lengths)
     assert c["gamma_star_closed"] == [pc.optimal_step_loss(COV, n) for n in c["n"]]

@@ -45,6 +45,7 @@ from icl_course.training import History, TrainConfig, train
 
 from .preconditioners import (
     best_plain_step,
+    distance_to_multiple,
     layer_preconditioner,
     optimal_preconditioner,
     optimal_step_loss,
@@ -69,6 +70,7 @@ __all__ = [
     "implicit_models",
     "anisotropy_sweep",
     "context_length_sweep",
+    "critical_point_distances",
     "covariance",
     "make_task",
     "step_losses",
@@ -581,6 +583,18 @@ def seed_verdicts(by_seed: dict, depths) -> dict:
     }
 
 
+def critical_point_distances(models: dict, cov, gamma_star) -> dict:
+    """Every trained layer's preconditioner against Ahn et al.'s critical points, where each layer's is
+    a multiple of ``Sigma^-1``: ``{depth: {"distance": [...], "multiple": [...]}}``, one entry per layer
+    (:func:`distance_to_multiple`), and ``Gamma*``'s own distance for reference."""
+    inv = torch.linalg.inv(cov)
+    out = {"gamma_star": distance_to_multiple(gamma_star, inv)[0]}
+    for L, model in models.items():
+        pairs = [distance_to_multiple(layer_preconditioner(layer).detach().cpu(), inv) for layer in model.layers]
+        out[str(L)] = {"distance": [d for d, _ in pairs], "multiple": [c for _, c in pairs]}
+    return out
+
+
 def context_length_sweep(config: PreconditioningConfig, progress: bool, device) -> dict[str, list]:
     """5. Held-out loss against the number of context pairs ``n``: ``Gamma*``'s closed form, a trained
     one-layer model, a trained ``context_depth``-layer model and as many steps of GD preconditioned
@@ -642,6 +656,7 @@ def run(
     spectra = gdpp_spectra(data.ident, depth.tuned["gdpp_gamma"][str(k)], k)  # 4a. GD++ and the spectrum of S
     sweep = anisotropy_sweep(config)
     context = context_length_sweep(config, progress, device)
+    critical = critical_point_distances(models, data.cov, data.gamma_star)
     metrics = {
         **closed,
         **first.metrics,
@@ -653,6 +668,7 @@ def run(
         "gdpp_condition_number": spectra["condition_number"],
         "sweep": sweep,
         "context_length": context,
+        "critical_point": critical,
         "train_seconds": {str(L): h.seconds for L, h in histories.items()},
         "n_eval": config.n_eval,
         "profile": profile,

@@ -40,6 +40,7 @@ __all__ = [
     "best_plain_step",
     "layer_preconditioner",
     "relative_error",
+    "distance_to_multiple",
 ]
 
 
@@ -171,3 +172,19 @@ def relative_error(a: Tensor, b: Tensor) -> float:
     if not bool((b != 0).any()):
         raise ValueError("b must not be zero: the error relative to a zero reference is undefined")
     return ((a - b).norm() / b.norm()).item()
+
+
+def distance_to_multiple(a: Tensor, b: Tensor) -> tuple[float, float]:
+    """How far ``a`` is from the nearest multiple of ``b``: ``(min_c ||a - c b||_F / ||a||_F, c*)``.
+
+    ``c* = <a, b> / ||b||^2`` and the distance is ``sqrt(1 - cos^2)``, ``cos`` the Frobenius cosine of
+    ``a`` and ``b``: 0 when ``a`` is a multiple of ``b``, 1 when it is orthogonal to it. Ahn et al.'s
+    critical points of the L-layer loss have every layer's preconditioner a multiple of ``Sigma^-1``.
+    """
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"a has shape {tuple(a.shape)} but b has shape {tuple(b.shape)}")
+    if not bool((a != 0).any()) or not bool((b != 0).any()):
+        raise ValueError("a and b must not be zero: the distance to a multiple of zero is undefined")
+    c = (a * b).sum() / (b * b).sum()
+    return ((a - c * b).norm() / a.norm()).item(), c.item()
