@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 from dataclasses import asdict, dataclass, field, replace
 
+import matplotlib.ticker
 import torch
 
 from icl_course import plots
@@ -323,7 +324,12 @@ class PreconditioningResult:
             logy=True,
             title="loss against context length",
         )
-        for name in ("depth", "implicit_model", "spectrum", "context_length"):  # integer axes
+        ax = figures["context_length"].axes[0]
+        ax.lines[0].set(linestyle="--", color="k", marker="")  # the closed form, under the trained 1 layer
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xticks(c["n"], [str(n) for n in c["n"]])
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the axes, off the data
+        for name in ("depth", "implicit_model", "spectrum"):  # integer axes
             ax = figures[name].axes[0]
             ax.set_xticks([int(t) for t in ax.lines[0].get_xdata()])
         return figures
