@@ -18,6 +18,7 @@ __all__ = [
     "evaluate",
     "evaluate_with_error",
     "per_sequence_losses",
+    "standard_error",
     "prediction_distance",
     "implicit_weights",
     "implicit_weights_per_layer",
@@ -60,12 +61,18 @@ def per_sequence_losses(predictor, batch) -> torch.Tensor:
     return 0.5 * (y_hat - batch.y_query).double() ** 2
 
 
+def standard_error(values: torch.Tensor) -> float:
+    """The standard error of the mean of ``values`` (one per sequence): their sample standard
+    deviation over ``sqrt(len(values))``; NaN for a single value."""
+    values = torch.as_tensor(values).double().flatten()
+    return values.std().item() / len(values) ** 0.5 if len(values) > 1 else float("nan")
+
+
 def evaluate_with_error(predictor, batch) -> tuple[float, float]:
-    """0.5·MSE of ``predictor`` on the queries of ``batch`` and its standard error over the
-    sequences (the sample standard deviation of the per-sequence losses over sqrt(B); NaN for B = 1)."""
+    """0.5·MSE of ``predictor`` on the queries of ``batch`` and its :func:`standard_error` over the
+    sequences."""
     losses = per_sequence_losses(predictor, batch)
-    se = losses.std().item() / len(losses) ** 0.5 if len(losses) > 1 else float("nan")
-    return losses.mean().item(), se
+    return losses.mean().item(), standard_error(losses)
 
 
 @torch.no_grad()

@@ -79,5 +79,6 @@ def test_evaluate_with_error_is_the_loss_and_its_standard_error_over_sequences()
     per_sequence = 0.5 * (solver.predict(batch.xs, batch.ys, batch.x_query) - batch.y_query).double() ** 2
     assert loss == pytest.approx(icl.evaluate(solver, batch), rel=1e-6)
     assert se == pytest.approx(per_sequence.std().item() / 500**0.5, rel=1e-9)
+    assert icl.standard_error(per_sequence) == se
     one = type(batch)(*(t[:1] for t in batch.tensors()))
     assert icl.evaluate_with_error(solver, one)[1] != icl.evaluate_with_error(solver, one)[1]  # NaN for one sequence

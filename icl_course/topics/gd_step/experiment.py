@@ -17,7 +17,14 @@ import torch
 
 from icl_course import plots
 from icl_course.linear_transformer import FullAttention, LinearTransformer, gd_transformer, linear_transformer
-from icl_course.metrics import evaluate, model_cosine, model_distance, per_sequence_losses, prediction_distance
+from icl_course.metrics import (
+    evaluate,
+    model_cosine,
+    model_distance,
+    per_sequence_losses,
+    prediction_distance,
+    standard_error,
+)
 from icl_course.results import Lookup
 from icl_course.runtime import get_device, get_profile
 from icl_course.solvers import GradientDescent, tune_step_size
@@ -194,16 +201,15 @@ def run(profile: str | None = None, progress: bool = False, config: GDStepConfig
     _, P_scaled = rescaled_like_gd(model)
     lsa_loss = evaluate(model, held_out)
     lsa_errors, gd_errors = per_sequence_losses(model, held_out), per_sequence_losses(gd, held_out)
-    se = lambda errors: errors.std().item() / len(errors) ** 0.5  # noqa: E731 (over the sequences)
     metrics = {
         "best_gd_loss": gd_loss,
-        "best_gd_loss_se": se(gd_errors),
+        "best_gd_loss_se": standard_error(gd_errors),
         "best_gd_eta": gd.eta,
         "lsa_loss": lsa_loss,
-        "lsa_loss_se": se(lsa_errors),
+        "lsa_loss_se": standard_error(lsa_errors),
         "zero_predictor_loss": 0.5 * held_out.y_query.pow(2).mean().item(),
         "relative_gap": lsa_loss / gd_loss - 1,
-        "relative_gap_se": se(lsa_errors - gd_errors) / gd_loss,  # paired: both on the same sequences
+        "relative_gap_se": standard_error(lsa_errors - gd_errors) / gd_loss,  # paired: both on the same sequences
         "model_cosine": model_cosine(model, gd, held_out),
         "model_l2_distance": model_distance(model, gd, held_out),
         "prediction_distance": prediction_distance(model, gd, held_out),

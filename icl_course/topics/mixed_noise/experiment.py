@@ -21,7 +21,7 @@ import torch
 
 from icl_course import plots, pretrained
 from icl_course.linear_transformer import FullAttention, LinearTransformer, linear_transformer
-from icl_course.metrics import evaluate
+from icl_course.metrics import evaluate, standard_error
 from icl_course.results import Lookup
 from icl_course.runtime import get_device, get_profile
 from icl_course.tasks import Choice, Gaussian, RegressionTask, Uniform, generator
@@ -391,7 +391,7 @@ def _table(config: MixedNoiseConfig, models: dict, device) -> tuple[dict, dict, 
         for method, learner in learners.items():
             table.setdefault(method, {})[setting] = adjusted_loss(learner, batch)
             errors = adjusted_errors(learner, batch)
-            se.setdefault(method, {})[setting] = (errors.std() / len(errors) ** 0.5).item()
+            se.setdefault(method, {})[setting] = standard_error(errors)
         info[setting] = {"ConstRR_lam": const.lam, "TunedRR_cap": tuned.cap, "TunedRR_scale": tuned.scale,
                          "oracle_loss": evaluate(OracleRidge(batch.sigma), batch)}
     for model in models.values():

@@ -23,7 +23,7 @@ import torch
 
 from icl_course import plots
 from icl_course.linear_transformer import LinearTransformer, linear_transformer
-from icl_course.metrics import mse_loss
+from icl_course.metrics import mse_loss, standard_error
 from icl_course.results import Lookup
 from icl_course.runtime import get_device, get_profile
 from icl_course.tasks import IllConditioned, RegressionTask, generator
@@ -430,8 +430,7 @@ def run(profile: str | None = None, progress: bool = False, config: NewtonConfig
         **built,
         "model_layer_loss": [mse_loss(p, held_out.y_query).item() for p in layer_preds],
         # the standard error of each over the held-out sequences
-        "model_layer_loss_se": [(0.5 * (p - held_out.y_query).double() ** 2).std().item() / len(p) ** 0.5
-                                for p in layer_preds],
+        "model_layer_loss_se": [standard_error((p - held_out.y_query) ** 2 / 2) for p in layer_preds],
         "newton_loss": newton_match["algo_err"],
         "least_squares_loss": newton_match["algo_err"][-1],
         "matching_newton_steps": newton_match["by_prediction"],

@@ -37,6 +37,7 @@ from icl_course.metrics import (
     implicit_weights,
     implicit_weights_per_layer,
     per_sequence_losses,
+    standard_error,
 )
 from icl_course.results import Lookup
 from icl_course.runtime import get_device, get_profile
@@ -500,7 +501,7 @@ def depth_comparison(config: PreconditioningConfig, data: Data, models: dict, tu
         for name, solver in solvers.items():
             per_sequence = per_sequence_losses(solver, data.held_out)
             losses[name].append(per_sequence.mean().item())
-            errors[name].append(per_sequence.std().item() / len(per_sequence) ** 0.5)
+            errors[name].append(standard_error(per_sequence))
             medians[name].append(per_sequence.median().item())
     return Depth(losses, errors, medians, tuned)
 
@@ -625,7 +626,7 @@ def context_length_sweep(config: PreconditioningConfig, progress: bool, device) 
         for name, learner in (("lsa1", models[1]), (f"lsa{L}", models[L]), (f"pgd{L}", pgd)):
             losses = per_sequence_losses(learner, held_out)
             out[name].append(losses.mean().item())
-            out[f"{name}_se"].append(losses.std().item() / len(losses) ** 0.5)
+            out[f"{name}_se"].append(standard_error(losses))
             if name == f"lsa{L}":
                 out[f"{name}_median"].append(losses.median().item())
     return out

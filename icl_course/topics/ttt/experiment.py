@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from icl_course import plots
+from icl_course.metrics import standard_error
 from icl_course.results import Lookup
 from icl_course.runtime import get_device, get_profile
 from icl_course.tasks import generator
@@ -362,7 +363,7 @@ def run(profile: str | None = None, progress: bool = False, config: TTTConfig | 
     squared = {name: task.squared_errors(model, held_out) for name, model in models.items()}  # (B, n) each
     errors = {name: sq.mean(0).tolist() for name, sq in squared.items()}
     # the standard error of each mixer's error over the last quarter, over the held-out sequences
-    error_se = {name: (sq[:, last].mean(1).std() / len(sq) ** 0.5).item() for name, sq in squared.items()}
+    error_se = {name: standard_error(sq[:, last].mean(1)) for name, sq in squared.items()}
     errors["ridge"] = ridge_by_position(task, held_out.to("cpu")).tolist()
     mean_last = lambda curve: sum(curve[last]) / len(curve[last])  # noqa: E731
     mini_batch_errors = {config.mini_batch: mean_last(errors["ttt-linear"])} if "ttt-linear" in errors else {}
