@@ -133,17 +133,23 @@ class LinearTransformer(nn.Module):
         layers: the attention layers, applied in order (residual updates).
         clamp: if given, token values are clipped to ``[-clamp, clamp]`` after every layer, which
             keeps deep stacks finite early in training (a trick of the reference code).
+        layer_norm: if true, every layer reads LayerNorm-ed tokens (a learned gain and bias per layer)
+            and adds its update to the un-normalized ones: ``Z <- Z + update(LN(Z))`` ("pre-LN").
+            Chapter 4 compares it with the plain stack, as Giannou et al. 2024 do.
     """
 
-    def __init__(self, layers: list[LinearSelfAttention], clamp: float | None = None):
+    def __init__(self, layers: list[LinearSelfAttention], clamp: float | None = None, layer_norm: bool = False):
         super().__init__()
         if len(layers) == 0:
             raise ValueError("layers must hold at least one layer")
         if clamp is not None:
             require_finite("clamp", clamp, above=0)
+        if not isinstance(layer_norm, bool):
+            raise ValueError(f"layer_norm must be True or False, got {layer_norm!r}")
         self.layers = nn.ModuleList(layers)
         self.clamp = clamp
         self.d = layers[0].d
+        self.norms = nn.ModuleList([nn.LayerNorm(self.d + 1) for _ in layers]) if layer_norm else None
 
     @property
     def args(self) -> dict:
@@ -151,7 +157,9 @@ class LinearTransformer(nn.Module):
         layer = self.layers[0]
         attention = {cls: name for name, cls in ATTENTIONS.items()}[type(layer)]
         return {"d": self.d, "n_layers": len(self.layers), "n_heads": layer.n_heads, "attention": attention,
-                "clamp": self.clamp}
+                "clamp": self.clamp,
+                # named only when on, so that records written before the option existed still load
+                **({"layer_norm": True} if self.norms is not None else {})}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -169,8 +177,12 @@ class LinearTransformer(nn.Module):
         if not torch.is_tensor(Z) or Z.dtype != self.dtype:
             raise ValueError(f"Z must be a {self.dtype} tensor (the model's dtype), got {getattr(Z, 'dtype', type(Z).__name__)}")
         states = [Z]
-        for layer in self.layers:
-            Z = layer(Z)
+        for i, layer in enumerate(self.layers):
+            if self.norms is None:
+                Z = layer(Z)
+            else:
+                normed = self.norms[i](Z)
+                Z = Z + (layer(normed) - normed)  # the layer returns its input plus its update
             if self.clamp is not None:
                 Z = Z.clamp(-self.clamp, self.clamp)
             states.append(Z)
@@ -196,6 +208,7 @@ def linear_transformer(
     init_std: float = 1e-3,
     clamp: float | None = None,
     seed: int = 0,
+    layer_norm: bool = False,
 ) -> LinearTransformer:
     """A freshly initialised stack: ``n_layers`` layers of ``attention`` in {'full', 'diag', 'gdpp'}.
 
@@ -210,7 +223,8 @@ def linear_transformer(
     require_finite("init_std", init_std, at_least=0)
     gen = generator(seed)
     cls = ATTENTIONS[attention]
-    return LinearTransformer([cls(d, n_heads, init_std, gen) for _ in range(n_layers)], clamp=clamp)
+    return LinearTransformer([cls(d, n_heads, init_std, gen) for _ in range(n_layers)], clamp=clamp,
+                             layer_norm=layer_norm)
 
 
 def gd_transformer(

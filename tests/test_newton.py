@@ -62,6 +62,60 @@ def test_iterative_newton_converges_to_least_squares(batch):
         assert torch.allclose(all_k[k], nt.IterativeNewton(k, alpha=0.05).predict(batch.xs, batch.ys, batch.x_query))
 
 
+@pytest.mark.parametrize("order", [2, 3, 4, 5])
+def test_newton_of_order_p_raises_the_residual_to_the_power_p_and_matches_its_closed_form(batch, order):
+    S = batch.xs.mT @ batch.xs / batch.xs.shape[1]
+    Ms = nt.IterativeNewton(3, order=order).iterates(S)
+    eye = torch.eye(S.shape[-1], dtype=S.dtype)
+    for M, M_next in zip(Ms, Ms[1:]):
+        assert torch.allclose(eye - S @ M_next, torch.linalg.matrix_power(eye - S @ M, order), atol=1e-12)
+    iterated = nt.IterativeNewton(3, order=order).predict_all(batch.xs, batch.ys, batch.x_query)  # (4, B)
+    closed = nt.newton_order_predictions(batch.xs, batch.ys, batch.x_query, [float(order) ** k for k in range(4)])
+    assert (iterated - closed).abs().max() < 1e-9
+    if order == 2:  # Newton-Schulz itself
+        assert torch.equal(iterated, nt.IterativeNewton(3).predict_all(batch.xs, batch.ys, batch.x_query))
+
+
+def test_newton_of_order_p_from_one_gd_step_is_gd_with_p_to_the_k_steps(batch):
+    for order in (2, 3):
+        newton_preds = nt.IterativeNewton(3, order=order, start="identity").predict_all(batch.xs, batch.ys, batch.x_query)
+        gd_preds = nt.spectral_gd_predictions(batch.xs, batch.ys, batch.x_query, [order**k for k in range(4)])
+        assert (newton_preds - gd_preds).abs().max() < 1e-9
+
+
+def test_effective_order_recovers_the_order_of_an_exact_iteration(batch):
+    preds = nt.IterativeNewton(4, order=3).predict_all(batch.xs, batch.ys, batch.x_query)
+    losses = [0.5 * ((p - batch.y_query) ** 2).mean().item() for p in preds]
+    one = (batch.xs, batch.ys, batch.x_query, batch.y_query)
+    orders = nt.effective_orders(losses, *one, first_iteration=0)  # "layer" l = iteration l - 1
+    assert orders[0] is None and orders[1:] == pytest.approx([3.0] * 4, rel=1e-6)
+    assert nt.effective_orders(losses[1:], *one) == pytest.approx([3.0] * 4, rel=1e-6)  # layer l = iteration l
+    assert nt.effective_orders([losses[0], 2 * losses[0]], *one) == [None, None]  # no better than M_0
+
+
+def test_probe_is_the_least_squares_read_out_and_error_cosines_are_cosines(batch):
+    model = icl.linear_transformer(4, n_layers=2, n_heads=1, init_std=0.2, seed=0).double()
+    probes = newton.probe_predictions(model, batch, batch)  # fitted and applied on the same sequences
+    own = model.predict_per_layer(batch.xs, batch.ys, batch.x_query).detach()
+    for p, o in zip(probes, own):  # the model's read-out is one candidate probe: the fitted one is no worse
+        assert ((p - batch.y_query) ** 2).mean() <= ((o - batch.y_query) ** 2).mean() + 1e-12
+    cos = newton.error_cosines(own, torch.stack([own[0], -own[0] + 2 * batch.y_query]), batch.y_query)
+    assert cos[0, 0].item() == pytest.approx(1.0) and cos[0, 1].item() == pytest.approx(-1.0)
+
+
+def test_layer_norm_stack_is_pre_ln_and_rebuilds_from_its_args():
+    model = icl.linear_transformer(3, n_layers=2, layer_norm=True, init_std=0.1, seed=1)
+    Z = torch.randn(4, 6, 4, generator=icl.generator(2))
+    with torch.no_grad():
+        want = Z
+        for norm, layer in zip(model.norms, model.layers):
+            want = want + layer(norm(want)) - norm(want)
+        assert torch.allclose(model(Z), want)
+    assert model.args["layer_norm"] is True and "layer_norm" not in icl.linear_transformer(3).args
+    with pytest.raises(ValueError, match="layer_norm"):
+        icl.LinearTransformer(list(model.layers), layer_norm="yes")
+
+
 def test_spectral_gd_equals_gradient_descent(batch):
     steps = [0, 1, 3, 25]
     spectral = nt.spectral_gd_predictions(batch.xs, batch.ys, batch.x_query, steps)  # (K, B)
@@ -121,6 +175,7 @@ def test_irls_reaches_the_optimum_quadratically_and_beats_gd():
     newton_min_step=(">", 0),  # fewest extra Newton iterations matched by one more layer (layers 2..4): counts rise
     newton_total_rise=(">", 0),  # Newton count of the last layer minus the first layer's
     gd_increment_growth=(">", 0),  # GD increment from layer 3 to 4 minus that from layer 2 to 3: faster than linear
+    last_layer_order=(">", 2),  # the last layer's effective Newton order (layer l against iteration l): above Newton-Schulz
 )
 def trained_newton_claims(seed):
     """At a small scale: 4 layers, 400 steps of batch 512 (~10 CPU-s); ``seed`` seeds init, training and held-out data.
@@ -133,10 +188,11 @@ def trained_newton_claims(seed):
                      n_eval=2000, seed=seed)
     task = RegressionTask(d=config.d, n_ctx=config.n_ctx, inputs=IllConditioned(config.d, config.kappa))
     held_out = task.sample(config.n_eval, icl.generator(config.seed + 2), dtype=torch.float64)
-    _, _, newton_match, gd_match, _ = newton.train_and_match(config, task, held_out, torch.device("cpu"))
+    _, _, newton_match, gd_match, preds = newton.train_and_match(config, task, held_out, torch.device("cpu"))
     nw, gd = newton_match["by_prediction"], gd_match["by_prediction"]
     gd_steps_up = [b - a for a, b in zip(gd, gd[1:])]
     return {
+        "last_layer_order": newton.layer_orders(preds, held_out)[-1] or 0.0,
         "newton_min_step": min(b - a for a, b in zip(nw[1:], nw[2:])),
         "newton_total_rise": nw[-1] - nw[0],
         "gd_increment_growth": gd_steps_up[-1] - gd_steps_up[-2],
@@ -150,6 +206,10 @@ def test_trained_layers_match_newton_linearly():
 
 def test_trained_layers_match_gd_faster_than_linearly():
     trained_newton_claims.check(keys=["gd_increment_growth"])
+
+
+def test_trained_layers_converge_faster_than_newton_schulz():
+    trained_newton_claims.check(keys=["last_layer_order"])
 
 
 # --- the experiment, bad input, the checks -----------------------------------------------------------
@@ -177,6 +237,9 @@ def test_bad_input_raises_value_error_naming_the_parameter(batch):
         (lambda: nt.newton_schulz(torch.eye(2), 1, alpha=0.0), "alpha"),
         (lambda: nt.iterations_to_tolerance(torch.eye(2), tol=2.0), "tol"),
         (lambda: nt.IterativeNewton(-1), "n_steps"),
+        (lambda: nt.IterativeNewton(2, order=1), "order"),
+        (lambda: nt.IterativeNewton(2, start="zero"), "start"),
+        (lambda: nt.newton_order_predictions(batch.xs, batch.ys, batch.x_query, [0.5]), "exponents"),
         (lambda: nt.newton_transformer(3, 10, 2, alpha=-1.0), "alpha"),
         (lambda: nt.newton_transformer(3, 0, 2, alpha=1.0), "n_ctx"),
         (lambda: nt.newton_transformer(4, 99, 1, alpha=0.05).predict(batch.xs, batch.ys, batch.x_query), "n_ctx"),

@@ -217,7 +217,8 @@ def test_smoke_run_has_the_issue_metrics():
     for key in ("lsa_loss", "gd_loss", "pgd_loss", "gdpp_loss"):
         assert set(m[key]) == {str(L) for L in pre.CONFIGS["smoke"].depths}
     json.dumps(m)
-    assert set(result.figures()) >= {"depth", "preconditioner", "implicit_model", "spectrum", "anisotropy", "context_length"}
+    assert set(result.figures()) >= {"depth", "preconditioner", "implicit_model", "spectrum", "anisotropy", "context_length",
+                                      "critical_point"}
     for L in pre.CONFIGS["smoke"].depths:  # every layer of every model against Ahn et al.'s critical points
         assert len(m["critical_point"][L]["distance"]) == L
         assert all(0 <= x <= 1 for x in m["critical_point"][L]["distance"])

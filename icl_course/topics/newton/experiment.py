@@ -27,6 +27,7 @@ from icl_course.metrics import mse_loss, standard_error
 from icl_course.results import Lookup
 from icl_course.runtime import get_device, get_profile
 from icl_course.tasks import IllConditioned, RegressionTask, generator
+from icl_course.tokens import make_tokens
 from icl_course.training import History, TrainConfig, train
 
 from .logistic import (
@@ -44,6 +45,8 @@ from .matrix_inverse import (
     newton_schulz,
     newton_step_weights,
     newton_tokens,
+    effective_orders,
+    newton_order_predictions,
     newton_transformer,
     read_iterate,
     spectral_gd_predictions,
@@ -52,7 +55,7 @@ from .matrix_inverse import (
 __all__ = [
     "NewtonConfig", "NewtonResult", "CONFIGS", "run", "conditioned_matrix", "inverse_convergence",
     "convergence_figure", "construction_errors", "match_layers", "train_and_match", "iteration_counts",
-    "construction", "logistic_regression",
+    "construction", "logistic_regression", "query_states", "probe_predictions", "error_cosines",
 ]
 
 
@@ -78,6 +81,10 @@ class NewtonConfig:
     gd_max: int = 30_000  # GD step counts searched (on a log grid of gd_grid points)
     gd_grid: int = 300
     n_eval: int = 4000  # held-out sequences behind every reported number
+    orders: tuple[int, ...] = (2, 3, 4, 5)  # Newton-type iterations set against the layers (Giannou et al. eq. 3.4)
+    layer_norm_variant: bool = True  # also train the same stack with pre-LayerNorm (Giannou et al.'s comparison)
+    n_probe: int = 4000  # sequences (of their own) that fit Fu et al.'s per-layer linear read-out
+    kappa_high: float | None = 100.0  # train and match again at this condition number (Fu et al.'s second)
     # 4. logistic regression
     mu: float = 0.1  # regularization of the logistic loss
     logistic_blocks: int = 3  # (attention, MLP) blocks of the trained model
@@ -244,7 +251,11 @@ class NewtonResult:
             logy=("held-out 0.5·MSE", "Iterative Newton"), marker="o", width=4.2,
         )
         fig_logistic = _logistic_figure(m, c, self.config.logistic_gd_steps)
+        extra = {"orders": _orders_figure(m, layers)}
+        if "by_seed_kappa_high" in m:
+            extra["kappa_matching"] = _kappa_figure(m, layers)
         return {
+            **extra,
             "inverse_convergence": convergence_figure(100.0, self.config.matrix_dim, self.config.seed, self.config.tol),
             "iterations_vs_kappa": fig_iters,
             "construction": plots.curves(
@@ -278,6 +289,45 @@ def _matching_figure(m: dict, layers: list[int]):
     return fig
 
 
+def _orders_figure(m: dict, layers: list[int]):
+    """Held-out loss per layer against Newton-type iterations of each order (layer l beside iteration l)."""
+    fig, (ax,) = plots.figure(width=6.0)
+    for i, p in enumerate(m["newton_orders"]):
+        losses = m["order_loss"][str(p)]
+        ax.plot(range(len(losses)), losses, ls="--", color=_gray(i, len(m["newton_orders"])), marker=".",
+                label=f"Newton, order {p}")
+    ax.errorbar(layers, m["model_layer_loss"], yerr=m["model_layer_loss_se"], marker="o", ms=4, capsize=2,
+                label="trained, plain")
+    if "layer_norm_layer_loss_se" in m:
+        ax.errorbar(layers, m["by_seed_layer_norm"]["layer_loss"][0], yerr=m["layer_norm_layer_loss_se"], marker="s",
+                    ms=4, capsize=2, label="trained, pre-LayerNorm")
+    ax.set(yscale="log", xlabel="layer l / Newton iteration k (k = 0: M_0 = S / ||S||²)", ylabel="held-out 0.5·MSE",
+           title="trained layers against Newton-type iterations of order 2-5")
+    ax.set_xticks([0, *layers])
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return fig
+
+
+def _gray(i: int, n: int) -> str:
+    """A gray level for the ``i``-th of ``n`` reference curves (darker = higher order)."""
+    return str(0.75 - 0.55 * i / max(n - 1, 1))
+
+
+def _kappa_figure(m: dict, layers: list[int]):
+    """Matched Newton iterations and GD steps per layer (by predictions) at both condition numbers, every seed."""
+    fig, axes = plots.figure(ncols=2, width=4.4)
+    runs = {f"kappa {m['kappa']:g}": ("C0", m["by_seed"]), f"kappa {m['kappa_high']:g}": ("C3", m["by_seed_kappa_high"])}
+    for ax, (key, title) in zip(axes, (("matching_newton_steps", "Newton iterations"), ("matching_gd_steps", "GD steps"))):
+        for label, (colour, b) in runs.items():
+            for i, counts in enumerate(b[key]):  # one line per seed
+                ax.plot(layers, counts, "o-", ms=3, color=colour, alpha=0.7, label=label if i == 0 else None)
+        ax.set_yscale("symlog", linthresh=1)
+        ax.set(xlabel="layer", ylabel="best match by predictions", title=title, ylim=(0, None))
+        ax.set_xticks(layers)
+        ax.legend(fontsize=8)
+    return fig
+
+
 LAYERS_PER_NEWTON_STEP = 13  # what Giannou et al.'s logistic construction spends on one Newton step
 
 
@@ -302,16 +352,18 @@ def _logistic_figure(m: dict, c: dict, gd_steps) -> object:
     return fig
 
 
-def train_and_match(config: NewtonConfig, task, held_out, device, progress: bool = False):
+def train_and_match(config: NewtonConfig, task, held_out, device, progress: bool = False, layer_norm: bool = False):
     """Train the linear transformer of ``config`` on ``task``; match its layers on ``held_out`` (float64).
 
     Returns ``(model, history, newton_match, gd_match, layer_preds)`` with the matches of
     ``match_layers`` against Iterative Newton (``M_0 = S / ||S||^2``, counts 0..newton_max) and GD
-    (step ``1 / ||S||``, counts on a log grid up to gd_max).
+    (step ``1 / ||S||``, counts on a log grid up to gd_max). ``layer_norm`` trains the pre-LN stack.
     """
-    model = linear_transformer(config.d, config.n_layers, config.n_heads, "full", config.init_std, config.clamp, config.seed)
+    model = linear_transformer(config.d, config.n_layers, config.n_heads, "full", config.init_std, config.clamp,
+                               config.seed, layer_norm=layer_norm)
     train_config = TrainConfig(**{**asdict(config.train), "seed": config.seed + 1})
-    history = train(model, task, train_config, device=device, progress=progress and "linear transformer")
+    label = "linear transformer" + (" (LayerNorm)" if layer_norm else "")
+    history = train(model, task, train_config, device=device, progress=progress and label)
     model = model.cpu().double().eval()
     b = held_out.to(device="cpu", dtype=torch.float64)
     with torch.no_grad():
@@ -324,18 +376,113 @@ def train_and_match(config: NewtonConfig, task, held_out, device, progress: bool
     return model, history, newton_match, gd_match, layer_preds
 
 
+def trained_at_seeds(config: NewtonConfig, task, device, progress: bool = False, layer_norm: bool = False):
+    """``train_and_match`` at ``config.seed`` and every spread seed, each with held-out sequences of its
+    own (``seed + 2``) and Fu et al.'s probes fitted on others (``seed + 5``).
+
+    Returns ``(first, summaries)``: the outputs of ``train_and_match`` at ``config.seed`` and one
+    ``_match_summary`` per seed (probe numbers included).
+    """
+    first, summaries = None, []
+    for seed in (config.seed, *config.spread_seeds):
+        held_out = task.sample(config.n_eval, generator(seed + 2), dtype=torch.float64)
+        out = train_and_match(replace(config, seed=seed), task, held_out, device, progress, layer_norm)
+        model, _, newton_match, gd_match, layer_preds = out
+        summary = _match_summary(newton_match, gd_match, layer_preds, held_out)
+        fit = task.sample(config.n_probe, generator(seed + 5), dtype=torch.float64)
+        summary.update(_probe_summary(config, model, fit, held_out))
+        summaries.append(summary)
+        first = first or out
+    return first, summaries
+
+
+def _probe_summary(config: NewtonConfig, model, fit, held_out) -> dict:
+    """Fu et al.'s probe per layer: its loss, and the Newton / GD counts whose errors point most alike."""
+    probes = probe_predictions(model, fit, held_out)  # (L, B)
+    y = held_out.y_query
+    newton_counts = list(range(config.newton_max + 1))
+    gd_counts = _log_grid(config.gd_max, config.gd_grid)
+    out = {"probe_layer_loss": [mse_loss(p, y).item() for p in probes]}
+    for name, counts, preds in (
+        ("newton", newton_counts, IterativeNewton(config.newton_max).predict_all(held_out.xs, held_out.ys, held_out.x_query)),
+        ("gd", gd_counts, spectral_gd_predictions(held_out.xs, held_out.ys, held_out.x_query, gd_counts)),
+    ):
+        cos = error_cosines(probes, preds, y)  # (L, K)
+        best = cos.argmax(dim=1)
+        out[f"probe_{name}_cosine"] = cos.max(dim=1).values.tolist()
+        out[f"probe_matching_{name}_steps"] = [counts[int(k)] for k in best]
+    return out
+
+
+def _by_seed(config: NewtonConfig, summaries: list[dict]) -> dict:
+    return {"seed": [config.seed, *config.spread_seeds], **{k: [r[k] for r in summaries] for k in summaries[0]}}
+
+
 def _match_summary(newton_match: dict, gd_match: dict, layer_preds, held_out) -> dict:
     """What one trained model's matching says, for the spread over seeds."""
     return {
         "matching_newton_steps": newton_match["by_prediction"],
         "matching_gd_steps": gd_match["by_prediction"],
+        "error_level_newton_steps": newton_match["by_error"],
+        "error_level_gd_steps": gd_match["by_error"],
+        "layer_loss": [mse_loss(p, held_out.y_query.to(p)).item() for p in layer_preds],
         "last_layer_loss": mse_loss(layer_preds[-1], held_out.y_query.to(layer_preds)).item(),
         "layers_gd_at_least_as_close": sum(g <= n for g, n in zip(gd_match["msd"], newton_match["msd"])),
+        "effective_order": layer_orders(layer_preds, held_out),  # layer l against iteration l
+        "effective_order_shifted": layer_orders(layer_preds, held_out, first_iteration=0),  # ... against l - 1
     }
 
 
 def _log_grid(max_steps: int, points: int) -> list[int]:
     return sorted({0, *(int(round(x)) for x in torch.logspace(0, math.log10(max_steps), points).tolist())})
+
+
+def query_states(model: LinearTransformer, batch) -> torch.Tensor:
+    """The query token after every layer: ``(L, B, d + 1)`` (in the model's dtype and device)."""
+    with torch.no_grad():
+        states = model(make_tokens(batch.xs, batch.ys, batch.x_query).to(model.dtype), return_all=True)
+    return torch.stack([Z[:, -1] for Z in states[1:]])
+
+
+def probe_predictions(model: LinearTransformer, fit_batch, batch) -> torch.Tensor:
+    """Fu et al.'s per-layer probe: a linear read-out (with bias) of the query token after each layer,
+    fitted by least squares to ``y_query`` on ``fit_batch``, applied to ``batch``: ``(L, B)``.
+
+    The model's own read-out (minus the y-slot) is one such map, so a probe is at least as good on
+    ``fit_batch``; on ``batch`` it may be slightly worse (it is fitted on other sequences).
+    """
+    def features(states):  # (L, B, D) -> (L, B, D + 1)
+        return torch.cat([states, torch.ones_like(states[..., :1])], dim=-1)
+
+    fit = features(query_states(model, fit_batch).double())
+    target = fit_batch.y_query.to(fit)[None, :, None].expand(fit.shape[0], -1, 1)
+    coef = torch.linalg.lstsq(fit, target).solution  # (L, D + 1, 1)
+    return (features(query_states(model, batch).double()) @ coef)[..., 0]
+
+
+def error_cosines(layer_preds: torch.Tensor, algo_preds: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Fu et al.'s similarity of errors: the cosine between a layer's errors and an algorithm's errors
+    over the same sequences, ``(L, K)`` for ``(L, B)`` layer and ``(K, B)`` algorithm predictions."""
+    a = layer_preds - y
+    b = algo_preds - y
+    return (a @ b.T) / (a.norm(dim=1)[:, None] * b.norm(dim=1)[None]).clamp(min=torch.finfo(a.dtype).tiny)
+
+
+def order_losses(config: NewtonConfig, held_out) -> dict[str, list[float]]:
+    """0.5·MSE of the Newton-type iteration of each order after ``0..n_layers`` iterations (closed form)."""
+    b = held_out.to(device="cpu", dtype=torch.float64)
+    out = {}
+    for p in config.orders:
+        preds = newton_order_predictions(b.xs, b.ys, b.x_query, [float(p) ** k for k in range(config.n_layers + 1)])
+        out[str(p)] = [mse_loss(pred, b.y_query).item() for pred in preds]
+    return out
+
+
+def layer_orders(layer_preds, held_out, first_iteration: int = 1) -> list[float | None]:
+    """``effective_orders`` of a stack's per-layer predictions on ``held_out``."""
+    b = held_out.to(device="cpu", dtype=torch.float64)
+    losses = [mse_loss(p, b.y_query).item() for p in layer_preds]
+    return effective_orders(losses, b.xs, b.ys, b.x_query, b.y_query, first_iteration)
 
 
 def iteration_counts(config: NewtonConfig) -> dict:
@@ -417,13 +564,20 @@ def run(profile: str | None = None, progress: bool = False, config: NewtonConfig
     task = RegressionTask(d=config.d, n_ctx=config.n_ctx, inputs=IllConditioned(config.d, config.kappa))
     held_out = task.sample(config.n_eval, generator(config.seed + 2), dtype=torch.float64)
     built, construction_curve = construction(config, task, held_out)
-    # 3. Train a linear transformer; match its layers to Newton iterations and GD steps.
-    model, history, newton_match, gd_match, layer_preds = train_and_match(config, task, held_out, device, progress)
-    by_seed = [_match_summary(newton_match, gd_match, layer_preds, held_out)]
-    for s in config.spread_seeds:
-        other = task.sample(config.n_eval, generator(s + 2), dtype=torch.float64)
-        *_, nm, gm, preds = train_and_match(replace(config, seed=s), task, other, device, progress)
-        by_seed.append(_match_summary(nm, gm, preds, other))
+    # 3. Train a linear transformer; match its layers to Newton iterations and GD steps (and Fu et
+    # al.'s probes); the same with LayerNorm and at a higher condition number.
+    (model, history, newton_match, gd_match, layer_preds), by_seed = trained_at_seeds(config, task, device, progress)
+    variants = {}
+    if config.layer_norm_variant:
+        (_, _, _, _, ln_preds), ln_by_seed = trained_at_seeds(config, task, device, progress, layer_norm=True)
+        variants["layer_norm"] = {
+            "layer_norm_layer_loss_se": [standard_error((p - held_out.y_query) ** 2 / 2) for p in ln_preds],
+            "by_seed_layer_norm": _by_seed(config, ln_by_seed),
+        }
+    if config.kappa_high is not None:
+        task_high = RegressionTask(d=config.d, n_ctx=config.n_ctx, inputs=IllConditioned(config.d, config.kappa_high))
+        _, high_by_seed = trained_at_seeds(replace(config, kappa=config.kappa_high), task_high, device, progress)
+        variants["kappa_high"] = {"kappa_high": config.kappa_high, "by_seed_kappa_high": _by_seed(config, high_by_seed)}
     lmodel, lhistory, logistic_metrics, curves = logistic_regression(config, progress, device)
     metrics = {
         **counts,
@@ -444,7 +598,13 @@ def run(profile: str | None = None, progress: bool = False, config: NewtonConfig
         "train_seconds": history.seconds,
         "train_steps": config.train.steps,
         "final_train_loss": history.losses[-1],
-        "by_seed": {"seed": [config.seed, *config.spread_seeds], **{k: [r[k] for r in by_seed] for k in by_seed[0]}},
+        "by_seed": _by_seed(config, by_seed),
+        "kappa": config.kappa,
+        "newton_orders": list(config.orders),
+        "order_loss": order_losses(config, held_out),  # order p after 0..L iterations
+        "effective_order": by_seed[0]["effective_order"],
+        **{k: by_seed[0][k] for k in by_seed[0] if k.startswith("probe_")},
+        **{k: v for variant in variants.values() for k, v in variant.items()},
         **logistic_metrics,
         "n_eval": config.n_eval,
         "profile": profile,

@@ -53,6 +53,8 @@ __all__ = [
     "iterations_to_tolerance",
     "IterativeNewton",
     "spectral_gd_predictions",
+    "newton_order_predictions",
+    "effective_orders",
     "newton_tokens",
     "NewtonTransformer",
     "newton_transformer",
@@ -173,24 +175,49 @@ class IterativeNewton(LinearSolver):
     sequence (what the chapter compares with trained models); a fixed ``alpha`` is what the attention
     construction can hold in its weights (it cannot compute a norm), and converges when
     ``alpha < 2 / ||S||_2^2`` for every sequence.
+
+    ``order=p`` runs the Newton-type iteration of order ``p`` instead (Giannou et al. 2024, eq. 3.4):
+    ``M_{k+1} = M_k (I + R_k + ... + R_k^(p-1))`` with ``R_k = I - S M_k``, so ``R_{k+1} = R_k^p``
+    (``p = 2`` is Newton-Schulz). ``start='identity'`` begins at ``M_0 = I / ||S||_2``, one GD step,
+    instead of ``alpha S``; from there ``R_k = (I - S / ||S||_2)^(p^k)``: iteration ``k`` of order ``p``
+    *is* ``p^k`` steps of GD with step ``1 / ||S||_2`` (tested).
     """
 
     n_steps: int
     alpha: float | None = None
+    order: int = 2
+    start: str = "S"
 
     def __post_init__(self):
         if not isinstance(self.n_steps, int) or self.n_steps < 0:
             raise ValueError(f"n_steps must be an integer >= 0, got {self.n_steps!r}")
         if self.alpha is not None:
             require_finite("IterativeNewton: alpha", self.alpha, above=0)
+        if not isinstance(self.order, int) or self.order < 2:
+            raise ValueError(f"order must be an integer >= 2, got {self.order!r}")
+        if self.start not in ("S", "identity"):
+            raise ValueError(f"start must be 'S' (M_0 = alpha S) or 'identity' (M_0 = I / ||S||), got {self.start!r}")
+        if self.start == "identity" and self.alpha is not None:
+            raise ValueError("alpha sets M_0 = alpha S; it cannot be combined with start='identity'")
 
     def iterates(self, S: Tensor) -> list[Tensor]:
         """``[M_0, ..., M_{n_steps}]`` for a batch of second-moment matrices ``S`` ``(B, d, d)``."""
         eye = torch.eye(S.shape[-1], dtype=S.dtype, device=S.device)
-        M = (_default_alpha(S) if self.alpha is None else self.alpha) * S
+        if self.start == "identity":
+            M = eye / torch.linalg.matrix_norm(S, ord=2)[..., None, None]
+        else:
+            M = (_default_alpha(S) if self.alpha is None else self.alpha) * S
         out = [M]
         for _ in range(self.n_steps):
-            M = M @ (2 * eye - S @ M)  # Newton-Schulz on S
+            if self.order == 2:
+                M = M @ (2 * eye - S @ M)  # Newton-Schulz on S
+            else:
+                R = eye - S @ M
+                power, series = eye, eye
+                for _ in range(self.order - 1):  # I + R + ... + R^(p-1)
+                    power = power @ R
+                    series = series + power
+                M = M @ series
             out.append(M)
         return out
 
@@ -225,6 +252,64 @@ def spectral_gd_predictions(xs: Tensor, ys: Tensor, x_query: Tensor, steps: list
     gain = (1 - (1 - eta * lam)[None] ** k) / safe[None]  # (K, B, d)
     gain = torch.where(lam[None] > 1e-12 * lam[None, :, -1:], gain, eta[None] * k)  # lam -> 0 limit
     return (gain * qv[None] * bv[None]).sum(-1)
+
+
+def newton_order_predictions(xs: Tensor, ys: Tensor, x_query: Tensor, exponents) -> Tensor:
+    """Predictions of Newton-type iterations from ``M_0 = S / ||S||_2^2`` in closed form: ``(K, B)``.
+
+    Order ``p`` after ``k`` iterations leaves the residual ``R_k = R_0^(p^k)`` with
+    ``R_0 = I - S^2 / ||S||_2^2`` (``IterativeNewton(k, order=p)``, tested), so its iterate is
+    ``M = S^-1 (I - R_0^t)`` with ``t = p^k``. Each entry of ``exponents`` is such a ``t`` (any real
+    ``t >= 1``: ``R_0`` has eigenvalues in ``[0, 1)``), which lets a layer's error be placed between
+    orders. Directions with ``lam = 0`` stay at 0, as the iteration leaves them.
+    """
+    check_shapes(xs, ys, x_query)
+    t = torch.as_tensor(exponents, dtype=xs.dtype, device=xs.device).reshape(-1)
+    if not bool(((t >= 1) & torch.isfinite(t)).all()):
+        raise ValueError(f"exponents must be finite and >= 1, got {exponents}")
+    S, b = _moments(xs, ys)
+    lam, V = torch.linalg.eigh(S)  # (B, d), (B, d, d)
+    top = lam[:, -1:].clamp(min=torch.finfo(lam.dtype).tiny)
+    keep = lam > 1e-12 * top
+    r0 = (1 - (lam / top) ** 2).clamp(0, 1)  # R_0's eigenvalues
+    safe = torch.where(keep, lam, torch.ones_like(lam))
+    gain = torch.where(keep[None], (1 - r0[None] ** t[:, None, None]) / safe[None], torch.zeros_like(lam)[None])
+    qv = torch.einsum("bd,bde->be", x_query, V)
+    bv = torch.einsum("bd,bde->be", b, V)
+    return (gain * qv[None] * bv[None]).sum(-1)
+
+
+def effective_orders(layer_losses, xs: Tensor, ys: Tensor, x_query: Tensor, y: Tensor, first_iteration: int = 1,
+                     max_exponent: float = 1e9) -> list[float | None]:
+    """For layer ``l`` (1-based) of a stack, the real order ``p`` at which ``l - 1 + first_iteration``
+    Newton-type iterations from ``M_0 = S / ||S||_2^2`` reach the layer's 0.5·MSE on these sequences.
+
+    ``first_iteration`` says which iteration layer 1 is set against: 1 (default) counts ``M_0`` as the
+    input before any layer, 0 sets layer 1 against ``M_0`` itself. The order is ``p = t^(1/k)`` with
+    ``k`` the layer's iteration count and ``t`` the exponent of ``newton_order_predictions`` whose loss
+    equals the layer's (bisection on ``log t``; the mean loss falls monotonically in ``t`` on the
+    chapter's data). ``None`` where ``k = 0``, where the layer does worse than ``M_0`` (no order fits)
+    or better than ``t = max_exponent``.
+    """
+    if first_iteration not in (0, 1):
+        raise ValueError(f"first_iteration must be 0 or 1, got {first_iteration!r}")
+
+    def loss(t: float) -> float:
+        pred = newton_order_predictions(xs, ys, x_query, [t])[0]
+        return 0.5 * ((pred - y) ** 2).mean().item()
+
+    out: list[float | None] = []
+    for layer, target in enumerate(layer_losses, start=1):
+        k = layer - 1 + first_iteration
+        if k == 0 or not loss(1.0) > target > loss(max_exponent):
+            out.append(None)
+            continue
+        lo, hi = 0.0, math.log(max_exponent)
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if loss(math.exp(mid)) > target else (lo, mid)
+        out.append(math.exp((lo + hi) / 2 / k))
+    return out
 
 
 # --- the attention construction ----------------------------------------------------------------

@@ -330,7 +330,19 @@ class PreconditioningResult:
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xticks(c["n"], [str(n) for n in c["n"]])
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the axes, off the data
-        for name in ("depth", "implicit_model", "spectrum"):  # integer axes
+        cp = m["critical_point"]
+        figures["critical_point"] = plots.curves(
+            list(range(1, max(depths) + 1)),
+            {f"{L}-layer model": cp[str(L)]["distance"] + [float("nan")] * (max(depths) - L) for L in depths},
+            xlabel="layer",
+            ylabel=r"$\min_c \|\Gamma_\ell - c\,\Sigma^{-1}\|_F \,/\, \|\Gamma_\ell\|_F$",
+            title="each layer against Ahn et al.'s critical points",
+        )
+        ax = figures["critical_point"].axes[0]
+        ax.axhline(cp["gamma_star"], color="gray", ls=":", label=r"$\Gamma^*$ itself")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        for name in ("depth", "implicit_model", "spectrum", "critical_point"):  # integer axes
             ax = figures[name].axes[0]
             ax.set_xticks([int(t) for t in ax.lines[0].get_xdata()])
         return figures
