@@ -90,7 +90,7 @@ def test_effective_order_recovers_the_order_of_an_exact_iteration(batch):
     orders = nt.effective_orders(losses, *one, first_iteration=0)  # "layer" l = iteration l - 1
     assert orders[0] is None and orders[1:] == pytest.approx([3.0] * 4, rel=1e-6)
     assert nt.effective_orders(losses[1:], *one) == pytest.approx([3.0] * 4, rel=1e-6)  # layer l = iteration l
-    assert nt.effective_orders([losses[0], 2 * losses[0]], *one) == [None, None]  # no better than M_0
+    assert nt.effective_orders([1.5 * losses[0], 2 * losses[0]], *one) == [None, None]  # worse than M_0
 
 
 def test_probe_is_the_least_squares_read_out_and_error_cosines_are_cosines(batch):
@@ -172,40 +172,44 @@ def test_irls_reaches_the_optimum_quadratically_and_beats_gd():
 
 
 @claim(
-    newton_min_step=(">", 0),  # fewest extra Newton iterations matched by one more layer (layers 2..4): counts rise
-    newton_total_rise=(">", 0),  # Newton count of the last layer minus the first layer's
-    gd_increment_growth=(">", 0),  # GD increment from layer 3 to 4 minus that from layer 2 to 3: faster than linear
+    newton_total_rise=(">", 0),  # Newton count of the last layer minus the first layer's: the counts rise
+    newton_max_step=("<", 8),  # the largest rise of the Newton count from one layer to the next: no blow-up
+    log_gd_over_newton_last_step=(">", 0.4),  # ln(GD steps added by the last layer / Newton iterations added): > ln 1.5
     last_layer_order=(">", 2),  # the last layer's effective Newton order (layer l against iteration l): above Newton-Schulz
 )
 def trained_newton_claims(seed):
-    """At a small scale: 4 layers, 400 steps of batch 512 (~10 CPU-s); ``seed`` seeds init, training and held-out data.
+    """At a small scale: 4 layers, 600 steps of batch 512 (~15 CPU-s); ``seed`` seeds init, training and held-out data.
 
-    3 layers also showed it (two seeds) but with GD increments of 4 then 5: too thin a margin to test.
-    Measured but not bounded: the growth of GD's first increments (layer 1 to 2 against 2 to 3), integer
-    step counts of 1 to 5 that vary too much across seeds for a bound with z >= 4.
+    Measured but not bounded (integer counts that vary too much across seeds and thread counts for a
+    bound with z >= 4; see margins.json): the smallest per-layer rise of the Newton count (1 to 3) and the
+    growth of GD's increments from layer to layer. At 400 steps the effective order was 3.5 +- 0.4, too
+    close to 2 for the rule; 600 steps separate it. The GD-to-Newton ratio is bounded on a log scale: it
+    ranges from about 5 to 11 across runs, a skewed spread that a plain z-score overstates.
     """
-    config = replace(newton.CONFIGS["quick"], n_layers=4, train=TrainConfig(steps=400, batch_size=512, lr=5e-3),
+    config = replace(newton.CONFIGS["quick"], n_layers=4, train=TrainConfig(steps=600, batch_size=512, lr=5e-3),
                      n_eval=2000, seed=seed)
     task = RegressionTask(d=config.d, n_ctx=config.n_ctx, inputs=IllConditioned(config.d, config.kappa))
     held_out = task.sample(config.n_eval, icl.generator(config.seed + 2), dtype=torch.float64)
     _, _, newton_match, gd_match, preds = newton.train_and_match(config, task, held_out, torch.device("cpu"))
     nw, gd = newton_match["by_prediction"], gd_match["by_prediction"]
-    gd_steps_up = [b - a for a, b in zip(gd, gd[1:])]
+    newton_up = [b - a for a, b in zip(nw, nw[1:])]
+    gd_up = [b - a for a, b in zip(gd, gd[1:])]
     return {
-        "last_layer_order": newton.layer_orders(preds, held_out)[-1] or 0.0,
-        "newton_min_step": min(b - a for a, b in zip(nw[1:], nw[2:])),
         "newton_total_rise": nw[-1] - nw[0],
-        "gd_increment_growth": gd_steps_up[-1] - gd_steps_up[-2],
-        "gd_first_increment_growth": gd_steps_up[1] - gd_steps_up[0],  # recorded in margins.json, not bounded
+        "newton_max_step": max(newton_up),
+        "log_gd_over_newton_last_step": math.log(max(gd_up[-1], 1) / max(newton_up[-1], 1)),
+        "last_layer_order": newton.layer_orders(preds, held_out)[-1] or 0.0,
+        "newton_min_step": min(newton_up[1:]),  # recorded in margins.json, not bounded
+        "gd_increment_growth": gd_up[-1] - gd_up[-2],  # recorded, not bounded
     }
 
 
 def test_trained_layers_match_newton_linearly():
-    trained_newton_claims.check(keys=["newton_min_step", "newton_total_rise"])
+    trained_newton_claims.check(keys=["newton_total_rise", "newton_max_step"])
 
 
-def test_trained_layers_match_gd_faster_than_linearly():
-    trained_newton_claims.check(keys=["gd_increment_growth"])
+def test_trained_layers_match_gd_faster_than_newton():
+    trained_newton_claims.check(keys=["log_gd_over_newton_last_step"])
 
 
 def test_trained_layers_converge_faster_than_newton_schulz():
@@ -227,7 +231,11 @@ def test_smoke_run_is_reproducible_and_has_the_metrics_and_figures():
     loss, se = a.metrics["model_layer_loss"], a.metrics["model_layer_loss_se"]
     assert len(se) == len(loss) and all(0 < e < v for e, v in zip(se, loss))
     assert set(a.figures()) == {"inverse_convergence", "iterations_vs_kappa", "construction", "loss_curves",
-                                "layer_errors", "matching", "logistic"}
+                                "layer_errors", "matching", "logistic", "orders", "kappa_matching"}
+    for key in ("order_loss", "effective_order", "probe_layer_loss", "probe_newton_cosine", "probe_gd_cosine",
+                "layer_norm_layer_loss_se", "by_seed_layer_norm", "by_seed_kappa_high"):
+        assert key in a.metrics, key
+    assert set(a.metrics["order_loss"]) == {"2", "3", "4", "5"}
 
 
 def test_bad_input_raises_value_error_naming_the_parameter(batch):

@@ -301,7 +301,7 @@ def _orders_figure(m: dict, layers: list[int]):
     if "layer_norm_layer_loss_se" in m:
         ax.errorbar(layers, m["by_seed_layer_norm"]["layer_loss"][0], yerr=m["layer_norm_layer_loss_se"], marker="s",
                     ms=4, capsize=2, label="trained, pre-LayerNorm")
-    ax.set(yscale="log", xlabel="layer l / Newton iteration k (k = 0: M_0 = S / ||S||²)", ylabel="held-out 0.5·MSE",
+    ax.set(yscale="log", xlabel=r"layer $\ell$ / Newton iteration $k$  ($k = 0$: $M_0 = S / \|S\|_2^2$)", ylabel="held-out 0.5·MSE",
            title="trained layers against Newton-type iterations of order 2-5")
     ax.set_xticks([0, *layers])
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
@@ -316,7 +316,8 @@ def _gray(i: int, n: int) -> str:
 def _kappa_figure(m: dict, layers: list[int]):
     """Matched Newton iterations and GD steps per layer (by predictions) at both condition numbers, every seed."""
     fig, axes = plots.figure(ncols=2, width=4.4)
-    runs = {f"kappa {m['kappa']:g}": ("C0", m["by_seed"]), f"kappa {m['kappa_high']:g}": ("C3", m["by_seed_kappa_high"])}
+    runs = {rf"$\kappa$ = {m['kappa']:g}": ("C0", m["by_seed"]),
+            rf"$\kappa$ = {m['kappa_high']:g}": ("C3", m["by_seed_kappa_high"])}
     for ax, (key, title) in zip(axes, (("matching_newton_steps", "Newton iterations"), ("matching_gd_steps", "GD steps"))):
         for label, (colour, b) in runs.items():
             for i, counts in enumerate(b[key]):  # one line per seed
