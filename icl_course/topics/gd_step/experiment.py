@@ -5,7 +5,9 @@ von Oswald et al. 2023 (arXiv 2212.07677), with the data of their reference code
 
 ``run(profile)`` trains a one-layer, one-head linear self-attention model (FULL matrices) on fresh
 tasks, finds the best one-step GD learner by line search, and compares the two on held-out tasks:
-loss, prediction distance, and the implicit models ``d y_hat / d x_q``. The notebook, the command
+loss, prediction distance, and the implicit models ``d y_hat / d x_q``. With ``config.recurrent``
+and ``config.softmax`` it also compares recurrent LSA with multi-step GD and GD++
+(:mod:`.recurrent`) and softmax attention with one GD step (:mod:`.softmax`). The notebook, the command
 line (``icl-course reproduce gd-step``) and the tests all call this one function.
 """
 
@@ -61,7 +63,7 @@ class GDStepConfig:
 CONFIGS = {
     # seconds: enough for the shapes and the pipeline, not for the claim
     "smoke": GDStepConfig(train=TrainConfig(steps=60, batch_size=256, lr=1e-2), n_eval=1000, n_track=3,
-                          recurrent=RecurrentConfig(n_ctxs=(10,), seeds=(0,), n_eval=1000, n_tune=1000),
+                          recurrent=RecurrentConfig(seeds=(0,), gdpp_n_ctxs=(10,), n_eval=1000, n_tune=1000),
                           softmax=SoftmaxConfig(seeds=(0,))),
     # a laptop CPU in well under a minute; the claim (within 2% of GD, cosine >= 0.99) holds here.
     # The recurrent and softmax models are the shipped ones (icl_course/weights/gd_step), re-measured.

@@ -195,5 +195,8 @@ def write_weights(specs: list[SoftmaxSpec] | None = None, folder: Path | None = 
 
 if __name__ == "__main__":  # retrain the shipped weights: python -m icl_course.topics.gd_step.softmax
     torch.set_num_threads(1)
-    for spec in [SoftmaxSpec(h, s) for s in (0, 1, 2) for h in (1, 2)]:
-        print(spec.name, write_weights([spec], progress=False)[0]["metrics"], flush=True)
+    # through the package's module, so the records name the class icl_course.topics.gd_step.softmax.*
+    from icl_course.topics.gd_step import softmax as module
+
+    for spec in [module.SoftmaxSpec(h, s) for s in (0, 1, 2) for h in (1, 2)]:
+        print(spec.name, module.write_weights([spec], progress=False)[0]["metrics"], flush=True)
