@@ -47,7 +47,7 @@ def test_smoke_profile_result_and_figures():
     result = gd_step.run("smoke")
     assert result.metrics["profile"] == "smoke" and result.metrics["train_steps"] == 60
     assert set(result.figures()) == {
-        "loss_curve", "alignment", "matrices", "step_size", "out_of_distribution", "interpolation"
+        "loss_curve", "alignment", "matrices", "step_size", "out_of_distribution", "interpolation", "recurrent"
     }
 
 
