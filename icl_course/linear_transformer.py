@@ -36,7 +36,10 @@ __all__ = [
     "DiagAttention",
     "GDPPAttention",
     "LinearTransformer",
+    "RecurrentLinearTransformer",
     "linear_transformer",
+    "recurrent_transformer",
+    "read_gdpp",
     "gd_transformer",
     "gdpp_transformer",
 ]
@@ -200,6 +203,63 @@ class LinearTransformer(nn.Module):
         return torch.stack([read_prediction(Z) for Z in states[1:]])
 
 
+class RecurrentLinearTransformer(LinearTransformer):
+    """One attention layer applied ``n_loops`` times: a weight-tied (recurrent) stack.
+
+    von Oswald et al. 2023 (Sec. 4) train such models and find that they run GD++ with one step
+    size and one input-preconditioning rate shared by all steps. The loops share one set of
+    parameters (``model.layer``), so ``parameters()`` holds it once; ``layers`` lists it
+    ``n_loops`` times, which keeps the forward pass, ``predict_per_layer`` and the metrics of
+    :class:`LinearTransformer` unchanged.
+    """
+
+    def __init__(self, layer: LinearSelfAttention, n_loops: int, clamp: float | None = None):
+        if not isinstance(layer, LinearSelfAttention):
+            raise ValueError(f"layer must be a LinearSelfAttention layer, got {type(layer).__name__}")
+        if isinstance(n_loops, bool) or not isinstance(n_loops, int) or n_loops < 1:
+            raise ValueError(f"n_loops must be an integer >= 1, got {n_loops!r}")
+        super().__init__([layer] * n_loops, clamp=clamp)
+        self.n_loops = n_loops
+
+    @property
+    def layer(self) -> LinearSelfAttention:
+        """The one layer every loop applies."""
+        return self.layers[0]
+
+    @property
+    def args(self) -> dict:
+        """The arguments of :func:`recurrent_transformer` that rebuild this model."""
+        args = super().args
+        del args["n_layers"]
+        return {**args, "n_loops": self.n_loops}
+
+
+def read_gdpp(layer: LinearSelfAttention) -> tuple[float, float]:
+    """The GD++ step size and input-preconditioning rate ``(eta, gamma)`` a one-head layer implements.
+
+    Only the products of ``Q`` and ``P`` matter, so ``(Q / s, s P)`` is the same layer for any ``s``.
+    With ``s`` the mean diagonal of Q's x-block, Q's x-block becomes ~I as in ``gdpp_transformer``;
+    then ``eta = -P[y, y]`` (the GD step on the y-slots) and ``gamma = -mean diag P[x, x]`` (each
+    input moves by ``-gamma S x`` with ``S = (1/n) sum_j x_j x_j^T``). ``gdpp_transformer``'s layers
+    give their ``(eta, gamma)`` back exactly. For a trained FULL layer this reads the part of the
+    weights that GD++ has; how much else there is shows in how well the model matches GD++.
+
+    Convention: this package's layers divide by ``n``; von Oswald et al. write GD++ as
+    ``x <- (I - gamma' X X^T) x`` without ``1/n``, so their ``gamma' = gamma / n``.
+    """
+    if not isinstance(layer, LinearSelfAttention):
+        raise ValueError(f"layer must be a LinearSelfAttention layer, got {type(layer).__name__}")
+    if layer.n_heads != 1:
+        raise ValueError(f"layer must have one head, got n_heads={layer.n_heads}")
+    Q, P = (m[0].detach() for m in layer.matrices())  # (D, D) each
+    d = layer.d
+    s = Q[:d, :d].diagonal().mean()
+    if s == 0:
+        raise ValueError("layer's Q has a zero x-block diagonal: it implements no GD step to read")
+    P = P * s
+    return -P[d, d].item(), -P[:d, :d].diagonal().mean().item()
+
+
 def linear_transformer(
     d: int,
     n_layers: int = 1,
@@ -225,6 +285,28 @@ def linear_transformer(
     cls = ATTENTIONS[attention]
     return LinearTransformer([cls(d, n_heads, init_std, gen) for _ in range(n_layers)], clamp=clamp,
                              layer_norm=layer_norm)
+
+
+def recurrent_transformer(
+    d: int,
+    n_loops: int = 2,
+    n_heads: int = 1,
+    attention: str = "full",
+    init_std: float = 1e-3,
+    clamp: float | None = None,
+    seed: int = 0,
+) -> RecurrentLinearTransformer:
+    """A freshly initialised weight-tied stack: one ``attention`` layer applied ``n_loops`` times.
+
+    >>> model = recurrent_transformer(d=3, n_loops=4)
+    >>> len(model.layers), sum(p.numel() for p in model.parameters()) == 2 * 4 * 4
+    (4, True)
+    """
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {sorted(ATTENTIONS)}, got {attention!r}")
+    require_finite("init_std", init_std, at_least=0)
+    layer = ATTENTIONS[attention](d, n_heads, init_std, generator(seed))
+    return RecurrentLinearTransformer(layer, n_loops, clamp=clamp)
 
 
 def gd_transformer(

@@ -55,7 +55,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .linear_transformer import LinearTransformer, linear_transformer
+from .linear_transformer import LinearTransformer, RecurrentLinearTransformer, linear_transformer, recurrent_transformer
 
 __all__ = ["WEIGHTS_DIR", "MODELS", "ChecksumError", "RecordError", "register", "save", "load", "provenance",
            "available", "digest", "restamp", "set_selection", "ONE_RUN", "one_run"]
@@ -88,7 +88,8 @@ def _key(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {_key(LinearTransformer): linear_transformer}
+MODELS: dict[str, Callable[..., nn.Module]] = {_key(LinearTransformer): linear_transformer,
+                                               _key(RecurrentLinearTransformer): recurrent_transformer}
 
 
 def register(*classes: type, build: Callable[..., nn.Module] | None = None) -> None:

@@ -103,3 +103,68 @@ def test_bad_arguments_name_the_parameter():
         model.predict(torch.zeros(2, 5, 4), torch.zeros(2, 5), torch.zeros(2, 4))
     with pytest.raises(ValueError, match="preconditioner"):
         icl.gd_transformer(d=3, eta=1.0, preconditioner=torch.eye(2))
+
+
+# --- the recurrent (weight-tied) stack and reading GD++ out of a layer ---------------------------
+
+from icl_course import pretrained  # noqa: E402
+from icl_course.linear_transformer import (  # noqa: E402
+    RecurrentLinearTransformer,
+    gdpp_transformer,
+    read_gdpp,
+    recurrent_transformer,
+)
+
+
+def test_recurrent_stack_ties_one_layer():
+    model = recurrent_transformer(d=4, n_loops=3, seed=1)
+    assert all(layer is model.layer for layer in model.layers) and len(model.layers) == 3
+    assert sum(p.numel() for p in model.parameters()) == 2 * 5 * 5  # one Q and one P
+    untied = icl.linear_transformer(d=4, n_layers=3, seed=1)
+    untied.load_state_dict({k: model.layer.state_dict()[k.split(".")[-1]] for k in untied.state_dict()})
+    Z = torch.randn(2, 6, 5)
+    assert torch.equal(model(Z), untied(Z))  # the same layer three times
+
+
+@pytest.mark.parametrize("n_loops", [1, 2, 5])
+def test_recurrent_gdpp_construction_equals_gdpp_and_gives_gamma_back(n_loops):
+    eta, gamma = 13.7, 1.78  # near the tuned two-step GD++ at d = n = 10
+    b = icl.RegressionTask(d=10, n_ctx=10, inputs=icl.Uniform(-0.5, 0.5)).sample(300, icl.generator(2), dtype=torch.float64)
+    layer = gdpp_transformer(10, eta, gamma, dtype=torch.float64).layers[0]
+    model = RecurrentLinearTransformer(layer, n_loops)
+    want = icl.GDPlusPlus(eta, gamma, n_loops).predict(b.xs, b.ys, b.x_query)
+    assert torch.allclose(model.predict(b.xs, b.ys, b.x_query), want, atol=1e-10, rtol=0)
+    assert read_gdpp(model.layer) == (eta, gamma)  # exactly: the x-block of Q is I already
+
+
+def test_read_gdpp_ignores_how_the_scale_is_split_between_q_and_p():
+    layer = icl.FullAttention(3, init_std=0.0).double()
+    with torch.no_grad():
+        layer.Q[0, :3, :3] = 0.4 * torch.eye(3, dtype=torch.float64)
+        layer.P[0, :3, :3] = -0.5 * torch.eye(3, dtype=torch.float64)  # w_xx = -0.2: gamma 0.2
+        layer.P[0, 3, 3] = -5.0  # w_yx = -2: eta 2
+    eta, gamma = read_gdpp(layer)
+    assert abs(eta - 2.0) < 1e-12 and abs(gamma - 0.2) < 1e-12
+
+
+def test_recurrent_bad_arguments_name_the_parameter():
+    with pytest.raises(ValueError, match="n_loops"):
+        recurrent_transformer(d=3, n_loops=0)
+    with pytest.raises(ValueError, match="layer"):
+        RecurrentLinearTransformer(torch.nn.Linear(2, 2), 2)
+    with pytest.raises(ValueError, match="attention"):
+        recurrent_transformer(d=3, attention="softmax")
+    with pytest.raises(ValueError, match="one head"):
+        read_gdpp(icl.FullAttention(3, n_heads=2))
+    with pytest.raises(ValueError, match="zero"):
+        read_gdpp(icl.FullAttention(3, init_std=0.0))
+
+
+def test_recurrent_model_saves_and_loads_tied(tmp_path):
+    model = recurrent_transformer(d=3, n_loops=4, init_std=0.3, seed=5)
+    pretrained.save("t/rec", model, {"selection": pretrained.one_run(5)}, folder=tmp_path)
+    loaded = pretrained.load("t/rec", folder=tmp_path)
+    assert isinstance(loaded, RecurrentLinearTransformer) and loaded.args == model.args
+    assert all(layer is loaded.layer for layer in loaded.layers)
+    Z = torch.randn(2, 5, 4)
+    assert torch.equal(loaded(Z), model(Z))

@@ -56,7 +56,8 @@ def selection_problems(records: dict) -> list[str]:
         if str(selection["chosen"]) not in runs:
             problems.append(f"{name}: the chosen run {selection['chosen']} is not among the runs {sorted(runs)}")
             continue
-        groups.setdefault(name.rsplit("-seed", 1)[0], []).append((name, selection))
+        if selection["rule"] != pretrained.ONE_RUN:  # seeds all reported, none chosen: nothing to share
+            groups.setdefault(name.rsplit("-seed", 1)[0], []).append((name, selection))
         if len(runs) < 2:
             continue
         # a run whose training diverged ships no model and cannot be chosen; it is reported as such
