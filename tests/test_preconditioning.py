@@ -222,6 +222,8 @@ def test_smoke_run_has_the_issue_metrics():
     for L in pre.CONFIGS["smoke"].depths:  # every layer of every model against Ahn et al.'s critical points
         assert len(m["critical_point"][L]["distance"]) == L
         assert all(0 <= x <= 1 for x in m["critical_point"][L]["distance"])
+    assert set(m["long_trained"]) == {"2"} and m["long_trained"]["2"]["seeds"] == [0]  # the shipped model, loaded
+    assert "long_trained" in result.figures()
     c = m["context_length"]
     assert c["n"] == list(pre.CONFIGS["smoke"].context_lengths)
     assert c["gamma_star_closed"] == [pc.optimal_step_loss(COV, n) for n in c["n"]]
@@ -257,6 +259,58 @@ def test_seed_verdicts_count_the_seeds_on_which_each_claim_holds():
     assert v["n_seeds"] == 2 and v["falls"] == 1  # seed 1's loss rises from 1 to 2 layers
     assert v["beats"]["gd"] == {"1": 2, "2": 1} and v["beats_median"]["gdpp"] == {"1": 2, "2": 2}
     assert v["fragile"] == [(2, 1)]
+
+
+# --- the shipped long-trained deep models ----------------------------------------------------------
+
+
+LONG = [(L, s) for s in pre.LONG_SEEDS for L in pre.LONG_DEPTHS]
+
+
+@pytest.mark.parametrize("depth, seed", LONG)
+def test_shipped_long_trained_models_remeasure_their_recorded_metrics(depth, seed):
+    from icl_course import pretrained
+
+    name = pre.long_name(depth, seed)
+    record = pretrained.provenance(name)
+    assert record["selection"] == pretrained.one_run(seed)  # every seed shipped, none chosen
+    assert record["train"]["steps"] == pre.LONG_TRAIN.steps and record["init"] == {"init_std": QUICK.init_std, "seed": seed}
+    model = pretrained.load(name)
+    assert model.args["n_layers"] == depth and model.args["d"] == QUICK.d
+    config = replace(QUICK, seed=seed, spread_seeds=())
+    held_out = pre.make_task(config).sample(record["eval"]["n_eval"], icl.generator(record["eval"]["generator"]))
+    got, claimed = pre.long_test_metrics(model, held_out), record["metrics"]
+    for key in ("mean", "median", "se"):  # float32 predictions: only the summation order may differ
+        assert got[key] == pytest.approx(claimed[key], rel=1e-3), key
+    curve = record["validation"]["curve"]  # the recorded verdict follows from the recorded curve
+    assert pre.plateau(curve) == record["validation"]["plateau"]
+    assert curve["step"][-1] == pre.LONG_TRAIN.steps and curve["median"][-1] < 0.01 * curve["median"][0]
+
+
+def test_plateau_reads_the_last_fifth_of_a_curve():
+    flat = {"step": [0, 50, 80, 90, 100], "mean": [1.0, 0.5, 0.5, 0.499, 0.495], "median": [1.0, 0.2, 0.2, 0.2, 0.21]}
+    p = pre.plateau(flat)
+    assert p["from_step"] == 80 and p["mean_improvement"] == pytest.approx(0.01) and p["stopped"]
+    falling = {**flat, "median": [1.0, 0.2, 0.2, 0.15, 0.1]}
+    assert not pre.plateau(falling)["stopped"] and pre.plateau(falling)["median_improvement"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="window"):
+        pre.plateau(flat, window=1.5)
+
+
+def test_long_summary_counts_the_seeds():
+    two = lambda a, b: {"2": [a, b]}  # noqa: E731
+    b = {"seed": [0, 1], "long_loss": two(0.01, 5.0), "long_loss_se": two(1e-4, 4.0), "long_loss_median": two(1e-3, 2e-3),
+         "long_plateau": two(True, False), "lsa_loss": two(0.05, 0.05), "lsa_loss_se": two(1e-3, 1e-3),
+         "lsa_loss_median": two(0.01, 0.01)}
+    for name in ("gd", "pgd", "gdpp"):
+        b[f"{name}_loss"], b[f"{name}_loss_se"], b[f"{name}_loss_median"] = two(0.02, 0.02), two(1e-4, 1e-4), two(0.01, 0.01)
+    s = pre.long_summary(b)["2"]
+    assert s["seeds"] == [0, 1] and s["below"]["gdpp"] == {"mean": 1, "median": 2} and s["below"]["quick"]["mean"] == 1
+    assert s["fragile"] == 1 and s["n_plateau"] == 1 and s["mean_over_median"] == [10.0, 2500.0]
+    b["long_loss"]["2"][1] = None  # a seed that ships no model is left out
+    for k in ("long_loss_se", "long_loss_median", "long_plateau"):
+        b[k]["2"][1] = None
+    assert pre.long_summary(b)["2"]["seeds"] == [0]
 
 
 # --- bad input -------------------------------------------------------------------------------------

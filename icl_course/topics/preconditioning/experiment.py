@@ -78,6 +78,13 @@ __all__ = [
     "step_losses",
     "gdpp_spectra",
     "implicit_identity_error",
+    "LONG_TRAIN",
+    "long_name",
+    "plateau",
+    "train_long",
+    "long_numbers",
+    "long_summary",
+    "write_weights",
 ]
 
 
@@ -119,6 +126,9 @@ class PreconditioningConfig:
     # The trained models again at each of these seeds (init, training data and held-out sequences),
     # for the spread of the training numbers; figures and the rest of the chapter come from ``seed``.
     spread_seeds: tuple[int, ...] = ()
+    # Also measure the shipped long-trained deep models (LONG_TRAIN; loaded, not trained) of every depth
+    # in LONG_DEPTHS and every seed that ships, on the same held-out sequences as the rest.
+    long_trained: bool = True
 
     def __post_init__(self):
         if len(self.depths) == 0 or any(not isinstance(L, int) or L < 1 for L in self.depths):
@@ -342,10 +352,44 @@ class PreconditioningResult:
         ax.axhline(cp["gamma_star"], color="gray", ls=":", label=r"$\Gamma^*$ itself")
         ax.set_ylim(0, 1)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        if m.get("long_trained"):
+            figures["long_trained"] = long_trained_figure(m["long_trained"])
         for name in ("depth", "implicit_model", "spectrum", "critical_point"):  # integer axes
             ax = figures[name].axes[0]
             ax.set_xticks([int(t) for t in ax.lines[0].get_xdata()])
         return figures
+
+
+def long_trained_figure(summary: dict):
+    """Mean and median held-out loss against depth (each averaged over the seeds) of the long-trained
+    models beside the briefly trained ones and the solvers, and the long runs' validation curves."""
+    from statistics import fmean
+
+    from icl_course import pretrained
+
+    depths = [int(L) for L in summary]
+    names = {"trained long": "", "trained briefly (quick)": "quick_", "plain GD": "gd_",
+             "GD with Gamma*": "pgd_", "GD++": "gdpp_"}
+    panel = lambda k: {label: [fmean(summary[str(L)][f"{p}{k}"]) for L in depths] for label, p in names.items()}  # noqa: E731
+    curves, steps = {}, {}
+    for L in depths:
+        for seed in summary[str(L)]["seeds"]:
+            curve = pretrained.provenance(long_name(L, seed))["validation"]["curve"]
+            curves[f"{L} layers, seed {seed}"], steps[f"{L} layers, seed {seed}"] = curve["median"], curve["step"]
+    fig, axes = plots.figure(ncols=3, width=3.6)
+    for ax, (title, ys) in zip(axes[:2], (("mean loss (mean over seeds)", panel("mean")),
+                                           ("median loss (mean over seeds)", panel("median")))):
+        for label, y in ys.items():
+            ax.plot(depths, y, marker="o", ms=3, label=label)
+        ax.set(xlabel="layers = steps", title=title, yscale="log", xticks=depths)
+    axes[0].set_ylabel("held-out 0.5·MSE")
+    axes[0].legend(fontsize=7)
+    for i, (label, y) in enumerate(curves.items()):
+        axes[2].plot(steps[label], y, color=f"C{depths.index(int(label.split()[0]))}", alpha=0.8,
+                     label=label.split(",")[0] if label.endswith(f"seed {summary[label.split()[0]]['seeds'][0]}") else None)
+    axes[2].set(xlabel="training step", title="long runs: validation median loss", yscale="log")
+    axes[2].legend(fontsize=7)
+    return fig
 
 
 def _condition_number(cov) -> float:
@@ -543,7 +587,7 @@ def seed_numbers(config: PreconditioningConfig, tuned: dict, progress: bool, dev
     first = one_layer(config, data, closed, progress, device)
     models, _ = train_deep(config, data, progress, device)
     depth = depth_comparison(config, data, {1: first.model, **models}, tuned)
-    return {**{k: first.metrics[k] for k in SPREAD_KEYS}, **_depth_metrics(config, depth)}
+    return {**{k: first.metrics[k] for k in SPREAD_KEYS}, **_depth_metrics(config, depth), **long_numbers(config, data)}
 
 
 def _depth_metrics(config: PreconditioningConfig, depth: Depth) -> dict:
@@ -647,7 +691,8 @@ def context_length_sweep(config: PreconditioningConfig, progress: bool, device) 
 def _by_seed(config: PreconditioningConfig, metrics: dict, tuned: dict, progress: bool, device) -> dict:
     """The training numbers at ``config.seed`` (from ``metrics``) and at every ``config.spread_seeds``,
     each as a list in seed order (the depth-keyed losses as ``{depth: list}``)."""
-    keys = (*SPREAD_KEYS, *(f"{name}_loss{k}" for name in ("lsa", "gd", "pgd", "gdpp") for k in ("", "_se", "_median")))
+    keys = (*SPREAD_KEYS, *(f"{name}_loss{k}" for name in ("lsa", "gd", "pgd", "gdpp") for k in ("", "_se", "_median")),
+            *(k for k in LONG_KEYS if k in metrics))
     runs = [metrics] + [seed_numbers(replace(config, seed=s, spread_seeds=()), tuned, progress, device)
                         for s in config.spread_seeds]
     out = {"seed": [config.seed, *config.spread_seeds]}
@@ -681,6 +726,7 @@ def run(
         **first.metrics,
         **_depth_metrics(config, depth),
         **depth.tuned,
+        **long_numbers(config, data),
         "ols_loss": evaluate(LeastSquares(), data.held_out),
         "implicit_identity_max_error": identity_error,
         "implicit_distance_to_ls": {str(L): v for L, v in implicit.items()},
@@ -694,6 +740,8 @@ def run(
         "device": str(device),
     }
     metrics["by_seed"] = _by_seed(config, metrics, depth.tuned, progress, device)
+    if "long_loss" in metrics:
+        metrics["long_trained"] = long_summary(metrics["by_seed"])
     return PreconditioningResult(
         config=config,
         cov=data.cov,
@@ -707,3 +755,179 @@ def run(
         sweep=sweep,
         metrics=Lookup.deep(metrics),
     )
+
+
+# --- the deep models trained long, shipped (icl_course/weights/preconditioning) ---------------------
+#
+# The chapter's quick profile trains its deep models for 600 steps, far from converged. These are the
+# same models (architecture, init, data stream: linear_transformer(d, L, 1 head, init_std 1e-3,
+# seed=seed), Sigma and n as in quick) trained once for LONG_TRAIN steps and shipped; quick loads them.
+# The learning rate was chosen on validation sequences only (LONG_LR_PILOT), never on the held-out
+# sequences the chapter reports; every seed of LONG_SEEDS is shipped and reported, none selected.
+
+LONG_TRAIN = TrainConfig(steps=8000, batch_size=2048, lr=1e-2, betas=(0.9, 0.9), warmup=0.02, schedule="cosine")
+LONG_DEPTHS = (2, 3, 4)
+LONG_SEEDS = (0, 1, 2)
+LONG_VALIDATION_SEED = 1000  # validation sequences: generator(LONG_VALIDATION_SEED + seed), apart from every other stream
+LONG_N_VALIDATION = 10_000
+LONG_N_TRACK = 40  # validation measurements along training
+# "Stopped falling": over the last PLATEAU_WINDOW of the steps the validation loss (mean and median
+# per-sequence) improved by less than PLATEAU_TOL of its value at the window's start.
+PLATEAU_WINDOW = 0.2
+PLATEAU_TOL = 0.02
+# How the learning rate was chosen: 4 layers, seed 0, 1500 steps of LONG_TRAIN's recipe at each rate,
+# validation loss (mean, median) at the end; the lower chosen. Measured once (Dec 2026, CPU).
+LONG_LR_PILOT = {"depth": 4, "seed": 0, "steps": 1500, "batch_size": 2048,
+                 "validation": {"0.01": {"mean": 1.05e-4, "median": 3.1e-6}, "0.003": {"mean": 0.146, "median": 1.4e-3}},
+                 "chosen": 0.01}
+
+
+def long_name(depth: int, seed: int) -> str:
+    """The shipped name of the ``depth``-layer model trained long at ``seed``."""
+    return f"preconditioning/deep-{depth}l-seed{seed}"
+
+
+def plateau(curve: dict, window: float = PLATEAU_WINDOW, tol: float = PLATEAU_TOL) -> dict:
+    """Whether a validation ``curve`` (``step`` and ``mean``/``median`` lists) stopped falling: each
+    measure's relative improvement over the last ``window`` of the steps, and ``stopped`` when every
+    one is below ``tol`` (a rise counts as stopped)."""
+    if not 0 < window < 1:
+        raise ValueError(f"window must be in (0, 1), got {window}")
+    steps = curve["step"]
+    start = next(i for i, s in enumerate(steps) if s >= (1 - window) * steps[-1])
+    out = {"window": window, "tol": tol, "from_step": steps[start], "to_step": steps[-1]}
+    for key in ("mean", "median"):
+        out[f"{key}_improvement"] = 1 - curve[key][-1] / curve[key][start]
+    out["stopped"] = all(out[f"{k}_improvement"] < tol for k in ("mean", "median"))
+    return out
+
+
+def long_validation(config: PreconditioningConfig, seed: int):
+    """The validation sequences of the long runs at ``seed`` (apart from training, tuning and held-out)."""
+    return make_task(config).sample(LONG_N_VALIDATION, generator(LONG_VALIDATION_SEED + seed))
+
+
+def long_test_metrics(model, held_out) -> dict:
+    """Mean (with its standard error) and median per-sequence loss of ``model`` on ``held_out``."""
+    losses = per_sequence_losses(model, held_out)
+    return {"mean": losses.mean().item(), "se": standard_error(losses), "median": losses.median().item()}
+
+
+def train_long(depth: int, seed: int, folder=None, progress: bool = False, train_config: TrainConfig = LONG_TRAIN,
+               config: PreconditioningConfig | None = None):
+    """Train the ``depth``-layer model at ``seed`` with ``train_config``, tracking its validation loss,
+    measure it on the chapter's held-out sequences of that seed and save it with provenance (``folder=None``:
+    into the package). Returns ``(model, record)``."""
+    import platform
+
+    from icl_course import pretrained
+
+    config = replace(config or CONFIGS["quick"], seed=seed, spread_seeds=())
+    if depth not in config.depths or depth < 2:
+        raise ValueError(f"depth must be one of the chapter's deep models {config.depths[1:]}, got {depth}")
+    task = make_task(config)
+    validation = long_validation(config, seed)
+
+    def on_validation(model) -> dict:
+        losses = per_sequence_losses(model, validation)
+        return {"mean": losses.mean().item(), "median": losses.median().item()}
+
+    model = linear_transformer(config.d, depth, config.n_heads, init_std=config.init_std, seed=seed)
+    history = _train(model, task, train_config, seed + 1, f"{depth} layers, seed {seed}", progress, torch.device("cpu"),
+                     measure=on_validation, n_track=LONG_N_TRACK)
+    model.eval()
+    held_out = task.sample(config.n_eval, generator(seed + 2))  # the chapter's held-out sequences at this seed
+    record = {
+        "task": {"d": config.d, "n_ctx": config.n_ctx, "inputs": "N(0, Sigma), Sigma = U D^2 U^T, D = diag(1, 1, 1/2, "
+                 f"1/4, 1), U from rotation_seed {config.rotation_seed}", "weights": "N(0, I)", "noise": 0.0},
+        "init": {"init_std": config.init_std, "seed": seed},
+        "train": {**asdict(train_config), "seed": seed + 1, "seconds": history.seconds},
+        "lr_pilot": LONG_LR_PILOT,
+        "history": {"step": history.steps, "loss": history.losses},
+        "validation": {"generator": LONG_VALIDATION_SEED + seed, "n": LONG_N_VALIDATION, "curve": history.tracked[0],
+                       "plateau": plateau(history.tracked[0])},
+        "metrics": long_test_metrics(model, held_out),
+        "eval": {"generator": seed + 2, "n_eval": config.n_eval, "what": "the chapter's held-out sequences at this seed"},
+        "selection": pretrained.one_run(seed),
+        "command": "python -m icl_course.topics.preconditioning.experiment --write-weights",
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+    pretrained.save(long_name(depth, seed), model, record, folder=folder)
+    return model, record
+
+
+# The numbers of the long-trained models, by depth, in ``metrics`` (and per seed in ``by_seed``).
+LONG_KEYS = ("long_loss", "long_loss_se", "long_loss_median", "long_plateau")
+
+
+def long_numbers(config: PreconditioningConfig, data: Data) -> dict:
+    """The shipped long-trained models at ``config.seed`` on ``data.held_out``: ``long_loss``,
+    ``long_loss_se``, ``long_loss_median`` and ``long_plateau`` (whether their validation loss stopped
+    falling, from their provenance) by depth; ``None`` where no model ships; ``{}`` when
+    ``config.long_trained`` is off or no depth of ``LONG_DEPTHS`` is among ``config.depths``."""
+    from icl_course import pretrained
+
+    depths = [L for L in LONG_DEPTHS if L in config.depths]
+    if not config.long_trained or not depths:
+        return {}
+    shipped = pretrained.available("preconditioning/")
+    out = {k: {} for k in LONG_KEYS}
+    for L in depths:
+        name = long_name(L, config.seed)
+        if name not in shipped:
+            for k in LONG_KEYS:
+                out[k][str(L)] = None
+            continue
+        model = pretrained.load(name).to(data.held_out.xs.device)
+        got = long_test_metrics(model, data.held_out)
+        out["long_loss"][str(L)], out["long_loss_se"][str(L)] = got["mean"], got["se"]
+        out["long_loss_median"][str(L)] = got["median"]
+        out["long_plateau"][str(L)] = pretrained.provenance(name)["validation"]["plateau"]["stopped"]
+    return out
+
+
+def long_summary(by_seed: dict) -> dict:
+    """The long-trained models against the solvers and the briefly trained models, by depth, over the
+    seeds where they ship: per-seed lists (``mean``, ``se``, ``median``, and the same sequences'
+    ``quick_*``, ``gd_*``, ``pgd_*``, ``gdpp_*``), and counts of seeds where the long-trained model is
+    below each (``below[name]["mean" | "median"]``), whose mean rests on a few sequences (``fragile``:
+    standard error above a tenth of it) and whose validation loss stopped falling (``plateau``)."""
+    b, out = by_seed, {}
+    for L, values in b["long_loss"].items():
+        idx = [i for i, v in enumerate(values) if v is not None]
+        if not idx:
+            continue
+        pick = lambda key: [b[key][L][i] for i in idx]  # noqa: E731
+        row = {"seeds": [b["seed"][i] for i in idx], "steps": LONG_TRAIN.steps, "mean": pick("long_loss"),
+               "se": pick("long_loss_se"), "median": pick("long_loss_median"), "plateau": pick("long_plateau")}
+        for name, src in (("quick", "lsa"), ("gd", "gd"), ("pgd", "pgd"), ("gdpp", "gdpp")):
+            row[f"{name}_mean"], row[f"{name}_se"] = pick(f"{src}_loss"), pick(f"{src}_loss_se")
+            row[f"{name}_median"] = pick(f"{src}_loss_median")
+        row["below"] = {name: {k: sum(a < c for a, c in zip(row[k], row[f"{name}_{k}"])) for k in ("mean", "median")}
+                        for name in ("quick", "gd", "pgd", "gdpp")}
+        row["fragile"] = sum(se > 0.1 * m for se, m in zip(row["se"], row["mean"]))
+        row["mean_over_median"] = [m / md for m, md in zip(row["mean"], row["median"])]
+        row["n_plateau"] = sum(bool(p) for p in row["plateau"])
+        out[L] = row
+    return out
+
+
+def write_weights(folder=None, progress: bool = True, depths=LONG_DEPTHS, seeds=LONG_SEEDS) -> list[dict]:
+    """Train and write every long-trained model (one at a time)."""
+    return [train_long(L, s, folder, progress)[1] for s in seeds for L in depths]
+
+
+if __name__ == "__main__":  # python -m icl_course.topics.preconditioning.experiment --write-weights [FOLDER] [DEPTH SEED]
+    import sys
+
+    if len(sys.argv) < 2 or sys.argv[1] != "--write-weights":
+        raise SystemExit("usage: python -m icl_course.topics.preconditioning.experiment --write-weights [FOLDER|-] [DEPTH SEED]")
+    target = None if len(sys.argv) < 3 or sys.argv[2] == "-" else sys.argv[2]
+    torch.set_num_threads(1)
+    if len(sys.argv) > 4:
+        records = [train_long(int(sys.argv[3]), int(sys.argv[4]), target, progress=False)[1]]
+    else:
+        records = write_weights(target, progress=False)
+    for r in records:
+        print(r["init"], r["metrics"], r["validation"]["plateau"], r["train"]["seconds"], flush=True)
