@@ -455,9 +455,13 @@ def probe_predictions(model: LinearTransformer, fit_batch, batch) -> torch.Tenso
     def features(states):  # (L, B, D) -> (L, B, D + 1)
         return torch.cat([states, torch.ones_like(states[..., :1])], dim=-1)
 
-    fit = features(query_states(model, fit_batch).double())
-    target = fit_batch.y_query.to(fit)[None, :, None].expand(fit.shape[0], -1, 1)
-    coef = torch.linalg.lstsq(fit, target).solution  # (L, D + 1, 1)
+    fit = features(query_states(model, fit_batch).double())  # (L, B, D + 1)
+    target = fit_batch.y_query.to(fit)
+    # normal equations in float64 (the D + 1 features are few): unlike lstsq's LAPACK driver, the same
+    # bits on every call, which checkpoint-resumed runs rely on; a tiny ridge keeps constant slots solvable
+    gram = fit.mT @ fit
+    ridge = 1e-12 * gram.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None] * torch.eye(gram.shape[-1], dtype=gram.dtype)
+    coef = torch.linalg.solve(gram + ridge, fit.mT @ target[None, :, None])  # (L, D + 1, 1)
     return (features(query_states(model, batch).double()) @ coef)[..., 0]
 
 
