@@ -43,6 +43,7 @@ __all__ = [
     "train_model",
     "adjusted_loss",
     "adjusted_errors",
+    "per_layer_adjusted",
     "compare",
     "train_pretrained",
     "SEED_RUNS",
@@ -51,12 +52,14 @@ __all__ = [
 ]
 
 # The noise distributions of the paper's Table 1 that this chapter covers, by their display name.
+# Every column of the paper's Table 1: sigma ~ U(0, s) for s = 0..7 (s = 0: no noise at all) and the
+# two categorical mixtures.
 SETTINGS = {
-    "U(0,2)": Uniform(0.0, 2.0),
-    "U(0,5)": Uniform(0.0, 5.0),
+    **{f"U(0,{s})": Uniform(0.0, float(s)) if s else Choice((0.0,)) for s in range(8)},
     "{1,3}": Choice((1.0, 3.0)),
+    "{1,3,5}": Choice((1.0, 3.0, 5.0)),
 }
-SETTING_KEYS = {"U(0,2)": "u2", "U(0,5)": "u5", "{1,3}": "c13"}  # short names for files
+SETTING_KEYS = {**{f"U(0,{s})": f"u{s}" for s in range(8)}, "{1,3}": "c13", "{1,3,5}": "c135"}  # for files
 METHOD_NAMES = {"full": "FULL", "diag": "DIAG", "gdpp": "GDPP"}
 
 
@@ -148,15 +151,31 @@ def init_like_gd(model: LinearTransformer, eta: float = 0.2, noise_std: float = 
     return model
 
 
-def train_model(spec: ModelSpec, d: int = 10, n_ctx: int = 20, progress: bool = False, device=None):
-    """Train the model of ``spec`` from its start (``spec.init``): ``(model on the CPU, History)``."""
+def train_model(spec: ModelSpec, d: int = 10, n_ctx: int = 20, progress: bool = False, device=None, track=()):
+    """Train the model of ``spec`` from its start (``spec.init``): ``(model on the CPU, History)``.
+    ``track`` is passed on to :func:`icl_course.training.train`."""
     model = linear_transformer(d, n_layers=spec.n_layers, attention=spec.attention, clamp=spec.clamp, seed=spec.seed)
     if spec.init == "gd":
         init_like_gd(model, seed=spec.seed)
     config = spec.train_config()
     history = train(model, make_task(spec.setting, d, n_ctx), config, device=device,
-                    progress=progress and f"training {spec.method} on {spec.setting}")
+                    progress=progress and f"training {spec.method} on {spec.setting}", track=track)
     return model.cpu().eval(), history
+
+
+CURVE_POINTS = 25  # how often train_pretrained measures the adjusted loss during training
+CURVE_SEQUENCES = 4_096  # ... on this many fixed sequences of the training setting (apart from every eval set)
+
+
+def curve_measure(setting: str, n: int = CURVE_SEQUENCES):
+    """A ``track`` measure for :func:`train_model`: the adjusted loss on ``n`` fixed sequences of ``setting``."""
+    batch = make_task(setting).sample(n, generator(EVAL_SEED + 800))
+
+    def measure(model):
+        device = next(model.parameters()).device
+        return {"adjusted_loss": adjusted_loss(model, batch.to(device))}
+
+    return measure
 
 
 @torch.no_grad()
@@ -177,6 +196,19 @@ def adjusted_errors(predictor, batch) -> torch.Tensor:
     return errors(predictor) - errors(OracleRidge(batch.sigma))
 
 
+@torch.no_grad()
+def per_layer_adjusted(model: LinearTransformer, batch) -> tuple[list[float], list[float]]:
+    """The adjusted loss of the prediction read out after every layer of ``model`` (the y-slot of the
+    query token, as after the last layer) and its standard error over the sequences: two lists of
+    length ``n_layers``; the last entry equals ``adjusted_loss(model, batch)``."""
+    if not isinstance(model, LinearTransformer):
+        raise ValueError(f"model must be a LinearTransformer, got {type(model).__name__}")
+    preds = model.predict_per_layer(batch.xs, batch.ys, batch.x_query)  # (L, B)
+    oracle = OracleRidge(batch.sigma).predict(batch.xs, batch.ys, batch.x_query)
+    errors = 0.5 * (preds - batch.y_query).double() ** 2 - 0.5 * (oracle - batch.y_query).double() ** 2
+    return errors.mean(-1).tolist(), [standard_error(e) for e in errors]
+
+
 EVAL_SEED = 1_000  # the fresh sequences behind every reported adjusted loss use seeds from here
 
 
@@ -188,7 +220,8 @@ def train_pretrained(spec: ModelSpec, n_eval: int = 50_000, folder: Path | None 
     """
     import platform
 
-    model, history = train_model(spec, progress=progress)
+    every = max(1, spec.steps // CURVE_POINTS)
+    model, history = train_model(spec, progress=progress, track=[(curve_measure(spec.setting), every)])
     batch = make_task(spec.setting).sample(n_eval, generator(EVAL_SEED + 7))
     record = {
         "spec": asdict(spec),
@@ -198,6 +231,8 @@ def train_pretrained(spec: ModelSpec, n_eval: int = 50_000, folder: Path | None 
         "train_config": asdict(spec.train_config()),
         "init": "init_like_gd(eta=0.2, noise_std=1e-3)" if spec.init == "gd" else "N(0, 1e-3^2) (linear_transformer's default)",
         "final_train_loss": history.losses[-1],
+        "curve": {"step": history.tracked[0]["step"], "adjusted_loss": history.tracked[0]["adjusted_loss"],
+                  "n_sequences": CURVE_SEQUENCES, "generator": EVAL_SEED + 800},
         "train_seconds": history.seconds,
         "metrics": {"adjusted_loss": adjusted_loss(model, batch), "loss": evaluate(model, batch)},
         "eval": {"n_eval": n_eval, "seed": EVAL_SEED + 7},
@@ -275,6 +310,30 @@ RANDOM_INIT = _diag(4, init="random")
 # diverges ships no weights; its seed's record says so.
 SEED_RUNS = tuple(_diag(4, seed=s) for s in (1, 2, 3, 4))
 
+# Depth beyond 4 on U(0,5), as in the paper's Table 1 (1-7 layers). Deep stacks blow up with lr 1e-2
+# and no clamp, so these use a token clamp of +-100 and a smaller rate (measured: ../shared/SCIENCE.md);
+# one seed each, 3000 (DIAG) or 4000 (FULL) steps: not the paper's 200k steps or best of 5 seeds.
+DEEP = (
+    *(_diag(n, lr=5e-3, clamp=100.0, steps=3000) for n in (5, 6, 7)),
+    *(ModelSpec("full", n, "U(0,5)", lr=2e-3, clamp=100.0, steps=4000) for n in (5, 6, 7)),
+)
+
+# FULL-4L on U(0,5): the shipped recipe (SHIPPED's, lr 2e-3, 2000 steps, no clamp) against longer or
+# clamped ones; the run with the lowest adjusted loss on validation sequences is shipped
+# (``write_full4l``) and every candidate's validation score stays in its selection record.
+FULL4_RECIPES = (
+    ModelSpec("full", 4, "U(0,5)", lr=2e-3),
+    ModelSpec("full", 4, "U(0,5)", lr=2e-3, clamp=100.0, steps=6000),
+    ModelSpec("full", 4, "U(0,5)", lr=5e-3, clamp=100.0, steps=3000),
+)
+
+# The noise sweep (the paper's Fig. 1 / Table 1 columns): DIAG-4L trained on each sigma_max of its own
+# with the shipped DIAG-4L recipe (U(0,2) and U(0,5) are in SHIPPED already). A run that diverges is
+# trained again once at lr 4e-3 (as {1,3} needed) and its provenance says so.
+SWEEP = tuple(_diag(4, setting) for setting in ("U(0,0)", "U(0,1)", "U(0,3)", "U(0,4)", "U(0,6)", "U(0,7)",
+                                                "{1,3,5}"))
+SWEEP_RETRY_LR = 4e-3
+
 
 @dataclass(frozen=True)
 class MixedNoiseConfig:
@@ -288,19 +347,28 @@ class MixedNoiseConfig:
     n_per_sigma: int = 2_000  # sequences per fixed noise level
     n_trace: int = 1_000  # sequences per noise level when tracing the discovered algorithm
     weights_out: str | None = None  # with source="train": save the trained models here (None: don't)
+    # the noise sweep (Table 1's columns): one DIAG-4L trained on each column, against the ridge baselines
+    sweep_models: tuple[ModelSpec, ...] = ()  # filled in below (SWEEP_MODELS): they load or train like `models`
+    n_sweep: int = 10_000  # fresh sequences per column for the sweep (ridge tuned on n_tune others)
 
+
+# DIAG-4L on every column of Table 1, in the table's order (U(0,2) and U(0,5) are SHIPPED's)
+SWEEP_MODELS = tuple(sorted((*SWEEP, _diag(4, "U(0,2)"), _diag(4)), key=lambda spec: list(SETTINGS).index(spec.setting)))
 
 CONFIGS = {
     # seconds: two tiny models trained on the spot, small evaluation sets
     "smoke": MixedNoiseConfig(
         models=(_diag(2, steps=30, batch_size=256), _gdpp(2, steps=30, batch_size=256)),
         source="train", n_eval=2_000, n_tune=1_000, sigma_grid=(0.0, 2.5, 5.0), n_per_sigma=500, n_trace=100,
+        sweep_models=tuple(_diag(2, s, steps=30, batch_size=256) for s in ("U(0,0)", "U(0,3)", "{1,3,5}")),
+        n_sweep=1_000,
     ),
     # the shipped weights, evaluated on fresh sequences, plus one small model trained live
     # (25k sequences a setting: adjusted losses to about +-0.01; the provenance files used 50k)
-    "quick": MixedNoiseConfig(live=_diag(2, steps=200, batch_size=1024), n_eval=25_000, n_tune=10_000),
+    "quick": MixedNoiseConfig(models=SHIPPED, live=_diag(2, steps=200, batch_size=1024), n_eval=25_000,
+                              n_tune=10_000),
     # retrain every shipped model with its recipe (a few CPU-minutes each); not the paper's 200k steps
-    "full": MixedNoiseConfig(source="train"),
+    "full": MixedNoiseConfig(models=SHIPPED, source="train"),
 }
 
 
@@ -322,6 +390,11 @@ class MixedNoiseResult:
             "depth": depth_figure(self.depth, self.metrics["adjusted_loss"]),
             "sigma": sigma_figure(self.sweep),
         }
+        if self.metrics["noise_sweep"]:
+            figs["noise_sweep"] = noise_sweep_figure(self.metrics["noise_sweep"])
+        if self.metrics["per_layer_adjusted_loss"]:
+            figs["per_layer"] = per_layer_figure(self.metrics["per_layer_adjusted_loss"],
+                                                 self.metrics["per_layer_adjusted_loss_se"])
         if self.algorithm is not None:
             figs["coefficients"] = coefficients_figure(self.algorithm)
             figs["rescaling"] = traces_figure(self.traces)
@@ -331,10 +404,10 @@ class MixedNoiseResult:
         return figs
 
 
-def _load_or_train(config: MixedNoiseConfig, progress: bool) -> dict[tuple[str, str], LinearTransformer]:
-    """``(method, setting) -> model`` for every spec of ``config.models``."""
+def _load_or_train(config: MixedNoiseConfig, progress: bool, specs=None) -> dict[tuple[str, str], LinearTransformer]:
+    """``(method, setting) -> model`` for every spec of ``specs`` (default ``config.models``)."""
     models = {}
-    for spec in config.models:
+    for spec in config.models if specs is None else specs:
         if config.source == "shipped":
             model = pretrained.load(spec.name)
         elif config.weights_out is not None:
@@ -407,6 +480,45 @@ def _sweep(config: MixedNoiseConfig, learners: dict) -> dict[str, list[float]]:
         for method, learner in learners.items():
             sweep[method].append(adjusted_loss(learner, b))
     return sweep
+
+
+def _noise_sweep(config: MixedNoiseConfig, models: dict, device) -> dict | None:
+    """The paper's Table 1 across its columns: each model of ``models`` (``(method, setting) -> model``,
+    one per column it was trained on) and the three ridge baselines (ConstRR and TunedRR tuned on each
+    column's own tuning sequences), on ``config.n_sweep`` fresh sequences of every column, with standard
+    errors, beside the paper's entries."""
+    if not models:
+        return None
+    columns = [s for s in SETTINGS if any(setting == s for _, setting in models)]
+    out = {"settings": columns, "n_sweep": config.n_sweep, "ours": {}, "se": {}, "paper": {}}
+    for k, setting in enumerate(columns):
+        task = make_task(setting)
+        batch = task.sample(config.n_sweep, generator(EVAL_SEED + 900 + k)).to(device)
+        tune = task.sample(config.n_tune, generator(EVAL_SEED + 950 + k))
+        learners = {"ConstRR": tune_const_ridge(tune), "AdaRR": AdaRR(), "TunedRR": tune_tuned_ridge(tune),
+                    **{m: model.to(device) for (m, s), model in models.items() if s == setting}}
+        for method, learner in learners.items():
+            errors = adjusted_errors(learner, batch)
+            out["ours"].setdefault(method, {})[setting] = errors.double().mean().item()
+            out["se"].setdefault(method, {})[setting] = standard_error(errors)
+            out["paper"].setdefault(method, {})[setting] = PAPER_TABLE1.get(method, {}).get(setting)
+    for model in models.values():
+        model.cpu()
+    return out
+
+
+def _per_layer(config: MixedNoiseConfig, models: dict, device) -> tuple[dict, dict]:
+    """Every model's adjusted loss read out after each of its layers, on the table's U(0,5) sequences
+    (so the last layer's entry is the table's): ``({method: [per layer]}, {method: [standard errors]})``."""
+    if "U(0,5)" not in config.settings or not models:
+        return {}, {}
+    i = config.settings.index("U(0,5)")
+    batch = make_task("U(0,5)").sample(config.n_eval, generator(EVAL_SEED + 100 + i)).to(device)
+    out, se = {}, {}
+    for method, model in models.items():
+        out[method], se[method] = per_layer_adjusted(model.to(device), batch)
+        model.cpu()
+    return out, se
 
 
 def _reverse(diag: LinearTransformer, n_trace: int) -> tuple[DiscoveredAlgorithm, float, dict]:
@@ -492,6 +604,11 @@ def run(profile: str | None = None, progress: bool = False, config: MixedNoiseCo
     for method in on_u5:
         depth.setdefault(method.split("-")[0], {})[_layers(method)] = table[method]["U(0,5)"]
     sweep = _sweep(config, {**{m: on_u5[m] for m in main_methods(on_u5)}, **baselines.get("U(0,5)", {})})
+    per_layer, per_layer_se = _per_layer(config, {m: on_u5[m] for m in on_u5 if _layers(m) >= 2}, device)
+    shared = {spec: models[(spec.method, spec.setting)] for spec in config.sweep_models
+              if (spec.method, spec.setting) in models and spec in config.models}  # already loaded
+    others = _load_or_train(config, progress, [s for s in config.sweep_models if s not in shared])
+    noise_sweep = _noise_sweep(config, {**{(s.method, s.setting): m for s, m in shared.items()}, **others}, device)
 
     # Reverse engineering: the deepest DIAG model on U(0,5) as an explicit algorithm
     # (a token clamp is not part of the algorithm, so clamped stacks are left out).
@@ -516,6 +633,9 @@ def run(profile: str | None = None, progress: bool = False, config: MixedNoiseCo
         "algorithm_model": f"DIAG-{max(diag)}L" if diag else None,
         "algorithm_coefficients": [asdict(c) for c in algorithm.layers] if algorithm else None,
         "baselines": info,
+        "per_layer_adjusted_loss": per_layer,
+        "per_layer_adjusted_loss_se": per_layer_se,
+        "noise_sweep": noise_sweep,
         "live": live_metrics,
         "random_init": start_check,
         "seeds": seeds,
@@ -547,6 +667,62 @@ def depth_figure(depth: dict, table: dict, setting: str = "U(0,5)"):
             ax.axhline(table[method][setting], label=f"{method} ({table[method][setting]:.3f})", **style)
     ax.set(xlabel="layers", ylabel="adjusted 0.5·MSE", yscale="log", title=f"sigma ~ {setting}")
     ax.legend(fontsize=8)
+    return fig
+
+
+def per_layer_figure(per_layer: dict, se: dict | None = None, setting: str = "U(0,5)"):
+    """Adjusted loss of the prediction read out after each layer (one panel per parameterization, one
+    curve per trained depth, ± 2 standard errors), beside the paper's Table 1 models trained at each depth
+    (dashed: a different model per point, not a read-out)."""
+    kinds = [k for k in METHOD_NAMES.values() if any(m.startswith(k + "-") for m in per_layer)]
+    fig, axes = plots.figure(ncols=max(1, len(kinds)), width=3.6)
+    for ax, kind in zip(axes, kinds):
+        methods = sorted((m for m in per_layer if m.startswith(kind + "-")), key=_layers)
+        for i, method in enumerate(methods):
+            values = per_layer[method]
+            layers = list(range(1, len(values) + 1))
+            errs = [2 * e for e in (se or {}).get(method, [0.0] * len(values))]
+            ax.errorbar(layers, values, yerr=errs, marker="o", ms=3, capsize=2, label=f"{method} read-out",
+                        color=f"C{i}")
+        paper = [(n, PAPER_TABLE1[f"{kind}-{n}L"][setting]) for n in range(1, 8) if f"{kind}-{n}L" in PAPER_TABLE1]
+        ax.plot(*zip(*paper), ls="--", color="k", lw=1, label=f"paper: {kind} trained at each depth")
+        ax.axhline(PAPER_TABLE1["ConstRR"][setting], ls=":", color="0.5", lw=1, label="paper's ConstRR")
+        ax.set(xlabel="read out after layer", ylabel="adjusted 0.5·MSE", yscale="log", title=f"{kind}, {setting}")
+        ax.legend(fontsize=6)
+    return fig
+
+
+def noise_sweep_figure(sweep: dict):
+    """Adjusted loss against sigma_max (left; sigma ~ U(0, sigma_max)) and on the categorical columns
+    (right): ours solid with ± 2 standard errors, the paper's Table 1 dashed in the same colour."""
+    fig, (left, right) = plots.figure(ncols=2, width=4.6)
+    uniform = [s for s in sweep["settings"] if s.startswith("U(")]
+    categorical = [s for s in sweep["settings"] if not s.startswith("U(")]
+    smax = [float(s[4:-1]) for s in uniform]
+    methods = [m for m in sweep["ours"] if m not in BASELINE_STYLE] + list(BASELINE_STYLE)
+    for i, method in enumerate(methods):
+        color = BASELINE_STYLE[method]["color"] if method in BASELINE_STYLE else f"C{i}"
+        marker = "s" if method in BASELINE_STYLE else "o"
+        ours = [sweep["ours"][method].get(s, float("nan")) for s in uniform]
+        errs = [2 * sweep["se"][method].get(s, 0.0) for s in uniform]
+        left.errorbar(smax, ours, yerr=errs, color=color, marker=marker, ms=3, capsize=2, label=f"{method} (ours)")
+        paper = [sweep["paper"][method].get(s) for s in uniform]
+        if any(p is not None for p in paper):
+            left.plot(smax, [float("nan") if p is None else p for p in paper], ls="--", color=color, lw=1,
+                      label=f"{method} (paper)")
+        for j, s in enumerate(categorical):
+            x = j + (i - len(methods) / 2) * 0.08
+            right.errorbar(x, sweep["ours"][method].get(s, float("nan")), yerr=2 * sweep["se"][method].get(s, 0.0),
+                           color=color, marker=marker, ms=4, capsize=2)
+            if sweep["paper"][method].get(s) is not None:
+                right.plot([x - 0.035, x + 0.035], [sweep["paper"][method][s]] * 2, color=color, lw=2, ls="--")
+    for ax in (left, right):
+        ax.set_yscale("symlog", linthresh=1e-3)
+        ax.set_ylabel("adjusted 0.5·MSE")
+    left.set(xlabel="sigma_max (sigma ~ U(0, sigma_max))", title="each model trained on its own column")
+    right.set_xticks(range(len(categorical)), categorical)
+    right.set(xlabel="sigma from a set", title="dots: ours; dashes: the paper")
+    left.legend(fontsize=6, ncol=2)
     return fig
 
 
@@ -713,10 +889,68 @@ def write_seed_runs(folder: Path | None = None, n_eval: int = 50_000, progress: 
     return selection
 
 
+def write_deep(folder: Path | None = None, progress: bool = False) -> list[dict]:
+    """Train and write :data:`DEEP` (the 5- to 7-layer models on U(0,5))."""
+    return [train_pretrained(spec, folder=folder, progress=progress)[1] for spec in DEEP]
+
+
+def write_sweep(folder: Path | None = None, progress: bool = False) -> list[dict]:
+    """Train and write :data:`SWEEP`; a run that diverges is trained once more at :data:`SWEEP_RETRY_LR`."""
+    from icl_course.training import TrainingDiverged
+
+    records = []
+    for spec in SWEEP:
+        try:
+            records.append(train_pretrained(spec, folder=folder, progress=progress)[1])
+        except TrainingDiverged as error:
+            retry = replace(spec, lr=SWEEP_RETRY_LR)
+            model, record = train_pretrained(retry, folder=folder, progress=progress)
+            record["retried"] = {"lr": spec.lr, "diverged": str(error).split(". Try")[0]}
+            pretrained.save(retry.name, model, record, folder=folder)
+            records.append(record)
+    return records
+
+
+def write_full4l(folder: Path | None = None, n_eval: int = 50_000, progress: bool = False) -> dict:
+    """Train every recipe of :data:`FULL4_RECIPES` (each into a folder of its own), score each on
+    validation sequences apart from the test sequences of the provenance, and write the best as
+    ``mixed_noise/full-4l-u5`` with a selection record that lists every candidate."""
+    import shutil
+    import tempfile
+
+    from icl_course.training import TrainingDiverged
+
+    validation = make_task("U(0,5)").sample(n_eval, generator(EVAL_SEED + 600))
+    runs, stage = {}, Path(tempfile.mkdtemp(prefix="full4l-"))
+    for i, spec in enumerate(FULL4_RECIPES):
+        recipe = {k: v for k, v in asdict(spec).items() if k in ("lr", "steps", "clamp")}
+        try:
+            model, _ = train_pretrained(spec, n_eval, folder=stage / str(i), progress=progress)
+            runs[str(i)] = {"recipe": recipe, "validation": adjusted_loss(model, validation)}
+        except TrainingDiverged as error:
+            runs[str(i)] = {"recipe": recipe, "diverged": str(error).split(". Try")[0]}
+    scores = {int(k): run["validation"] for k, run in runs.items() if "validation" in run}
+    chosen = min(scores, key=lambda k: (scores[k], k))
+    name = FULL4_RECIPES[chosen].name
+    target = Path(folder) if folder is not None else pretrained.WEIGHTS_DIR
+    for suffix in (".pt", ".json"):
+        (target / f"{name}{suffix}").parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(stage / str(chosen) / f"{name}{suffix}", target / f"{name}{suffix}")
+    selection = {
+        "rule": "FULL-4L on U(0,5) trained with each recipe of FULL4_RECIPES (run k: recipe k, seed 0); the "
+                "run with the lowest adjusted loss on validation sequences is shipped",
+        "runs": runs, "chosen": chosen, "better": "lower",
+        "validation": {"generator": EVAL_SEED + 600, "n_eval": n_eval}, "test": {"generator": EVAL_SEED + 7},
+    }
+    pretrained.set_selection(name, selection, folder)
+    return selection
+
+
 if __name__ == "__main__":  # same as: icl-course reproduce mixed-noise --write-weights [--weights-dir FOLDER]
     import sys
 
-    flags = ("--write-weights", "--write-random-init", "--write-seeds")
+    flags = ("--write-weights", "--write-random-init", "--write-seeds", "--write-deep", "--write-full4l",
+             "--write-sweep")
     if len(sys.argv) < 2 or sys.argv[1] not in flags:
         raise SystemExit(f"usage: python -m icl_course.topics.mixed_noise.experiment {'|'.join(flags)} [FOLDER]")
     target = Path(sys.argv[2]) if len(sys.argv) > 2 else None
@@ -724,6 +958,14 @@ if __name__ == "__main__":  # same as: icl-course reproduce mixed-noise --write-
         print(train_pretrained(RANDOM_INIT, folder=target, progress=True)[1]["metrics"])
     elif sys.argv[1] == "--write-seeds":  # only the headline model's other training seeds
         print(write_seed_runs(target, progress=True))
+    elif sys.argv[1] == "--write-deep":  # the 5- to 7-layer models on U(0,5)
+        for record in write_deep(target):
+            print(record["method"], record["metrics"], record["train_seconds"], flush=True)
+    elif sys.argv[1] == "--write-full4l":  # FULL-4L's recipes, the best on validation shipped
+        print(write_full4l(target))
+    elif sys.argv[1] == "--write-sweep":  # DIAG-4L on every other noise column of Table 1
+        for record in write_sweep(target):
+            print(record["method"], record["setting"], record["metrics"], record["train_seconds"], flush=True)
     else:
         for record in write_weights(target):
             print(record["method"], record["setting"], record["metrics"])
