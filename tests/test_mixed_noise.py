@@ -310,7 +310,8 @@ def test_smoke_run_metrics_and_figures():
     # the read-out after the last layer is the table's number (same sequences)
     assert m["per_layer_adjusted_loss"]["DIAG-2L"][-1] == pytest.approx(m["adjusted_loss"]["DIAG-2L"]["U(0,5)"], abs=1e-6)
     assert len(m["per_layer_adjusted_loss_se"]["GDPP-2L"]) == 2
-    assert set(result.figures()) >= {"depth", "sigma", "coefficients", "rescaling", "per_layer"}
+    assert set(result.figures()) >= {"depth", "sigma", "coefficients", "rescaling", "per_layer", "gdpp_layers"}
+    assert m["gdpp_layers"]["gdpp_vs_kappa"][0] < m["gdpp_layers"]["gd_vs_kappa"][0]
 
 
 def test_training_is_deterministic():

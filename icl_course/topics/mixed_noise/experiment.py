@@ -27,6 +27,7 @@ from icl_course.runtime import get_device, get_profile
 from icl_course.tasks import Choice, Gaussian, RegressionTask, Uniform, generator
 from icl_course.training import History, TrainConfig, train
 
+from . import theory
 from .discovered_algorithm import DiscoveredAlgorithm
 from .ridge import AdaRR, OracleRidge, tune_const_ridge, tune_tuned_ridge
 
@@ -350,6 +351,9 @@ class MixedNoiseConfig:
     # the noise sweep (Table 1's columns): one DIAG-4L trained on each column, against the ridge baselines
     sweep_models: tuple[ModelSpec, ...] = ()  # filled in below (SWEEP_MODELS): they load or train like `models`
     n_sweep: int = 10_000  # fresh sequences per column for the sweep (ridge tuned on n_tune others)
+    # Theorem 5.1 numerically: GD++ layer counts over these condition numbers and accuracies (theory.py)
+    theory_kappas: tuple[float, ...] = (1e1, 1e2, 1e3, 1e4, 1e5, 1e6)
+    theory_epsilons: tuple[float, ...] = (1e-1, 1e-2, 1e-3, 1e-6, 1e-9, 1e-12)
 
 
 # DIAG-4L on every column of Table 1, in the table's order (U(0,2) and U(0,5) are SHIPPED's)
@@ -361,7 +365,7 @@ CONFIGS = {
         models=(_diag(2, steps=30, batch_size=256), _gdpp(2, steps=30, batch_size=256)),
         source="train", n_eval=2_000, n_tune=1_000, sigma_grid=(0.0, 2.5, 5.0), n_per_sigma=500, n_trace=100,
         sweep_models=tuple(_diag(2, s, steps=30, batch_size=256) for s in ("U(0,0)", "U(0,3)", "{1,3,5}")),
-        n_sweep=1_000,
+        n_sweep=1_000, theory_kappas=(1e1, 1e3), theory_epsilons=(1e-2, 1e-6),
     ),
     # the shipped weights, evaluated on fresh sequences, plus one small model trained live
     # (25k sequences a setting: adjusted losses to about +-0.01; the provenance files used 50k)
@@ -390,6 +394,7 @@ class MixedNoiseResult:
             "depth": depth_figure(self.depth, self.metrics["adjusted_loss"]),
             "sigma": sigma_figure(self.sweep),
         }
+        figs["gdpp_layers"] = theory.counts_figure(self.metrics["gdpp_layers"])
         if self.metrics["noise_sweep"]:
             figs["noise_sweep"] = noise_sweep_figure(self.metrics["noise_sweep"])
         if self.metrics["per_layer_adjusted_loss"]:
@@ -636,6 +641,7 @@ def run(profile: str | None = None, progress: bool = False, config: MixedNoiseCo
         "per_layer_adjusted_loss": per_layer,
         "per_layer_adjusted_loss_se": per_layer_se,
         "noise_sweep": noise_sweep,
+        "gdpp_layers": theory.layer_counts(config.theory_kappas, config.theory_epsilons),
         "live": live_metrics,
         "random_init": start_check,
         "seeds": seeds,
