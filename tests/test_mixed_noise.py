@@ -1,6 +1,7 @@
 """The mixed-noise chapter: ridge baselines, the discovered algorithm, the shipped weights, the checks."""
 
 import functools
+import math
 import shutil
 from dataclasses import replace
 
@@ -295,6 +296,25 @@ def per_layer_claims(seed):
 
 def test_the_last_read_out_of_every_shipped_stack_is_its_best():
     per_layer_claims.check()
+
+
+# The models trained on {1,3} at fixed noise levels (the chapter's section on two noise levels): at
+# sigma = 1 DIAG-4L adapts (well below ConstRR, which suits sigma^2 ~ 5), and far beyond its training
+# levels it blows up (adjusted loss above 10 at sigma = 6, where ConstRR is near 3; its size is carried by a
+# few sequences, 5e14 to 3e17 over eval seeds, so the claim is on its log10).
+@claim(diag_over_const_at_sigma_1=("<", 0.6), log10_diag_at_sigma_6=(">", 1.0))
+def two_level_claims(seed):
+    """DIAG-4L and ConstRR tuned on {1,3}, on 4000 sequences at sigma = 1 and at sigma = 6."""
+    tune = eval_sets(seed)["{1,3}"][1]
+    const = tune_const_ridge(tune)
+    diag = pretrained.load(mn.ModelSpec("diag", 4, "{1,3}").name)
+    at = {s: mn._fixed_noise_batch(s, 4000, 70 + 10 * seed + k) for k, s in enumerate((1.0, 6.0))}
+    return {"diag_over_const_at_sigma_1": mn.adjusted_loss(diag, at[1.0]) / mn.adjusted_loss(const, at[1.0]),
+            "log10_diag_at_sigma_6": math.log10(mn.adjusted_loss(diag, at[6.0]))}
+
+
+def test_diag_trained_on_two_levels_adapts_between_them_and_blows_up_beyond():
+    two_level_claims.check()
 
 
 # --- the experiment ------------------------------------------------------------------------------

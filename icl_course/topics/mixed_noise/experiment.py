@@ -395,6 +395,9 @@ class MixedNoiseResult:
             "sigma": sigma_figure(self.sweep),
         }
         figs["gdpp_layers"] = theory.counts_figure(self.metrics["gdpp_layers"])
+        if self.metrics["sigma_sweep_c13"]:
+            sweep = self.metrics["sigma_sweep_c13"]
+            figs["sigma_c13"] = sigma_figure(sweep, tuple(m for m in sweep if m != "sigma"), setting="{1,3}")
         if self.metrics["noise_sweep"]:
             figs["noise_sweep"] = noise_sweep_figure(self.metrics["noise_sweep"])
         if self.metrics["per_layer_adjusted_loss"]:
@@ -610,6 +613,9 @@ def run(profile: str | None = None, progress: bool = False, config: MixedNoiseCo
         depth.setdefault(method.split("-")[0], {})[_layers(method)] = table[method]["U(0,5)"]
     sweep = _sweep(config, {**{m: on_u5[m] for m in main_methods(on_u5)}, **baselines.get("U(0,5)", {})})
     per_layer, per_layer_se = _per_layer(config, {m: on_u5[m] for m in on_u5 if _layers(m) >= 2}, device)
+    # the same at fixed noise levels for the learners trained on the two-level mixture {1,3}
+    on_c13 = {m: model for (m, s), model in models.items() if s == "{1,3}" and not _extra(m)}
+    sweep_c13 = _sweep(config, {**on_c13, **baselines["{1,3}"]}) if on_c13 and "{1,3}" in baselines else None
     shared = {spec: models[(spec.method, spec.setting)] for spec in config.sweep_models
               if (spec.method, spec.setting) in models and spec in config.models}  # already loaded
     others = _load_or_train(config, progress, [s for s in config.sweep_models if s not in shared])
@@ -641,6 +647,7 @@ def run(profile: str | None = None, progress: bool = False, config: MixedNoiseCo
         "per_layer_adjusted_loss": per_layer,
         "per_layer_adjusted_loss_se": per_layer_se,
         "noise_sweep": noise_sweep,
+        "sigma_sweep_c13": sweep_c13,
         "gdpp_layers": theory.layer_counts(config.theory_kappas, config.theory_epsilons),
         "live": live_metrics,
         "random_init": start_check,
@@ -732,18 +739,26 @@ def noise_sweep_figure(sweep: dict):
     return fig
 
 
-def sigma_figure(sweep: dict, methods: tuple[str, ...] | None = None, sigma: float | None = None):
-    """Adjusted loss at a fixed noise level, for learners trained on U(0,5) (shaded: outside training)."""
+def sigma_figure(sweep: dict, methods: tuple[str, ...] | None = None, sigma: float | None = None,
+                 setting: str = "U(0,5)"):
+    """Adjusted loss at a fixed noise level, for learners trained on ``setting``: ``"U(0,5)"`` (shaded:
+    outside training) or ``"{1,3}"`` (dotted: the two training levels)."""
     fig, (ax,) = plots.figure(width=6.0)
     names = methods or main_methods(sweep)
     for i, method in enumerate(names):
         style = BASELINE_STYLE.get(method, {"marker": "o", "ms": 3, "color": f"C{i}"})
         ax.plot(sweep["sigma"], sweep[method], label=method, **style)
-    ax.axvspan(5, max(max(sweep["sigma"]), 5), color="0.9", zorder=-1)
+    if setting == "{1,3}":
+        for level in (1, 3):
+            ax.axvline(level, color="k", lw=1, ls=":")
+        title = "trained on sigma in {1,3}; dotted: the two training levels"
+        ax.set_ylim(-1e-3, 10)  # a model may blow up far from its training levels: the axis stops at 10
+    else:
+        ax.axvspan(5, max(max(sweep["sigma"]), 5), color="0.9", zorder=-1)
+        title = "trained on sigma ~ U(0,5); grey: never seen in training"
     if sigma is not None:
         ax.axvline(sigma, color="k", lw=1)
-    ax.set(xlabel="noise level sigma of the sequence", ylabel="adjusted 0.5·MSE", yscale="symlog",
-           title="trained on sigma ~ U(0,5); grey: never seen in training")
+    ax.set(xlabel="noise level sigma of the sequence", ylabel="adjusted 0.5·MSE", yscale="symlog", title=title)
     ax.set_yscale("symlog", linthresh=1e-2)
     ax.legend(fontsize=7, ncol=2)
     return fig
