@@ -40,6 +40,7 @@ __all__ = [
     "linear_transformer",
     "recurrent_transformer",
     "read_gdpp",
+    "rescaled_like_gd",
     "gd_transformer",
     "gdpp_transformer",
 ]
@@ -234,29 +235,38 @@ class RecurrentLinearTransformer(LinearTransformer):
         return {**args, "n_loops": self.n_loops}
 
 
-def read_gdpp(layer: LinearSelfAttention) -> tuple[float, float]:
-    """The GD++ step size and input-preconditioning rate ``(eta, gamma)`` a one-head layer implements.
+def rescaled_like_gd(layer: LinearSelfAttention) -> tuple[Tensor, Tensor]:
+    """A one-head layer's ``(Q, P)`` with the scale moved into ``P``: ``(Q / s, s P)``.
 
     Only the products of ``Q`` and ``P`` matter, so ``(Q / s, s P)`` is the same layer for any ``s``.
-    With ``s`` the mean diagonal of Q's x-block, Q's x-block becomes ~I as in ``gdpp_transformer``;
-    then ``eta = -P[y, y]`` (the GD step on the y-slots) and ``gamma = -mean diag P[x, x]`` (each
-    input moves by ``-gamma S x`` with ``S = (1/n) sum_j x_j x_j^T``). ``gdpp_transformer``'s layers
-    give their ``(eta, gamma)`` back exactly. For a trained FULL layer this reads the part of the
-    weights that GD++ has; how much else there is shows in how well the model matches GD++.
-
-    Convention: this package's layers divide by ``n``; von Oswald et al. write GD++ as
-    ``x <- (I - gamma' X X^T) x`` without ``1/n``, so their ``gamma' = gamma / n``.
+    With ``s`` the mean diagonal of Q's x-block, Q's x-block becomes ~I as in ``gd_transformer`` and
+    ``gdpp_transformer``, and ``-P[y, y]`` becomes the implied GD step size.
     """
     if not isinstance(layer, LinearSelfAttention):
         raise ValueError(f"layer must be a LinearSelfAttention layer, got {type(layer).__name__}")
     if layer.n_heads != 1:
         raise ValueError(f"layer must have one head, got n_heads={layer.n_heads}")
     Q, P = (m[0].detach() for m in layer.matrices())  # (D, D) each
-    d = layer.d
-    s = Q[:d, :d].diagonal().mean()
+    s = Q[: layer.d, : layer.d].diagonal().mean()
     if s == 0:
         raise ValueError("layer's Q has a zero x-block diagonal: it implements no GD step to read")
-    P = P * s
+    return Q / s, P * s
+
+
+def read_gdpp(layer: LinearSelfAttention) -> tuple[float, float]:
+    """The GD++ step size and input-preconditioning rate ``(eta, gamma)`` a one-head layer implements.
+
+    After :func:`rescaled_like_gd`, ``eta = -P[y, y]`` (the GD step on the y-slots) and
+    ``gamma = -mean diag P[x, x]`` (each input moves by ``-gamma S x`` with ``S = (1/n) sum_j x_j x_j^T``).
+    ``gdpp_transformer``'s layers give their ``(eta, gamma)`` back exactly. For a trained FULL layer this
+    reads the part of the weights that GD++ has; how much else there is shows in how well the model
+    matches GD++.
+
+    Convention: this package's layers divide by ``n``; von Oswald et al. write GD++ as
+    ``x <- (I - gamma' X X^T) x`` without ``1/n``, so their ``gamma' = gamma / n``.
+    """
+    _, P = rescaled_like_gd(layer)
+    d = layer.d
     return -P[d, d].item(), -P[:d, :d].diagonal().mean().item()
 
 

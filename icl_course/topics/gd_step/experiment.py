@@ -18,7 +18,13 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from icl_course import plots
-from icl_course.linear_transformer import FullAttention, LinearTransformer, gd_transformer, linear_transformer
+from icl_course.linear_transformer import (
+    FullAttention,
+    LinearTransformer,
+    gd_transformer,
+    linear_transformer,
+    rescaled_like_gd,
+)
 from icl_course.metrics import (
     evaluate,
     model_cosine,
@@ -37,7 +43,7 @@ from .recurrent import RecurrentConfig, RecurrentResult, run_recurrent
 from .softmax import SoftmaxConfig, run_softmax
 
 __all__ = ["GDStepConfig", "GDStepResult", "CONFIGS", "run", "best_one_step", "train_lsa", "out_of_distribution",
-           "interpolation", "make_task", "rescaled_like_gd", "interpolate"]
+           "interpolation", "make_task", "interpolate"]
 
 
 @dataclass(frozen=True)
@@ -134,22 +140,9 @@ class GDStepResult:
         }
 
 
-def rescaled_like_gd(model: LinearTransformer) -> tuple[torch.Tensor, torch.Tensor]:
-    """The trained ``(Q, P)`` of a one-layer, one-head model with the scale moved into ``P``.
-
-    Only the products ``Q ⊗ P`` matter, so ``(Q / s, s P)`` is the same function for any ``s``.
-    With ``s`` the mean diagonal of Q's x-block, Q's x-block becomes ~I as in the construction
-    and ``-P[y, y]`` becomes the implied GD step size.
-    """
-    Q, P = (m[0].detach() for m in model.layers[0].matrices())
-    d = model.d
-    s = Q[:d, :d].diagonal().mean()
-    return Q / s, P * s
-
-
 def interpolate(model: LinearTransformer, gd_model: LinearTransformer, alpha: float) -> LinearTransformer:
     """One-layer model with weights ``(1 - alpha) * construction + alpha * trained (rescaled)``."""
-    Q_t, P_t = rescaled_like_gd(model)
+    Q_t, P_t = rescaled_like_gd(model.layers[0])
     Q_g, P_g = (m[0].detach() for m in gd_model.layers[0].matrices())
     layer = FullAttention(model.d, n_heads=1, init_std=0.0).to(Q_t)
     with torch.no_grad():
@@ -218,7 +211,7 @@ def run(profile: str | None = None, progress: bool = False, config: GDStepConfig
     # The paper's text's inputs, U(-1, 1): only the scale of the loss changes.
     paper_text_batch = make_task(config, 1.0 / config.input_range).sample(config.n_eval, generator(config.seed + 3))
     _, gd_loss_paper_text = tune_step_size(paper_text_batch.to(device), n_steps=1)
-    _, P_scaled = rescaled_like_gd(model)
+    _, P_scaled = rescaled_like_gd(model.layers[0])
     lsa_loss = evaluate(model, held_out)
     lsa_errors, gd_errors = per_sequence_losses(model, held_out), per_sequence_losses(gd, held_out)
     metrics = {

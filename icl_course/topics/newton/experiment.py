@@ -429,7 +429,6 @@ def _match_summary(newton_match: dict, gd_match: dict, layer_preds, held_out) ->
         "error_level_newton_steps": newton_match["by_error"],
         "error_level_gd_steps": gd_match["by_error"],
         "layer_loss": [mse_loss(p, held_out.y_query.to(p)).item() for p in layer_preds],
-        "last_layer_loss": mse_loss(layer_preds[-1], held_out.y_query.to(layer_preds)).item(),
         "layers_gd_at_least_as_close": sum(g <= n for g, n in zip(gd_match["msd"], newton_match["msd"])),
         "effective_order": layer_orders(layer_preds, held_out),  # layer l against iteration l
         "effective_order_shifted": layer_orders(layer_preds, held_out, first_iteration=0),  # ... against l - 1
