@@ -231,9 +231,10 @@ def test_smoke_run_is_reproducible_and_has_the_metrics_and_figures():
     loss, se = a.metrics["model_layer_loss"], a.metrics["model_layer_loss_se"]
     assert len(se) == len(loss) and all(0 < e < v for e, v in zip(se, loss))
     assert set(a.figures()) == {"inverse_convergence", "iterations_vs_kappa", "construction", "loss_curves",
-                                "layer_errors", "matching", "logistic", "orders", "kappa_matching"}
+                                "layer_errors", "matching", "logistic", "orders", "kappa_matching", "logistic_depth"}
     for key in ("order_loss", "effective_order", "probe_layer_loss", "probe_newton_cosine", "probe_gd_cosine",
-                "layer_norm_layer_loss_se", "by_seed_layer_norm", "by_seed_kappa_high"):
+                "layer_norm_layer_loss_se", "by_seed_layer_norm", "by_seed_kappa_high", "logistic_depth_loss",
+                "logistic_depth_newton_beaten", "logistic_damped_newton_loss", "logistic_optimum_loss"):
         assert key in a.metrics, key
     assert set(a.metrics["order_loss"]) == {"2", "3", "4", "5"}
 

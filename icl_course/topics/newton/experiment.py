@@ -1,6 +1,6 @@
 """Chapter 4's experiment: transformers and Newton's method (Giannou et al. 2024; Fu et al. 2024).
 
-``run(profile)`` does four things, each feeding a section of the chapter:
+``run(profile)`` does five things, each feeding a section of the chapter:
 
 1. **Newton-Schulz against GD** on matrices of growing condition number: iterations to reach
    ``||I - A X||_2 <= 1e-8`` (``icl_course.topics.newton.matrix_inverse``).
@@ -12,6 +12,8 @@
    sequences), and, as a second notion, the fewest iterations that reach the layer's error.
 4. **Logistic regression**: Newton (IRLS) and GD on the regularized logistic loss, and a trained stack
    of (linear attention, ReLU MLP) blocks, each scored by its distance to the optimum's query logit.
+5. **Giannou et al.'s own logistic setup** (``logistic_depth``): one shipped model per depth against
+   damped Newton, one step per layer (``icl_course.topics.newton.logistic_depth``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from .logistic import (
     expected_cross_entropy,
     regularized_loss,
 )
+from .logistic_depth import DepthConfig, DepthResult, run_depths
 from .matrix_inverse import (
     IterativeNewton,
     iterations_to_tolerance,
@@ -93,6 +96,8 @@ class NewtonConfig:
     logistic_train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=400, batch_size=512, lr=5e-3))
     logistic_newton_iters: int = 8
     logistic_gd_steps: tuple[int, ...] = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
+    # 5. Giannou et al.'s own logistic setup, one shipped model per depth (None: skipped)
+    logistic_depth: DepthConfig | None = field(default_factory=DepthConfig)
     seed: int = 0  # model inits; data streams use seed + 1 (training) and seed + 2 (held out)
     # Part 3 again at each of these seeds (init, training and held-out data), for the spread of the
     # matches; the figures and the headline numbers come from ``seed``.
@@ -104,7 +109,7 @@ CONFIGS = {
     "smoke": NewtonConfig(
         kappas=(10.0, 100.0), n_layers=3, train=TrainConfig(steps=20, batch_size=128, lr=5e-3),
         logistic_blocks=2, logistic_train=TrainConfig(steps=10, batch_size=128, lr=5e-3), n_eval=500,
-        gd_grid=60,
+        gd_grid=60, logistic_depth=DepthConfig(n_eval=200),
     ),
     # ~2.5 minutes on a 2-core laptop CPU (more when it is loaded): the Fu et al. picture at 6 layers
     # (the LayerNorm and condition-number-100 stacks at two seeds: three would add ~30 s for little)
@@ -230,6 +235,7 @@ class NewtonResult:
     logistic_history: History
     curves: dict  # data behind the figures
     metrics: dict
+    logistic_depth: DepthResult | None = None  # Giannou et al.'s setup, one model per depth
 
     def figures(self) -> dict:
         m, c = self.metrics, self.curves
@@ -256,6 +262,8 @@ class NewtonResult:
         extra = {"orders": _orders_figure(m, layers)}
         if "by_seed_kappa_high" in m:
             extra["kappa_matching"] = _kappa_figure(m, layers)
+        if self.logistic_depth is not None:
+            extra["logistic_depth"] = self.logistic_depth.figure()
         return {
             **extra,
             "inverse_convergence": convergence_figure(100.0, self.config.matrix_dim, self.config.seed, self.config.tol),
@@ -586,6 +594,7 @@ def run(profile: str | None = None, progress: bool = False, config: NewtonConfig
         _, high_by_seed = trained_at_seeds(replace(fewer, kappa=config.kappa_high), task_high, device, progress)
         variants["kappa_high"] = {"kappa_high": config.kappa_high, "by_seed_kappa_high": _by_seed(fewer, high_by_seed)}
     lmodel, lhistory, logistic_metrics, curves = logistic_regression(config, progress, device)
+    depth = None if config.logistic_depth is None else run_depths(config.logistic_depth, device, progress)
     metrics = {
         **counts,
         **built,
@@ -613,9 +622,10 @@ def run(profile: str | None = None, progress: bool = False, config: NewtonConfig
         **{k: by_seed[0][k] for k in by_seed[0] if k.startswith("probe_")},
         **{k: v for variant in variants.values() for k, v in variant.items()},
         **logistic_metrics,
+        **(depth.metrics if depth is not None else {}),
         "n_eval": config.n_eval,
         "profile": profile,
         "device": str(device),
     }
     curves = {"construction_newton": construction_curve, **curves}
-    return NewtonResult(config, model, lmodel, history, lhistory, curves, Lookup.deep(metrics))
+    return NewtonResult(config, model, lmodel, history, lhistory, curves, Lookup.deep(metrics), depth)

@@ -17,6 +17,14 @@ every learner is scored by ``0.5 mean (z - z*)^2``: Newton's iterates, GD's, and
 trained model on one scale. The expected cross-entropy of the query's label,
 ``CE(z) = p_q softplus(-z) + (1 - p_q) softplus(z)`` with ``p_q = sigmoid(<w_b, x_q>)``, measures how
 good the predictions are as probabilities.
+
+**Giannou et al.'s own setup** (their public code, ``Leiay/icl_newton``) differs: labels are the clean
+signs ``y_i = sign(<w_b, x_i>)``, ``mu = 0.01``, the target is the optimum's weight vector found by
+*damped* Newton, and a model is scored by the regularized loss ``L`` of the weights it outputs.
+``LogisticTask(labels="sign", query="basis", damped=True)`` is that task in this module's terms: the
+query is a basis vector ``e_m`` (``m`` drawn per sequence), so the target logit ``<w*, e_m>`` is
+coordinate ``m`` of the weights, and :func:`predicted_weights` reads a model's whole weight vector
+out with the d basis queries (the query token is never a key or value, so each probe is independent).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from icl_course import pretrained
 from icl_course.linear_transformer import FullAttention, LinearTransformer
 from icl_course.metrics import mse_loss
 from icl_course.runtime import require_finite
@@ -45,6 +54,7 @@ __all__ = [
     "TokenMLP",
     "AttentionMLPTransformer",
     "attention_mlp_transformer",
+    "predicted_weights",
 ]
 
 
@@ -110,9 +120,16 @@ class LogisticTask:
     mu: float = 0.1
     deep_supervision: bool = True
     newton_steps: int = 12  # Newton iterations behind z* (5-6 reach float64 precision at mu = 0.1)
+    labels: str = "bernoulli"  # "bernoulli": y = +1 w.p. sigmoid(<w, x>); "sign": y = sign(<w, x>)
+    query: str = "random"  # "random": x_q drawn like the inputs; "basis": x_q = e_m, m uniform
+    damped: bool = False  # z* from damped Newton (needed for "sign" labels at small mu, see LogisticNewton)
 
     def __post_init__(self):
         _check_mu(self.mu)
+        if self.labels not in ("bernoulli", "sign"):
+            raise ValueError(f"labels must be 'bernoulli' or 'sign', got {self.labels!r}")
+        if self.query not in ("random", "basis"):
+            raise ValueError(f"query must be 'random' or 'basis', got {self.query!r}")
         if not isinstance(self.d, int) or self.d < 1:
             raise ValueError(f"d must be an integer >= 1, got {self.d!r}")
         if not isinstance(self.n_ctx, int) or self.n_ctx < 1:
@@ -129,10 +146,19 @@ class LogisticTask:
         B, n, d = batch_size, self.n_ctx, self.d
         x_all = self.inputs.draw((B, n + 1, d), gen, dtype)  # (B, n+1, d)
         w = self.weights.draw((B, d), gen, dtype)  # (B, d)
-        p = torch.sigmoid(torch.einsum("bnd,bd->bn", x_all, w))  # (B, n+1)
-        labels = torch.where(torch.rand((B, n), generator=gen, dtype=dtype) < p[:, :n], 1.0, -1.0).to(dtype)
+        if self.query == "basis":  # x_q = e_m: the target logit is coordinate m of the weights
+            m = torch.randint(d, (B,), generator=gen)
+            x_all[:, n] = F.one_hot(m, d).to(dtype)
+        margin = torch.einsum("bnd,bd->bn", x_all, w)  # (B, n+1)
+        if self.labels == "sign":
+            p = (margin > 0).to(dtype)  # the label is certain
+            labels = torch.where(margin[:, :n] > 0, 1.0, -1.0).to(dtype)
+        else:
+            p = torch.sigmoid(margin)
+            labels = torch.where(torch.rand((B, n), generator=gen, dtype=dtype) < p[:, :n], 1.0, -1.0).to(dtype)
         xs, x_q = x_all[:, :n], x_all[:, n]
-        w_star = LogisticNewton(self.mu, self.newton_steps).weights(xs.double(), labels.double())  # (B, d)
+        newton = LogisticNewton(self.mu, self.newton_steps, damped=self.damped)
+        w_star = newton.weights(xs.double(), labels.double())  # (B, d)
         z_star = torch.einsum("bd,bd->b", w_star, x_q.double()).to(dtype)
         batch = LogisticBatch(xs=xs, ys=labels, x_query=x_q, p_query=p[:, n], w=w, z_star=z_star)
         return batch.to(device=device)
@@ -172,12 +198,21 @@ class LogisticNewton(LinearSolver):
 
     mu: float
     n_steps: int = 1
+    damped: bool = False
 
     def __post_init__(self):
         _check_solver(self.mu, self.n_steps)
+        if not isinstance(self.damped, bool):
+            raise ValueError(f"damped must be True or False, got {self.damped!r}")
 
     def iterates(self, xs: Tensor, ys: Tensor) -> list[Tensor]:
-        """``[w_0, ..., w_{n_steps}]``, each ``(B, d)``."""
+        """``[w_0, ..., w_{n_steps}]``, each ``(B, d)``.
+
+        ``damped``: the step is shortened to ``t = 2 sqrt(mu) / (2 sqrt(mu) + lambda)`` with the Newton
+        decrement ``lambda = sqrt(g^T H^{-1} g)``, the rule of Giannou et al.'s code. It converges from
+        any start; the full step can overshoot when the context is separable and ``mu`` is small
+        (clean ``sign`` labels), because the optimum's weights are then large.
+        """
         _check_labels(ys)
         B, n, d = xs.shape
         eye = torch.eye(d, dtype=xs.dtype, device=xs.device)
@@ -186,7 +221,12 @@ class LogisticNewton(LinearSolver):
         for _ in range(self.n_steps):
             s = torch.sigmoid(torch.einsum("bnd,bd->bn", xs, w))  # (B, n)
             H = torch.einsum("bni,bn,bnj->bij", xs, s * (1 - s), xs) / n + self.mu * eye  # (B, d, d)
-            w = w - torch.linalg.solve(H, regularized_gradient(xs, ys, w, self.mu))
+            g = regularized_gradient(xs, ys, w, self.mu)
+            step = torch.linalg.solve(H, g)  # (B, d)
+            if self.damped:
+                decrement = (g * step).sum(-1, keepdim=True).clamp(min=0).sqrt()  # (B, 1)
+                step = step * (2 * self.mu**0.5 / (2 * self.mu**0.5 + decrement))
+            w = w - step
             out.append(w)
         return out
 
@@ -258,6 +298,13 @@ class TokenMLP(nn.Module):
 class AttentionMLPTransformer(LinearTransformer):
     """Blocks of (linear attention, ReLU MLP); ``predict_per_layer`` reads out after every *block*."""
 
+    @property
+    def args(self) -> dict:
+        """The arguments of :func:`attention_mlp_transformer` that rebuild this stack (for ``pretrained``)."""
+        attention, mlp = self.layers[0], self.layers[1]
+        return {"d": self.d, "n_blocks": len(self.layers) // 2, "n_heads": attention.n_heads,
+                "width": mlp.W1.shape[0], "clamp": self.clamp}
+
     def predict_per_layer(self, xs: Tensor, ys: Tensor, x_query: Tensor) -> Tensor:
         """The query logit after every (attention, MLP) block: ``(n_blocks, B)``."""
         self.check_inputs(xs, ys, x_query)
@@ -277,3 +324,17 @@ def attention_mlp_transformer(
     for _ in range(n_blocks):
         layers += [FullAttention(d, n_heads, init_std, gen), TokenMLP(d, width, init_std, gen)]
     return AttentionMLPTransformer(layers, clamp=clamp)
+
+
+pretrained.register(AttentionMLPTransformer, build=attention_mlp_transformer)
+
+
+def predicted_weights(model, xs: Tensor, ys: Tensor) -> Tensor:
+    """The weight vector a model trained with ``query="basis"`` outputs: ``(B, n, d), (B, n) -> (B, d)``.
+
+    Coordinate ``m`` is the model's logit for the query ``e_m``; the d probes run as one batch.
+    """
+    B, n, d = xs.shape
+    probes = torch.eye(d, dtype=xs.dtype, device=xs.device).expand(B, d, d).reshape(B * d, d)
+    logits = model.predict(xs.repeat_interleave(d, 0), ys.repeat_interleave(d, 0), probes)  # (B d,)
+    return logits.reshape(B, d)
