@@ -107,6 +107,10 @@ class LogisticTask:
         mu: the regularization of ``L`` (its optimum is the target).
         deep_supervision: train on the mean loss over every read-out of ``model.predict_per_layer``
             (so each block's logit is a prediction in its own right) instead of the last one only.
+        labels: ``"bernoulli"`` (``y = +1`` with probability ``sigmoid(<w, x>)``) or ``"sign"``
+            (``y = sign(<w, x>)``, Giannou et al.'s clean labels; ``p_query`` is then 0 or 1).
+        query: ``"random"`` (drawn like the inputs) or ``"basis"`` (``e_m``, so ``z*`` is ``w*_m``).
+        damped: compute ``w*`` with damped Newton (:class:`LogisticNewton`), as Giannou et al. do.
 
     >>> batch = LogisticTask(d=3, n_ctx=6).sample(2, generator(0))
     >>> tuple(batch.xs.shape), sorted(batch.ys.unique().tolist())
