@@ -146,10 +146,12 @@ HEAVY_TAILED = {"mixed_noise/diag-4l-u3"}
 
 def test_every_shipped_model_is_there_with_provenance():
     assert mn.SHIPPED[3] == replace(mn.SEED_RUNS[0], seed=0)  # the headline model is seed 0 of its set
-    expected = mn.SHIPPED + (mn.RANDOM_INIT,) + trained_seed_runs() + mn.DEEP + mn.SWEEP + mn.TWO_LEVEL
+    expected = (mn.SHIPPED + (mn.RANDOM_INIT,) + trained_seed_runs() + mn.DEEP + mn.DEEP_SEED_RUNS + mn.SWEEP_FILES
+                + mn.TWO_LEVEL)
     assert sorted(SHIPPED_NAMES) == sorted(spec.name for spec in expected)
     assert len(trained_seed_runs()) >= 2  # the spread over seeds needs runs to spread over
-    for spec in mn.CONFIGS["quick"].models + mn.CONFIGS["quick"].sweep_models:  # what `full` retrains is what shipped
+    for spec in mn.CONFIGS["quick"].models + mn.CONFIGS["quick"].sweep_models + mn.SWEEP_FILES + mn.DEEP_SEED_RUNS:
+        # what `full` retrains is what shipped
         recorded = pretrained.provenance(spec.name)["spec"]  # (older records have no "init": they used "gd")
         assert {**dataclasses.asdict(spec), **recorded} == dataclasses.asdict(spec), spec.name
     for name in SHIPPED_NAMES:
@@ -193,6 +195,32 @@ def shipped_claims(seed):
 @pytest.mark.parametrize("name", SHIPPED_NAMES)
 def test_shipped_model_has_the_loss_its_provenance_claims(name):
     shipped_claims.check(keys=[f"provenance_rel_gap {name}"])
+
+
+def test_every_sweep_column_chose_between_the_same_two_runs_on_validation():
+    """The noise sweep's protocol: two runs per column (the sweep's recipe, the clamped one), each with a
+    validation and a test score, the lower validation score chosen, and SWEEP_MODELS naming that run."""
+    for setting in mn.SETTINGS:
+        spec = mn.sweep_run(setting, 1 if setting in mn.SWEEP_SHARED else mn.SWEEP_CHOSEN[setting])
+        selection = pretrained.provenance(spec.name)["selection"]
+        assert selection["rule"] == mn.SWEEP_RULE and sorted(selection["runs"]) == ["0", "1"], setting
+        scores = {int(k): r["validation"] for k, r in selection["runs"].items()}
+        assert all("test" in r for r in selection["runs"].values()), setting
+        assert selection["chosen"] == min(scores, key=lambda k: (scores[k], k)) == mn.SWEEP_CHOSEN[setting], setting
+        assert selection["validation"]["generator"] != selection["test"]["generator"]
+        chosen = mn.SWEEP_MODELS[list(mn.SETTINGS).index(setting)]
+        recipe = {k: getattr(chosen, k) for k in ("lr", "steps", "clamp")}
+        assert selection["runs"][str(selection["chosen"])]["recipe"] == recipe, setting
+
+
+def test_deep_seed_sets_share_one_record_chosen_on_validation():
+    for base in mn.DEEP_SEEDED:
+        records = [pretrained.provenance(s.name)["selection"] for s in (base, *mn.DEEP_SEED_RUNS) if s.method == base.method]
+        assert len(records) == 1 + len(mn.DEEP_SEEDS) and all(r == records[0] for r in records)
+        runs = records[0]["runs"]
+        assert sorted(runs) == [str(s) for s in (0, *mn.DEEP_SEEDS)]
+        scores = {int(k): r["validation"] for k, r in runs.items()}
+        assert records[0]["chosen"] == min(scores, key=scores.get)
 
 
 def test_seed_spread_reports_every_seed_and_chooses_on_validation():
@@ -376,7 +404,8 @@ def sweep_claims(seed):
             out[f"sweep_const_rr_gap {setting}"] = abs(const - mn.PAPER_TABLE1["ConstRR"][setting])
             out[f"sweep_ada_rr_gap {setting}"] = abs(mn.adjusted_loss(AdaRR(), batch) - mn.PAPER_TABLE1["AdaRR"][setting])
         if setting in _BEATS:  # (U(0,3) is measured by the provenance claim only)
-            out[f"sweep_diag_over_const {setting}"] = mn.adjusted_loss(pretrained.load(mn._diag(4, setting).name), batch) / const
+            model = pretrained.load(mn.SWEEP_MODELS[list(mn.SETTINGS).index(setting)].name)  # the column's chosen run
+            out[f"sweep_diag_over_const {setting}"] = mn.adjusted_loss(model, batch) / const
     return out
 
 

@@ -30,7 +30,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["gdpp_weights", "relative_errors", "best_gamma", "greedy_schedule", "layers_needed", "gd_layers_needed",
-           "geometric_spectrum", "layer_counts", "counts_figure"]
+           "geometric_spectrum", "layer_counts", "counts_figure", "two_level_coefficients", "two_level_prediction",
+           "two_level_transformer", "two_level_task", "two_level_gaps"]
 
 
 def gdpp_weights(xs: Tensor, ys: Tensor, etas, gammas) -> Tensor:
@@ -152,3 +153,92 @@ def counts_figure(counts: dict):
     left.set_xlabel("condition number kappa")
     right.set_xlabel("1 / eps")
     return fig
+
+
+# --- Theorem 5.2: two layers solve ridge regression for two noise levels ---------------------------
+#
+# Vladymyrov et al. 2024, Theorem 5.2 (proof in their appendix A.5): inputs x_i ~ N(0, I/n) (so that
+# X^T X -> I), y_i = <w, x_i> + xi_i with xi_i ~ N(0, sigma^2) and sigma one of two values sigma_1, sigma_2.
+# As n -> oo, a two-layer linear transformer whose first layer has only w_yx (one GD step) and whose second
+# has only w_yy (the adaptive rescaling) outputs ridge regression with lam = sigma^2 for either level.
+#
+# In our layers' convention (statistics with 1/n, ``discovered_algorithm``): layer 1 gives
+# u_1 = a X^T y with a = -w_yx / n and residuals r = y - a X X^T y; layer 2 multiplies u by
+# 1 + w_yy rho, rho = ||r||^2 / n -> sigma^2 (the signal part <w, x_i> has variance ||w||^2 / n -> 0).
+# Ridge tends to X^T y / (1 + sigma^2), so (1 + w_yy sigma_k^2) a = 1 / (1 + sigma_k^2) for k = 1, 2:
+# two linear equations in a and a w_yy, whose solution is
+#
+#     a = (1 + s_1 + s_2) / ((1 + s_1)(1 + s_2)),   w_yy = -1 / (1 + s_1 + s_2),   s_k = sigma_k^2.
+
+
+def two_level_coefficients(sigma1: float, sigma2: float, n: int):
+    """The two layers of the Theorem 5.2 construction for context length ``n``: ``[LayerCoefficients]``."""
+    from .discovered_algorithm import LayerCoefficients
+
+    for name, value in (("sigma1", sigma1), ("sigma2", sigma2)):
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    s1, s2 = sigma1**2, sigma2**2
+    a = (1 + s1 + s2) / ((1 + s1) * (1 + s2))
+    return [LayerCoefficients(0.0, 0.0, -n * a, 0.0), LayerCoefficients(0.0, 0.0, 0.0, -1 / (1 + s1 + s2))]
+
+
+def two_level_prediction(xs: Tensor, ys: Tensor, x_query: Tensor, sigma1: float, sigma2: float) -> Tensor:
+    """The construction's prediction in closed form: ``(1 + w_yy rho) a <X^T y, x_q>``, ``(B,)``."""
+    if xs.ndim != 3 or ys.shape != xs.shape[:2] or x_query.shape != (xs.shape[0], xs.shape[2]):
+        raise ValueError(f"xs must be (B, n, d), ys (B, n), x_query (B, d); got {tuple(xs.shape)}, "
+                         f"{tuple(ys.shape)}, {tuple(x_query.shape)}")
+    n = xs.shape[1]
+    first, second = two_level_coefficients(sigma1, sigma2, n)
+    a = -first.w_yx / n
+    g = torch.einsum("bnd,bn->bd", xs, ys)  # X^T y, (B, d)
+    r = ys - a * torch.einsum("bnd,bd->bn", xs, g)  # residuals after the GD step, (B, n)
+    rescale = 1 + second.w_yy * r.pow(2).sum(-1) / n  # (B,)
+    return rescale * a * torch.einsum("bd,bd->b", g, x_query)
+
+
+def two_level_transformer(d: int, sigma1: float, sigma2: float, n: int):
+    """A two-layer one-head DIAG ``LinearTransformer`` (float64) with the construction's weights:
+    layer 1 ``q_x = 1, p_y = w_yx`` (only ``w_yx = p_y q_x`` nonzero), layer 2 ``q_y = 1, p_y = w_yy``."""
+    from icl_course.linear_transformer import linear_transformer
+
+    model = linear_transformer(d, n_layers=2, attention="diag").double()
+    first, second = two_level_coefficients(sigma1, sigma2, n)
+    with torch.no_grad():
+        for layer, (q_x, q_y, p_y) in zip(model.layers, ((1.0, 0.0, first.w_yx), (0.0, 1.0, second.w_yy))):
+            layer.q_x.fill_(q_x), layer.q_y.fill_(q_y), layer.p_x.zero_(), layer.p_y.fill_(p_y)
+    return model.eval()
+
+
+def two_level_task(n: int, d: int = 10):
+    """The theorem's data with ``n`` context pairs: ``x ~ N(0, I/n)`` (query too), ``w ~ N(0, I)``; pass
+    the noise level to :meth:`sample` through the task's ``noise``."""
+    from icl_course.tasks import Gaussian, RegressionTask
+
+    return lambda sigma: RegressionTask(d=d, n_ctx=n, inputs=Gaussian(std=1 / math.sqrt(n)), noise=float(sigma))
+
+
+@torch.no_grad()
+def two_level_gaps(sigma1: float = 1.0, sigma2: float = 3.0, ns=(100, 1_000, 10_000), d: int = 10,
+                   n_seq: int = 200, seed: int = 0) -> dict:
+    """How close the construction comes to ridge with ``lam = sigma^2`` as ``n`` grows (float64):
+    for each level and each ``n``, ``mean |y_hat - y_ridge| / mean |y_ridge|`` over ``n_seq`` sequences
+    of that level, beside the same gap of the single ridge with ``lam = sigma_other^2`` (what a learner
+    that does not adapt to the level gets at best among the two)."""
+    from icl_course.solvers import Ridge
+    from icl_course.tasks import generator
+
+    out = {"n": list(ns), "levels": [sigma1, sigma2], "construction": {}, "other_level_ridge": {}}
+    for j, (sigma, other) in enumerate(((sigma1, sigma2), (sigma2, sigma1))):
+        ours, wrong = [], []
+        for k, n in enumerate(ns):
+            b = two_level_task(n, d)(sigma).sample(n_seq, generator(seed + 100 * j + k), dtype=torch.float64)
+            ridge = Ridge(sigma**2).predict(b.xs, b.ys, b.x_query)
+            scale = ridge.abs().mean().item()
+            got = two_level_prediction(b.xs, b.ys, b.x_query, sigma1, sigma2)
+            ours.append((got - ridge).abs().mean().item() / scale)
+            wrong.append((Ridge(other**2).predict(b.xs, b.ys, b.x_query) - ridge).abs().mean().item() / scale)
+        out["construction"][f"{sigma:g}"], out["other_level_ridge"][f"{sigma:g}"] = ours, wrong
+    return out
