@@ -8,6 +8,7 @@ import torch
 from margins import claim
 
 import icl_course as icl
+from icl_course import pretrained as icl_pretrained
 from icl_course.linear_transformer import gdpp_transformer
 from icl_course.metrics import implicit_weights_per_layer
 from icl_course.solvers import GDPlusPlus, tune_gdpp
@@ -264,17 +265,20 @@ def test_seed_verdicts_count_the_seeds_on_which_each_claim_holds():
 # --- the shipped long-trained deep models ----------------------------------------------------------
 
 
-LONG = [(L, s) for s in pre.LONG_SEEDS for L in pre.LONG_DEPTHS]
+LONG = [(L, s, False) for s in pre.LONG_SEEDS for L in pre.LONG_DEPTHS]
+LONG += [(L, s, True) for L in pre.LONGER_STEPS for s in pre.LONG_SEEDS  # the runs with the longer schedule
+         if pre.longer_name(L, s) in icl_pretrained.available("preconditioning/")]
 
 
-@pytest.mark.parametrize("depth, seed", LONG)
-def test_shipped_long_trained_models_remeasure_their_recorded_metrics(depth, seed):
+@pytest.mark.parametrize("depth, seed, longer", LONG)
+def test_shipped_long_trained_models_remeasure_their_recorded_metrics(depth, seed, longer):
     from icl_course import pretrained
 
-    name = pre.long_name(depth, seed)
+    name = pre.longer_name(depth, seed) if longer else pre.long_name(depth, seed)
     record = pretrained.provenance(name)
+    steps = pre.LONGER_STEPS[depth] if longer else pre.LONG_TRAIN.steps
     assert record["selection"] == pretrained.one_run(seed)  # every seed shipped, none chosen
-    assert record["train"]["steps"] == pre.LONG_TRAIN.steps and record["init"] == {"init_std": QUICK.init_std, "seed": seed}
+    assert record["train"]["steps"] == steps and record["init"] == {"init_std": QUICK.init_std, "seed": seed}
     model = pretrained.load(name)
     assert model.args["n_layers"] == depth and model.args["d"] == QUICK.d
     config = replace(QUICK, seed=seed, spread_seeds=())
@@ -284,7 +288,7 @@ def test_shipped_long_trained_models_remeasure_their_recorded_metrics(depth, see
         assert got[key] == pytest.approx(claimed[key], rel=1e-3), key
     curve = record["validation"]["curve"]  # the recorded verdict follows from the recorded curve
     assert pre.plateau(curve) == record["validation"]["plateau"]
-    assert curve["step"][-1] == pre.LONG_TRAIN.steps and curve["median"][-1] < 0.01 * curve["median"][0]
+    assert curve["step"][-1] == record["train"]["steps"] and curve["median"][-1] < 0.01 * curve["median"][0]
 
 
 def test_plateau_reads_the_last_fifth_of_a_curve():

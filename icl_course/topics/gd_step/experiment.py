@@ -69,7 +69,8 @@ class GDStepConfig:
 CONFIGS = {
     # seconds: enough for the shapes and the pipeline, not for the claim
     "smoke": GDStepConfig(train=TrainConfig(steps=60, batch_size=256, lr=1e-2), n_eval=1000, n_track=3,
-                          recurrent=RecurrentConfig(seeds=(0,), gdpp_n_ctxs=(10,), n_eval=1000, n_tune=1000),
+                          recurrent=RecurrentConfig(n_ctxs=(10,), seeds=(0,), gdpp_n_ctxs=(10,), n_eval=1000,
+                                                    n_tune=1000),
                           softmax=SoftmaxConfig(seeds=(0,))),
     # a laptop CPU in well under a minute; the claim (within 2% of GD, cosine >= 0.99) holds here.
     # The recurrent and softmax models are the shipped ones (icl_course/weights/gd_step), re-measured.
