@@ -127,7 +127,7 @@ class DepthConfig:
     depths: tuple[int, ...] = DEPTHS
     seeds: tuple[int, ...] = (0, 1, 2)
     source: str = "shipped"  # "shipped": load the package's weights; "train": train them here
-    n_eval: int = 3000  # held-out sequences (each read out with d probes, in float64)
+    n_eval: int = 2000  # held-out sequences (each read out with d probes, in float64)
     newton_steps: int = 20  # Newton iterates scored (their figure's x-axis reaches 20)
     train_steps: int | None = None  # "train" only: shorter runs (the smoke profile)
 
