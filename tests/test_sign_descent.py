@@ -249,7 +249,8 @@ def _steps(value):
     steps_to_signal_signs_settled=("<", SMOKE.steps),
     # Adam's betas: (0, 0) trains like sign descent; momentum without a second moment (0.9, 0) does not
     adam_00_minus_sign_test_accuracy_abs=("<", 0.05),
-    log_adam_09_0_over_sign_test_loss=(">", 1.0),  # ln(test loss ratio)
+    # ln(test loss ratio): 3.9 +- 0.8 over seeds and threads ((0.9, 0) is the most erratic cell)
+    log_adam_09_0_over_sign_test_loss=(">", 0.5),
 )
 def smoke_claims(seed):
     """The smoke profile with ``seed`` for the initial weights and the training and test data."""
@@ -588,13 +589,13 @@ ICL_SMALL = InContextConfig(steps=300, batch_size=256, seeds=1, n_eval=1000,
     # near the tuned one, held-out loss near one GD step's (300 steps of 256 tasks)
     sign_cosine=(">", 0.95),
     adam_cosine=(">", 0.95),
-    gd_cosine=(">", 0.9),
+    gd_cosine=(">", 0.85),  # GD lags at 300 steps: 0.96 +- 0.02
     sign_eta_rel_error=("<", 0.2),
     adam_eta_rel_error=("<", 0.2),
     gd_eta_rel_error=("<", 0.3),
     sign_relative_gap=("<", 0.1),
     adam_relative_gap=("<", 0.1),
-    gd_relative_gap=("<", 0.2),
+    gd_relative_gap=("<", 0.45),  # 0.11 +- 0.08
 )
 def in_context_claims(seed):
     """Chapter 1's task with ``seed`` for the model, the data stream and the evaluation tasks."""
