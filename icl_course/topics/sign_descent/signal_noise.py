@@ -18,7 +18,8 @@ different samples barely overlap, so a network can fit the labels by memorising 
 with ``W_Q, W_K`` of shape ``(m_k, d)`` and one value matrix ``W_{V,j}`` of shape ``(m_v, d)`` per
 output sign ``j``. The loss is logistic, ``mean log(1 + exp(-y f(X)))``, on a fixed training set.
 
-:func:`stage_quantities` measures the inner products the paper's four-stage analysis tracks.
+:func:`stage_quantities` measures the inner products the paper's four-stage analysis tracks, and
+:func:`signal_votes` the query/key signal terms against majority votes of their noise terms (stage III).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ __all__ = [
     "value_noise",
     "value_signal",
     "stage_quantities",
+    "signal_votes",
     "STAGE_QUANTITIES",
 ]
 
@@ -184,6 +186,13 @@ STAGE_QUANTITIES = {
     "attention_noise_to_signal": "mean_i S[i, noise, signal]: the noise patch's attention to the signal patch",
     "attention_signal_to_signal": "mean_i S[i, signal, signal]",
     "qk_noise_sign_agreement": "fraction of (s, i) with sign <w_Q,s, y_i xi_i> = sign <w_K,s, y_i xi_i>",
+    # stage III: the signs of the query and key *signal* terms against a vote of each neuron's noise terms
+    "query_signal_signs": "sign <w_Q,s, mu> for every neuron s (a list of m_k numbers in {-1, 0, 1})",
+    "key_signal_signs": "sign <w_K,s, mu> for every neuron s",
+    "query_signal_vote_agreement": "fraction of s with sign <w_Q,s, mu> = sign sum_i <w_Q,s, y_i xi_i> (vote by sum)",
+    "key_signal_vote_agreement": "fraction of s with sign <w_K,s, mu> = sign sum_i <w_K,s, y_i xi_i> (vote by sum)",
+    "query_signal_count_vote_agreement": "the same with the vote by count, sign sum_i sign <w_Q,s, y_i xi_i>",
+    "key_signal_count_vote_agreement": "the same with the vote by count, sign sum_i sign <w_K,s, y_i xi_i>",
 }
 
 
@@ -211,12 +220,33 @@ def value_signal(model: SoftmaxAttentionClassifier, batch: SignalNoiseBatch) -> 
 
 
 @torch.no_grad()
+def signal_votes(model: SoftmaxAttentionClassifier, batch: SignalNoiseBatch) -> dict[str, Tensor]:
+    """Per query/key neuron ``s``: the signal term and two majority votes of its noise terms.
+
+    ``{"query_signal", "key_signal"}``: ``<w_Q,s, mu>`` and ``<w_K,s, mu>``, ``(m_k,)``;
+    ``{"query_vote", "key_vote"}``: ``sign sum_i <w_., s, y_i xi_i>`` (the vote by sum);
+    ``{"query_count_vote", "key_count_vote"}``: ``sign sum_i sign <w_., s, y_i xi_i>`` (one vote per sample).
+    """
+    y_xi = batch.y[:, None] * batch.xi  # (n, d)
+    out = {}
+    for name, W in (("query", model.W_Q), ("key", model.W_K)):
+        noise = W @ y_xi.T  # (m_k, n)
+        out[f"{name}_signal"] = W @ batch.mu  # (m_k,)
+        out[f"{name}_vote"] = torch.sign(noise.sum(dim=1))
+        out[f"{name}_count_vote"] = torch.sign(torch.sign(noise).sum(dim=1))
+    return out
+
+
+@torch.no_grad()
 def stage_quantities(model: SoftmaxAttentionClassifier, batch: SignalNoiseBatch) -> dict[str, float]:
     """The inner products of :data:`STAGE_QUANTITIES` on ``batch`` (the training set)."""
     y_xi = batch.y[:, None] * batch.xi  # (n, d)
     query_noise = model.W_Q @ y_xi.T  # (m_k, n)
     key_noise = model.W_K @ y_xi.T  # (m_k, n)
     scores = model.attention(batch.X)  # (n, 2, 2); patch 0 is the signal
+    votes = signal_votes(model, batch)
+    signs = {name: torch.sign(votes[f"{name}_signal"]) for name in ("query", "key")}
+    agree = lambda a, b: (a == b).float().mean().item()  # noqa: E731
     return {
         "value_noise": value_noise(model, batch).mean().item(),
         "value_signal": value_signal(model, batch),
@@ -225,4 +255,8 @@ def stage_quantities(model: SoftmaxAttentionClassifier, batch: SignalNoiseBatch)
         "attention_noise_to_signal": scores[:, 1, 0].mean().item(),
         "attention_signal_to_signal": scores[:, 0, 0].mean().item(),
         "qk_noise_sign_agreement": (torch.sign(query_noise) == torch.sign(key_noise)).float().mean().item(),
+        "query_signal_signs": signs["query"].tolist(),
+        "key_signal_signs": signs["key"].tolist(),
+        **{f"{name}_signal_vote_agreement": agree(signs[name], votes[f"{name}_vote"]) for name in ("query", "key")},
+        **{f"{name}_signal_count_vote_agreement": agree(signs[name], votes[f"{name}_count_vote"]) for name in ("query", "key")},
     }
