@@ -274,3 +274,65 @@ def test_one_step_check_names_the_eta_one_half_mistake_at_every_eta(capsys):
     # unexplained difference in the 4th digit (about one call in 1000). The check now draws eta away from 1/2.
     results = [checks.one_step_is_linear_attention(lambda Q, K, V, eta: Q @ K.T @ V) for _ in range(10_000)]
     assert all("eta = 1/2" in r.message for r in results), [r.message for r in results if "eta = 1/2" not in r.message][:3]
+
+
+# --- the inner loop's knobs: inner epochs, fixed W0 --------------------------------------------------
+
+
+def test_inner_epochs_agree_in_both_forms_and_each_extra_step_is_full_batch_gd():
+    q, k, v = qkv(11, T=20)
+    H, f = q.shape[1], q.shape[3]
+    gen = generator(12)
+    eta = 0.2 * torch.rand(q.shape[:3], generator=gen, dtype=torch.float64)
+    params = [(W.double(), b.double()) for W, b in ttt.init_inner_params(f, H, "mlp", std=0.3, gen=gen)]
+    ln = (1 + 0.1 * torch.randn(H, f, generator=gen, dtype=torch.float64), torch.zeros(H, f, dtype=torch.float64))
+    for steps in (1, 3):
+        z_p, s_p = ttt.ttt_primal(q, k, v, eta, params, mini_batch=8, ln=ln, residual=True, inner_steps=steps)
+        z_d, s_d = ttt.ttt_dual(q, k, v, eta, params, mini_batch=8, ln=ln, residual=True, inner_steps=steps)
+        assert (z_p - z_d).abs().max() < 1e-10
+    z_1, _ = ttt.ttt_dual(q, k, v, eta, params, mini_batch=8, ln=ln, residual=True)
+    assert (z_1 - ttt.ttt_dual(q, k, v, eta, params, 8, ln=ln, residual=True, inner_steps=1)[0]).abs().max() == 0
+    assert (z_1 - z_d)[:, :, :8].abs().max() < 1e-12  # the first mini-batch's outputs come from its one step
+    assert (z_1 - z_d)[:, :, 8:].abs().max() > 1e-3  # the next ones see the extra steps
+    # one extra step = one GD step (autograd) on sum_i eta_i l_i(W) over the mini-batch, from the state
+    B = q.shape[0]
+    state = ttt._expand(params, B)
+    leaves = [(W.clone().requires_grad_(True), b.clone().requires_grad_(True)) for W, b in state]
+    h, _, _ = ttt._forward(k[:, :, :8], leaves)
+    out = k[:, :, :8] + ttt._layer_norm(h, ln)[0]
+    loss = (eta[:, :, :8] * ((out - v[:, :, :8]) ** 2).sum(-1)).sum()
+    grads = torch.autograd.grad(loss, [t for pair in leaves for t in pair])
+    by_hand = ttt._more_steps(k[:, :, :8], v[:, :, :8], eta[:, :, :8], state, ln, True, 1)
+    for (W, b), (W1, b1), gW, gb in zip(state, by_hand, grads[0::2], grads[1::2]):
+        assert (W1 - (W - gW)).abs().max() < 1e-10 and (b1 - (b - gb)).abs().max() < 1e-10
+
+
+def test_fixed_w0_stays_zero_and_is_not_trained():
+    mixer = TTTMixer(8, 2, inner_ln=False, learn_w0=False)
+    assert all((W == 0).all() and not W.requires_grad for W in mixer.W0)
+    assert all(p.requires_grad for n, p in mixer.named_parameters() if not n.startswith("W0"))
+
+
+@pytest.mark.parametrize("make", [lambda: TTTMixer(8, 2, inner_steps=0), lambda: TTTMixer(8, 2, learn_w0=1),
+                                  lambda: ttt.ttt_dual(*qkv(T=4), torch.ones(2, 2, 4), [], 2, inner_steps=0)])
+def test_knobs_bad_input_names_the_parameter(make):
+    with pytest.raises(ValueError, match="inner_steps|learn_w0"):
+        make()
+
+
+def test_ridge_points_to_match():
+    curve = [1.0, 0.5, 0.2, 0.1]
+    assert experiment.ridge_points_to_match(curve, 0.3) == 2  # position 3 has seen 2 pairs
+    assert experiment.ridge_points_to_match(curve, 1.0) == 0 and experiment.ridge_points_to_match(curve, 0.05) is None
+
+
+def test_value_scale_on_a_bare_and_an_ln_model():
+    task = SequenceRegressionTask(d=4, n_points=8)
+    batch = task.sample(64, generator(0))
+    for mixer in ("ttt-linear", "ttt-linear-ln"):
+        model = SequenceModel(task.token_dim, 1, mixer, width=8, n_layers=1, n_heads=2, seed=0)
+        stats = experiment.value_scale(model, task, batch)
+        assert set(stats) == {"corr_abs_y_target_norm", "target_norm_cv", "output_norm_cv"}
+        assert -1 <= stats["corr_abs_y_target_norm"] <= 1 and stats["target_norm_cv"] > 0
+    with pytest.raises(ValueError, match="model"):
+        experiment.value_scale(SequenceModel(task.token_dim, 1, "softmax", width=8, n_heads=2), task, batch)
