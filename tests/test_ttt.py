@@ -7,6 +7,7 @@ import pytest
 import torch
 from margins import claim
 
+from icl_course import pretrained
 from icl_course.tasks import generator
 from icl_course.topics.ttt import checks, experiment
 from icl_course.topics.ttt import layers as ttt
@@ -243,7 +244,12 @@ def test_smoke_profile_runs_and_reports_every_metric():
     assert m["primal_dual_max_abs_err"] < 1e-5 and m["linear_attention_equivalence_max_abs_err"] < 1e-10
     assert m["state_floats"]["softmax"][-1] > m["state_floats"]["softmax"][0]  # the cache grows ...
     assert m["state_floats"]["ttt-linear"][-1] == m["state_floats"]["ttt-linear"][0]  # ... TTT's state does not
-    assert set(result.figures()) == {"inner_loop_dial", "training", "error_by_position", "icl_error", "mini_batch", "cost"}
+    assert set(result.figures()) == {"inner_loop_dial", "training", "error_by_position", "gap_to_ridge", "icl_error",
+                                     "mini_batch", "cost"}
+    # where each mixer stands against ridge: a curve per mixer over the seeds, a ratio per seed
+    assert set(m["error_by_position_mean"]) == set(m["icl_error"]) == set(m["icl_error_over_ridge_by_seed"])
+    assert len(m["ridge_by_position"]) == result.config.n_points
+    assert m["icl_error_by_mini_batch_trained"] == {} and m["icl_error_by_knob"] == {}  # smoke loads no weights
 
 
 # --- the exercise checks ------------------------------------------------------------------------------
@@ -336,3 +342,37 @@ def test_value_scale_on_a_bare_and_an_ln_model():
         assert -1 <= stats["corr_abs_y_target_norm"] <= 1 and stats["target_norm_cv"] > 0
     with pytest.raises(ValueError, match="model"):
         experiment.value_scale(SequenceModel(task.token_dim, 1, "softmax", width=8, n_heads=2), task, batch)
+
+
+# --- the shipped models: the mini-batch sweep and the knobs (icl_course/weights/ttt) -------------------
+
+SHIPPED = [*(experiment.sweep_name(b, s) for b in experiment.SWEEP_MINI_BATCHES for s in experiment.SWEEP_SEEDS),
+           *(experiment.knob_name(k, s) for k in experiment.KNOBS for s in experiment.SWEEP_SEEDS)]
+
+
+def _held_out(record, gen_seed=None, n=None):
+    task = SequenceRegressionTask(**record["task"])
+    return task, task.sample(n or record["eval"]["n_eval"], generator(record["eval"]["generator"] if gen_seed is None else gen_seed))
+
+
+def _last_quarter(task, model, batch):
+    n = task.n_points
+    return task.error_by_position(model, batch)[n - n // 4:].mean().item()
+
+
+@claim(max_provenance_rel_gap=("<", 1e-3))
+def shipped_ttt_claims(seed):
+    """|held-out error of each shipped TTT model on its provenance's sequences / the recorded one - 1|,
+    the largest over the 42 models (``load`` checks every checksum). The inputs are fixed: ``seed`` only
+    repeats the measurement."""
+    gaps = []
+    for name in SHIPPED:
+        record = pretrained.provenance(name)
+        task, batch = _held_out(record)
+        gaps.append(abs(_last_quarter(task, pretrained.load(name), batch) / record["metrics"]["icl_error"] - 1))
+    return {"max_provenance_rel_gap": max(gaps)}
+
+
+def test_shipped_ttt_models_measure_what_their_provenance_says():
+    assert all(name in pretrained.available("ttt/") for name in SHIPPED)
+    shipped_ttt_claims.check()
