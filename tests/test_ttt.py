@@ -376,3 +376,30 @@ def shipped_ttt_claims(seed):
 def test_shipped_ttt_models_measure_what_their_provenance_says():
     assert all(name in pretrained.available("ttt/") for name in SHIPPED)
     shipped_ttt_claims.check()
+
+
+def _fresh(seed, n=512):
+    """512 fresh sequences of the shipped models' task (generator 100 + seed: neither their validation nor held-out)."""
+    record = pretrained.provenance(experiment.sweep_name(1, 0))
+    return _held_out(record, gen_seed=100 + seed, n=n)
+
+
+@claim(
+    b64_over_b1=(">", 1.2),  # the smallest, over the 3 training seeds, of error(b = 64) / error(b = 1)
+    b8_over_b1=("<", 1.05),  # the largest, over the 3 training seeds, of error(b = 8) / error(b = 1)
+)
+def mini_batch_sweep_claims(seed):
+    """The shipped TTT-Linear models trained at b = 1, 8, 64 (quick task and budget, 3 training seeds),
+    last-quarter error on 512 fresh sequences drawn from ``100 + seed``. As the paper reports for
+    perplexity, a smaller b is better; here the gain stops below b = 8 (64 tokens per sequence).
+    Measured when shipped, on the held-out sequences: b = 64 / b = 1 1.70, 1.59, 1.54 and
+    b = 8 / b = 1 1.011, 1.008, 1.001 (seeds 0, 1, 2)."""
+    task, batch = _fresh(seed)
+    err = {b: [_last_quarter(task, pretrained.load(experiment.sweep_name(b, s)), batch) for s in experiment.SWEEP_SEEDS]
+           for b in (1, 8, 64)}
+    return {"b64_over_b1": min(a / b for a, b in zip(err[64], err[1])),
+            "b8_over_b1": max(a / b for a, b in zip(err[8], err[1]))}
+
+
+def test_trained_ttt_linear_is_better_at_small_inner_mini_batches():
+    mini_batch_sweep_claims.check()
