@@ -26,7 +26,7 @@ from icl_course.metrics import standard_error
 from icl_course.results import Lookup
 from icl_course.runtime import get_device, get_profile
 from icl_course.tasks import generator
-from icl_course.training import History, TrainConfig, train
+from icl_course.training import History, TrainConfig, TrainingDiverged, train
 
 from . import layers as ttt
 from .models import MIXERS, SequenceModel
@@ -446,13 +446,18 @@ def _train_all(config, task, validation, last, device, progress):
 
 
 def _spread(config, task, held_out, chosen, device, progress) -> dict[str, list[list[float]]]:
-    """Held-out error by position of every mixer retrained at ``config.spread_seeds``, at its chosen rate."""
-    out = {}
+    """Held-out error by position of every mixer retrained at ``config.spread_seeds``, at its chosen rate,
+    and the runs that diverged."""
+    out, diverged = {}, []
     for name in config.mixers:
         for seed in config.spread_seeds:
-            model, _ = _train(config, task, name, None, chosen[name], seed, f"{name} seed {seed}", device, progress)
+            try:
+                model, _ = _train(config, task, name, None, chosen[name], seed, f"{name} seed {seed}", device, progress)
+            except TrainingDiverged:  # reported, never dropped silently
+                diverged.append(f"{name} seed {seed}")
+                continue
             out.setdefault(name, []).append(task.error_by_position(model, held_out).tolist())
-    return out
+    return out, diverged
 
 
 def ridge_points_to_match(ridge_curve: list[float], error: float) -> int | None:
@@ -491,7 +496,7 @@ def run(profile: str | None = None, progress: bool = False, config: TTTConfig | 
     mini_batch_errors.update({b: mean_last(errors[f"ttt-linear b={b}"]) for b in config.sweep_mini_batches
                               if b != config.mini_batch})
     mini_batch_errors = dict(sorted(mini_batch_errors.items()))
-    spread = _spread(config, task, held_out, chosen, device, progress)
+    spread, diverged = _spread(config, task, held_out, chosen, device, progress)
     curves_by_seed = {name: [errors[name], *spread.get(name, [])] for name in config.mixers}  # per position
     mean_curves = {name: _mean_curves(c) for name, c in curves_by_seed.items()}
     by_seed = {name: [mean_last(c) for c in curves] for name, curves in curves_by_seed.items()}
@@ -521,6 +526,7 @@ def run(profile: str | None = None, progress: bool = False, config: TTTConfig | 
         "ridge_points_to_match": {name: ridge_points_to_match(errors["ridge"], sum(v) / len(v))
                                   for name, v in by_seed.items()},
         "seeds": [config.seed, *config.spread_seeds],
+        "diverged": diverged,  # spread runs whose outer loop diverged (left out of the spreads)
         "chosen_lr": chosen,
         "lrs": list(config.lrs or (config.train.lr,)),
         "icl_error_by_mini_batch": {str(b): e for b, e in mini_batch_errors.items()},
