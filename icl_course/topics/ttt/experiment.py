@@ -21,12 +21,12 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from icl_course import plots
+from icl_course import plots, pretrained
 from icl_course.metrics import standard_error
 from icl_course.results import Lookup
 from icl_course.runtime import get_device, get_profile
 from icl_course.tasks import generator
-from icl_course.training import History, TrainConfig, train
+from icl_course.training import History, TrainConfig, TrainingDiverged, train
 
 from . import layers as ttt
 from .models import MIXERS, SequenceModel
@@ -66,6 +66,9 @@ class TTTConfig:
     cost_lengths: tuple[int, ...] = (256, 1024, 4096)  # sequence lengths of the cost measurement
     cost_repeats: int = 2  # best of this many runs per mixer and length
     seed: int = 0  # model init; the data streams use seed + 1 (train) and seed + 2 (held out)
+    # evaluate the shipped TTT-Linear models (the mini-batch sweep and the inner loop's knobs, trained on
+    # the quick task: ``python -m icl_course.topics.ttt.experiment --write-sweep --write-knobs``)
+    shipped: bool = False
 
 
 _TRAIN = dict(batch_size=32, lr=1e-2, warmup=0.05, schedule="cosine", weight_decay=0.0, log_every=10)
@@ -81,8 +84,8 @@ CONFIGS = {
     ),
     # a few minutes on a 2-core CPU: half the task of the issue (d = 8, 32 points), one layer
     "quick": TTTConfig(
-        d=8, n_points=32, width=32, n_layers=1, n_heads=2, mixers=_QUICK_MIXERS, sweep_mini_batches=(64,),
-        train=TrainConfig(steps=300, **_TRAIN), lrs=(3e-3, 1e-2), spread_seeds=(1, 2),
+        d=8, n_points=32, width=32, n_layers=1, n_heads=2, mixers=_QUICK_MIXERS, sweep_mini_batches=(),
+        train=TrainConfig(steps=300, **_TRAIN), lrs=(3e-3, 1e-2), spread_seeds=(1, 2), shipped=True,
         n_eval=512, dial_mini_batches=(1, 2, 4, 8, 16, 32),
         dial_etas=tuple(torch.logspace(-3, -0.5, 7).tolist()), timing_heads=1, timing_repeats=3,
         cost_lengths=(256, 1024, 2048),
@@ -203,12 +206,14 @@ def mini_batch_dial(batch, mini_batches, etas) -> dict:
 # --- 4. the outer loop ----------------------------------------------------------------------------
 
 
-def make_model(config: TTTConfig, mixer: str, mini_batch: int | None = None) -> SequenceModel:
-    """A sequence model with ``mixer`` at the config's size (the init depends on ``config.seed`` only)."""
+def make_model(config: TTTConfig, mixer: str, mini_batch: int | None = None, **mixer_kwargs) -> SequenceModel:
+    """A sequence model with ``mixer`` at the config's size (the init depends on ``config.seed`` only);
+    ``mixer_kwargs`` go to the TTT mixer (e.g. ``inner_steps``, ``eta_base``, ``learn_w0``)."""
     task = SequenceRegressionTask(config.d, config.n_points, config.noise)
     extra = {"eta_base": config.mlp_eta_base, "inner_std": config.mlp_inner_std} if mixer.startswith("ttt-mlp") else {}
     return SequenceModel(task.token_dim, 1, mixer, width=config.width, n_layers=config.n_layers,
-                         n_heads=config.n_heads, mini_batch=mini_batch or config.mini_batch, seed=config.seed, **extra)
+                         n_heads=config.n_heads, mini_batch=mini_batch or config.mini_batch, seed=config.seed,
+                         **extra, **mixer_kwargs)
 
 
 # --- 5. cost against sequence length --------------------------------------------------------------
@@ -243,6 +248,63 @@ def mixer_costs(lengths, f: int = 64, H: int = 4, repeats: int = 3, device=None)
     return out
 
 
+# --- the shipped models: the dial after training and the inner loop's knobs ---------------------------
+
+
+@torch.no_grad()
+def value_scale(model: SequenceModel, task: SequenceRegressionTask, batch) -> dict[str, float]:
+    """What the inner model of the first TTT layer is asked to fit at the y-tokens, and what it can output.
+
+    The inner target is ``v`` for the bare inner model and ``v - k`` for ``f(k) = k + LN(f_res(k))``.
+    Returns the correlation over y-tokens (and heads, averaged) of ``|y_i|`` with the target's norm,
+    the coefficient of variation (std / mean) of the target's norm, and that of the norm of what the
+    inner model outputs at ``W0`` (``f_res(k)``, or ``LN(f_res(k))``): the LayerNorm fixes the output's
+    norm up to its gain, so an output whose norm cannot vary cannot carry ``|y|`` in its scale.
+    """
+    mixer = model.mixers[0]
+    if not hasattr(mixer, "inner_params"):
+        raise ValueError(f"model must have a TTT mixer, got {model.mixer_name!r}")
+    x = model.norms[0](model.embed(task.tokens(batch)))  # (B, 2n, D): the mixer's input
+    q, k, v = mixer.views(x)  # (B, H, 2n, f)
+    k = torch.nn.functional.normalize(k, dim=-1) if mixer.normalize_qk else k
+    k, v = k[:, :, 1::2], v[:, :, 1::2]  # the y-tokens: (B, H, n, f)
+    target = v - k if mixer.inner_ln else v
+    h, _, _ = ttt._forward(k, ttt._expand(mixer.inner_params(), k.shape[0]))
+    out = ttt._layer_norm(h, (mixer.ln_weight, mixer.ln_bias))[0] if mixer.inner_ln else h
+    t_norm, o_norm = target.norm(dim=-1), out.norm(dim=-1)  # (B, H, n)
+    abs_y = batch.ys.abs()[:, None].expand_as(t_norm)  # (B, H, n)
+    corr = [torch.corrcoef(torch.stack([abs_y[:, h].flatten(), t_norm[:, h].flatten()]))[0, 1].item()
+            for h in range(t_norm.shape[1])]
+    cv = lambda n: (n.std() / n.mean()).item()  # noqa: E731
+    return {"corr_abs_y_target_norm": sum(corr) / len(corr), "target_norm_cv": cv(t_norm),
+            "output_norm_cv": cv(o_norm)}
+
+
+def _shipped(task, held_out, last) -> dict:
+    """Held-out errors (last quarter) of every shipped sweep and knob model, by b or knob, one per seed,
+    and the inner targets' scale of the b = 16 models and of the inner-LayerNorm knob."""
+    names = set(pretrained.available("ttt/"))
+    err = lambda model: task.error_by_position(model, held_out)[last].mean().item()  # noqa: E731
+    out = {"sweep": {}, "sweep_lr": {}, "sweep_curves": {}, "knobs": {}, "scale": {}}
+    for b in SWEEP_MINI_BATCHES:
+        seeds = [s for s in SWEEP_SEEDS if sweep_name(b, s) in names]
+        if not seeds:
+            continue
+        models = [pretrained.load(sweep_name(b, s)) for s in seeds]
+        out["sweep"][b] = [err(m) for m in models]
+        out["sweep_lr"][b] = pretrained.provenance(sweep_name(b, seeds[0]))["train_config"]["lr"]
+        if b == CONFIGS["quick"].mini_batch:
+            out["scale"]["ttt-linear"] = [value_scale(m, task, held_out) for m in models]
+    for knob in KNOBS:
+        seeds = [s for s in SWEEP_SEEDS if knob_name(knob, s) in names]
+        if seeds:
+            models = [pretrained.load(knob_name(knob, s)) for s in seeds]
+            out["knobs"][knob] = [err(m) for m in models]
+            if knob == "inner-ln":
+                out["scale"]["ttt-linear-ln"] = [value_scale(m, task, held_out) for m in models]
+    return out
+
+
 # --- the whole experiment -------------------------------------------------------------------------
 
 
@@ -252,6 +314,7 @@ class TTTResult:
     models: dict[str, SequenceModel]  # trained, by mixer (on the CPU)
     histories: dict[str, History]  # training losses, by mixer
     error_by_position: dict[str, list[float]]  # held-out MSE for each y_i, by mixer (and "ridge")
+    curves_by_seed: dict[str, list[list[float]]]  # the same for every seed of each mixer (seed first)
     mini_batch_errors: dict[int, float]  # ttt-linear's last-quarter error, by inner mini-batch b
     dial: dict  # the hand-made inner loop: curves and best eta per b
     costs: dict  # time per token and state size against sequence length
@@ -277,12 +340,15 @@ class TTTResult:
                 positions, {name: self.error_by_position[name] for name in self.config.mixers} | refs,
                 xlabel="position i of the pair", ylabel="MSE of y_i", logy=True, title="trained models, held out",
             ),
+            "gap_to_ridge": _gap_figure(positions, self.curves_by_seed, self.error_by_position["ridge"],
+                                        self.config.n_points // 4),
             "icl_error": plots.bars(
                 {"last quarter": {**m["icl_error"], "ridge": m["ridge_error"]}}, ylabel="MSE",
                 title=f"in-context error (predicting 0: {m['zero_error']:.2f})",
                 ylim=(0, 1.5 * max([*m["icl_error"].values(), m["ridge_error"]])),  # room for the legend
             ),
-            "mini_batch": plots.curves(
+            "mini_batch": _sweep_figure(m, self.error_by_position["ridge"], self.config) if m["icl_error_by_mini_batch_trained"]
+            else plots.curves(
                 list(self.mini_batch_errors), {"ttt-linear (trained)": list(self.mini_batch_errors.values())} | {
                     name: [m["icl_error"][name]] * len(self.mini_batch_errors)
                     for name in ("delta-rule", "linear-attention") if name in m["icl_error"]},
@@ -297,6 +363,51 @@ class TTTResult:
         }
 
 
+def _gap_figure(positions, curves_by_seed, ridge, last_n):
+    """Every mixer's held-out error by position, mean over seeds with the range of the seeds shaded, and ridge."""
+    fig, (ax,) = plots.figure(width=6.0, height=3.8)
+    for name, curves in curves_by_seed.items():
+        c = torch.tensor(curves)  # (seeds, n)
+        (line,) = ax.plot(positions, c.mean(0), label=f"{name} ({len(curves)} seeds)")
+        if len(curves) > 1:
+            ax.fill_between(positions, c.min(0).values, c.max(0).values, color=line.get_color(), alpha=0.15)
+    ax.plot(positions, ridge, "k--", label="ridge (Bayes optimal)")
+    ax.axvspan(positions[-last_n] - 0.5, positions[-1] + 0.5, color="0.9", zorder=0)
+    ax.set(xlabel="position i of the pair (i - 1 pairs seen)", ylabel="MSE of y_i", yscale="log",
+           title="trained mixers against the optimum (shaded: last quarter)")
+    ax.legend(fontsize=7, ncol=2)
+    return fig
+
+
+def _sweep_figure(m, ridge, config):
+    """TTT-Linear's held-out error against its inner mini-batch b (shipped models, mean and std over
+    seeds), beside the knobs of the inner loop at b = 16."""
+    fig, (ax, bx) = plots.figure(ncols=2, width=5.2)
+    sweep = m["icl_error_by_mini_batch_trained"]
+    bs = [int(b) for b in sweep]
+    stats = [torch.tensor(v) for v in sweep.values()]
+    ax.errorbar(bs, [t.mean() for t in stats], yerr=[t.std() if len(t) > 1 else 0 for t in stats], marker="o",
+                capsize=3, label="ttt-linear (trained)")
+    for b, t in zip(bs, stats):
+        ax.scatter([b] * len(t), t, s=8, color="0.5", zorder=3)
+    ax.axhline(m["ridge_error"], color="k", ls="--", label="ridge")
+    ax.set(xscale="log", yscale="log", xlabel="inner mini-batch size b (tokens)", ylabel="MSE, last quarter",
+           title=f"the dial after training ({2 * config.n_points} tokens)")
+    ax.legend(fontsize=8)
+    knobs = {"b = 16 (baseline)": sweep.get(str(config.mini_batch), [])} | m["icl_error_by_knob"]
+    knobs = {k: v for k, v in knobs.items() if v}
+    names = list(knobs)
+    means = [sum(v) / len(v) for v in knobs.values()]
+    stds = [torch.tensor(v).std().item() if len(v) > 1 else 0 for v in knobs.values()]
+    bx.barh(range(len(names)), means, xerr=stds, color="C1", capsize=3)
+    for i, v in enumerate(knobs.values()):
+        bx.scatter(v, [i] * len(v), s=8, color="k", zorder=3)
+    bx.set_yticks(range(len(names)), names, fontsize=8)
+    bx.axvline(m["ridge_error"], color="k", ls="--")
+    bx.set(xscale="log", xlabel="MSE, last quarter", title="the inner loop's knobs (b = 16)")
+    return fig
+
+
 def _training_curves(histories: dict[str, History]):
     """Training loss of every model against its own steps (TTT-MLP may train longer)."""
     fig, (ax,) = plots.figure()
@@ -307,12 +418,12 @@ def _training_curves(histories: dict[str, History]):
     return fig
 
 
-def _train(config, task, mixer, b, lr, seed, label, device, progress):
+def _train(config, task, mixer, b, lr, seed, label, device, progress, **mixer_kwargs):
     """One model of ``mixer`` (inner mini-batch ``b``) trained at ``lr``; init from ``seed``, training data
     from ``1000 * seed + config.seed + 1`` (``config.seed + 1`` at ``seed == config.seed == 0``)."""
     data_seed = config.seed + 1 if seed == config.seed else 1000 * seed + config.seed + 1
     train_config = TrainConfig(**{**asdict(config.train), "lr": lr, "seed": data_seed})
-    model = make_model(replace(config, seed=seed), mixer, b)
+    model = make_model(replace(config, seed=seed), mixer, b, **mixer_kwargs)
     history = train(model, task, train_config, device=device, progress=progress and label)
     return model.eval(), history
 
@@ -334,14 +445,29 @@ def _train_all(config, task, validation, last, device, progress):
     return models, histories, chosen
 
 
-def _spread(config, task, held_out, last, chosen, device, progress) -> dict[str, list[float]]:
-    """Held-out error of every mixer retrained at ``config.spread_seeds``, at its chosen rate."""
-    out = {}
+def _spread(config, task, held_out, chosen, device, progress) -> dict[str, list[list[float]]]:
+    """Held-out error by position of every mixer retrained at ``config.spread_seeds``, at its chosen rate,
+    and the runs that diverged."""
+    out, diverged = {}, []
     for name in config.mixers:
         for seed in config.spread_seeds:
-            model, _ = _train(config, task, name, None, chosen[name], seed, f"{name} seed {seed}", device, progress)
-            out.setdefault(name, []).append(task.error_by_position(model, held_out)[last].mean().item())
-    return out
+            try:
+                model, _ = _train(config, task, name, None, chosen[name], seed, f"{name} seed {seed}", device, progress)
+            except TrainingDiverged:  # reported, never dropped silently
+                diverged.append(f"{name} seed {seed}")
+                continue
+            out.setdefault(name, []).append(task.error_by_position(model, held_out).tolist())
+    return out, diverged
+
+
+def ridge_points_to_match(ridge_curve: list[float], error: float) -> int | None:
+    """How many pairs the Bayes-optimal ridge predictor needs to reach ``error``: the smallest ``i - 1``
+    with ``ridge_curve[i - 1] <= error`` (position ``i`` has seen ``i - 1`` pairs); None if it never does."""
+    return next((i for i, r in enumerate(ridge_curve) if r <= error), None)
+
+
+def _mean_curves(curves: list[list[float]]) -> list[float]:
+    return torch.tensor(curves).mean(0).tolist()
 
 
 def run(profile: str | None = None, progress: bool = False, config: TTTConfig | None = None) -> TTTResult:
@@ -370,7 +496,12 @@ def run(profile: str | None = None, progress: bool = False, config: TTTConfig | 
     mini_batch_errors.update({b: mean_last(errors[f"ttt-linear b={b}"]) for b in config.sweep_mini_batches
                               if b != config.mini_batch})
     mini_batch_errors = dict(sorted(mini_batch_errors.items()))
-    spread = _spread(config, task, held_out, last, chosen, device, progress)
+    spread, diverged = _spread(config, task, held_out, chosen, device, progress)
+    curves_by_seed = {name: [errors[name], *spread.get(name, [])] for name in config.mixers}  # per position
+    mean_curves = {name: _mean_curves(c) for name, c in curves_by_seed.items()}
+    by_seed = {name: [mean_last(c) for c in curves] for name, curves in curves_by_seed.items()}
+    ridge_last = mean_last(errors["ridge"])
+    shipped = _shipped(task, held_out.to("cpu"), last) if config.shipped else {}
     costs = mixer_costs(config.cost_lengths, config.timing_features, config.timing_heads, config.cost_repeats, device)
 
     metrics = {
@@ -386,14 +517,29 @@ def run(profile: str | None = None, progress: bool = False, config: TTTConfig | 
         "timing_length": config.timing_length,
         "icl_error": {name: mean_last(errors[name]) for name in config.mixers},
         "icl_error_se": {name: error_se[name] for name in config.mixers},
-        "icl_error_by_seed": {name: [mean_last(errors[name]), *spread.get(name, [])] for name in config.mixers},
+        "icl_error_by_seed": by_seed,
+        # where the trained mixers stand against the optimum: each mixer's curve averaged over the seeds,
+        # its last-quarter error over ridge's (per seed), and how many pairs ridge needs to do as well
+        "error_by_position_mean": mean_curves,
+        "ridge_by_position": errors["ridge"],
+        "icl_error_over_ridge_by_seed": {name: [e / ridge_last for e in v] for name, v in by_seed.items()},
+        "ridge_points_to_match": {name: ridge_points_to_match(errors["ridge"], sum(v) / len(v))
+                                  for name, v in by_seed.items()},
         "seeds": [config.seed, *config.spread_seeds],
+        "diverged": diverged,  # spread runs whose outer loop diverged (left out of the spreads)
         "chosen_lr": chosen,
         "lrs": list(config.lrs or (config.train.lr,)),
         "icl_error_by_mini_batch": {str(b): e for b, e in mini_batch_errors.items()},
         "ridge_error": mean_last(errors["ridge"]),
         "zero_error": held_out.ys.var().item(),
         "dial_best": {str(b): {"eta": v["eta"], "error": v["error"]} for b, v in dial["best"].items()},
+        # the shipped TTT-Linear models (quick task and budget, 3 seeds each): error by inner mini-batch b,
+        # and by knob of the inner loop (the baseline is b = 16), one value per seed
+        "icl_error_by_mini_batch_trained": {str(b): v for b, v in shipped.get("sweep", {}).items()},
+        "chosen_lr_by_mini_batch": {str(b): v for b, v in shipped.get("sweep_lr", {}).items()},
+        "icl_error_by_knob": shipped.get("knobs", {}),
+        "inner_target_scale": {name: {key: [r[key] for r in rows] for key in rows[0]}
+                               for name, rows in shipped.get("scale", {}).items()},
         "us_per_token": costs["us_per_token"],
         "state_floats": costs["state_floats"],
         "cost_lengths": list(config.cost_lengths),
@@ -404,5 +550,137 @@ def run(profile: str | None = None, progress: bool = False, config: TTTConfig | 
         "device": str(device),
     }
     return TTTResult(config=config, models={k: v.cpu() for k, v in models.items()}, histories=histories,
-                     error_by_position=errors, mini_batch_errors=mini_batch_errors, dial=dial, costs=costs,
+                     error_by_position=errors, curves_by_seed=curves_by_seed,
+                     mini_batch_errors=mini_batch_errors, dial=dial, costs=costs,
                      metrics=Lookup.deep(metrics))
+
+
+# --- shipped weights: the mini-batch dial after training -------------------------------------------
+
+SWEEP_MINI_BATCHES = (1, 2, 4, 8, 16, 32, 64)  # TTT-Linear's inner mini-batch b; 64 = the whole sequence
+SWEEP_SEEDS = (0, 1, 2)
+SWEEP_COMMAND = "python -m icl_course.topics.ttt.experiment --write-sweep"
+
+
+def sweep_name(b: int, seed: int) -> str:
+    """The shipped weights of TTT-Linear trained at inner mini-batch ``b`` from ``seed``."""
+    return f"ttt/ttt-linear-b{b}-seed{seed}"
+
+
+def train_mini_batch_sweep(folder=None, progress: bool = False, mini_batches=SWEEP_MINI_BATCHES,
+                           seeds=SWEEP_SEEDS) -> dict:
+    """Train TTT-Linear at every ``b`` of ``mini_batches`` on the ``quick`` task and budget, and save it.
+
+    For each ``b`` the outer learning rate is chosen among the quick profile's ``lrs`` by the error over
+    the last quarter on validation sequences (generator ``seed + 5``), at seed 0; the other seeds are
+    trained at that rate. Each model is scored on the chapter's held-out sequences (generator
+    ``seed + 2``). ``folder=None`` writes into the package. Returns ``{b: [error per seed]}``.
+    """
+    import platform
+
+    config = CONFIGS["quick"]
+    device = torch.device("cpu")
+    task = SequenceRegressionTask(config.d, config.n_points, config.noise)
+    held_out = task.sample(config.n_eval, generator(config.seed + 2))
+    validation = task.sample(config.n_eval, generator(config.seed + 5))
+    last = slice(config.n_points - config.n_points // 4, config.n_points)
+    out = {}
+    for b in mini_batches:
+        tried = []
+        for lr in config.lrs:
+            model, history = _train(config, task, "ttt-linear", b, lr, seeds[0], f"b={b} lr={lr:g}", device, progress)
+            tried.append((lr, task.error_by_position(model, validation)[last].mean().item(), model, history))
+        chosen = min(range(len(tried)), key=lambda i: (tried[i][1], i))
+        selection = {"rule": f"outer learning rate among {list(config.lrs)}, lowest validation error at seed {seeds[0]}",
+                     "runs": {str(i): {"lr": lr, "validation": v} for i, (lr, v, _, _) in enumerate(tried)},
+                     "chosen": chosen, "better": "lower",
+                     "validation": {"generator": config.seed + 5, "n": config.n_eval},
+                     "test": {"generator": config.seed + 2, "n": config.n_eval}}
+        lr = tried[chosen][0]
+        for seed in seeds:
+            if seed == seeds[0]:
+                model, history = tried[chosen][2], tried[chosen][3]
+            else:
+                model, history = _train(config, task, "ttt-linear", b, lr, seed, f"b={b} seed {seed}", device, progress)
+            squared = task.squared_errors(model, held_out)[:, last].mean(1)  # (B,)
+            record = {
+                "task": asdict(task), "config": {"width": config.width, "n_layers": config.n_layers,
+                                                 "n_heads": config.n_heads, "mini_batch": b},
+                "train_config": {**asdict(config.train), "lr": lr}, "seed": seed,
+                "train_seconds": history.seconds, "final_train_loss": history.losses[-1],
+                "metrics": {"icl_error": squared.mean().item(), "icl_error_se": standard_error(squared)},
+                "eval": {"n_eval": config.n_eval, "generator": config.seed + 2, "positions": "last quarter"},
+                "selection": selection, "command": SWEEP_COMMAND,
+                "torch": torch.__version__, "platform": platform.platform(),
+            }
+            pretrained.save(sweep_name(b, seed), model, record, folder=folder)
+            out.setdefault(b, []).append(record["metrics"]["icl_error"])
+            if progress:
+                print(f"b={b} seed {seed} lr {lr:g}: {record['metrics']['icl_error']:.4f}", flush=True)
+    return out
+
+
+# The inner loop's own knobs, each changed alone from TTT-Linear at b = 16 (the sweep's b = 16 models are
+# the baseline): MTTT's inner epochs, the inner learning-rate scale, the paper's inner LayerNorm and
+# residual, and W0 fixed at 0 instead of learned.
+KNOBS = {
+    "epochs-2": ("ttt-linear", {"inner_steps": 2}),
+    "epochs-3": ("ttt-linear", {"inner_steps": 3}),
+    "epochs-4": ("ttt-linear", {"inner_steps": 4}),
+    "eta-0.25": ("ttt-linear", {"eta_base": 0.25}),
+    "eta-4": ("ttt-linear", {"eta_base": 4.0}),
+    "inner-ln": ("ttt-linear-ln", {}),
+    "fixed-w0": ("ttt-linear", {"learn_w0": False}),
+}
+KNOBS_COMMAND = "python -m icl_course.topics.ttt.experiment --write-knobs"
+
+
+def knob_name(knob: str, seed: int) -> str:
+    return f"ttt/knob-{knob}-seed{seed}"
+
+
+def train_knobs(folder=None, progress: bool = False, knobs=tuple(KNOBS), seeds=SWEEP_SEEDS) -> dict:
+    """Train every knob of :data:`KNOBS` at ``seeds`` on the quick task and budget, at the outer learning
+    rate chosen for the b = 16 sweep model (nothing chosen here), and save it. Returns ``{knob: [errors]}``."""
+    import platform
+
+    config = CONFIGS["quick"]
+    device = torch.device("cpu")
+    task = SequenceRegressionTask(config.d, config.n_points, config.noise)
+    held_out = task.sample(config.n_eval, generator(config.seed + 2))
+    last = slice(config.n_points - config.n_points // 4, config.n_points)
+    lr = pretrained.provenance(sweep_name(config.mini_batch, seeds[0]), folder)["train_config"]["lr"]
+    out = {}
+    for knob in knobs:
+        mixer, kwargs = KNOBS[knob]
+        for seed in seeds:
+            model, history = _train(config, task, mixer, config.mini_batch, lr, seed, f"{knob} seed {seed}", device,
+                                    progress, **kwargs)
+            squared = task.squared_errors(model, held_out)[:, last].mean(1)  # (B,)
+            record = {
+                "task": asdict(task), "knob": knob, "mixer": mixer, "mixer_kwargs": kwargs,
+                "config": {"width": config.width, "n_layers": config.n_layers, "n_heads": config.n_heads,
+                           "mini_batch": config.mini_batch},
+                "train_config": {**asdict(config.train), "lr": lr}, "seed": seed,
+                "lr_from": f"the validation choice of {sweep_name(config.mini_batch, seeds[0])}",
+                "train_seconds": history.seconds, "final_train_loss": history.losses[-1],
+                "metrics": {"icl_error": squared.mean().item(), "icl_error_se": standard_error(squared)},
+                "eval": {"n_eval": config.n_eval, "generator": config.seed + 2, "positions": "last quarter"},
+                "selection": pretrained.one_run(seed), "command": KNOBS_COMMAND,
+                "torch": torch.__version__, "platform": platform.platform(),
+            }
+            pretrained.save(knob_name(knob, seed), model, record, folder=folder)
+            out.setdefault(knob, []).append(record["metrics"]["icl_error"])
+            if progress:
+                print(f"{knob} seed {seed}: {record['metrics']['icl_error']:.4f}", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    torch.set_num_threads(1)
+    if "--write-sweep" in sys.argv:
+        print(train_mini_batch_sweep(progress=True))
+    if "--write-knobs" in sys.argv:
+        print(train_knobs(progress=True))

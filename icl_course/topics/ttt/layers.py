@@ -181,13 +181,17 @@ def _expand(params: InnerParams, B: int) -> InnerParams:
 
 
 def ttt_primal(q: Tensor, k: Tensor, v: Tensor, eta: Tensor, params: InnerParams, mini_batch: int = 16,
-               ln=None, residual: bool = False) -> tuple[Tensor, InnerParams]:
+               ln=None, residual: bool = False, inner_steps: int = 1) -> tuple[Tensor, InnerParams]:
     """The TTT layer, primal form: build every token's weights ``W_t`` and apply them to ``q_t``.
 
     Returns ``(z, final_params)`` with ``z`` (B, H, T, f). ``ln`` is ``(gamma, beta)`` (each (H, f))
     for ``f = x + LN(f_res)`` with ``residual=True``; ``ln=None, residual=False`` gives ``f = f_res``.
+    ``inner_steps = E > 1`` takes ``E - 1`` more full-batch GD steps on each mini-batch before the next
+    one starts (:func:`_more_steps`): ``E`` inner epochs, as MTTT's ``T`` (causal: the outputs of a
+    mini-batch still come from its single step; only the later mini-batches see the extra steps).
     """
     _check(q, k, v, eta, mini_batch)
+    _check_steps(inner_steps)
     B, H, T, f = q.shape
     params = _expand(params, B)
     outputs = []
@@ -208,14 +212,30 @@ def ttt_primal(q: Tensor, k: Tensor, v: Tensor, eta: Tensor, params: InnerParams
             h = gelu(h) if layer < len(per_token) - 1 else h
         outputs.append(_head(q[:, :, sl], h, ln, residual)[0])
         params = [(W_t[:, :, -1], None if b_t is None else b_t[:, :, -1]) for W_t, b_t in per_token]  # at its end
+        params = _more_steps(k[:, :, sl], v[:, :, sl], eta[:, :, sl], params, ln, residual, inner_steps - 1)
     return torch.cat(outputs, dim=2), params
+
+
+def _check_steps(inner_steps) -> None:
+    if not isinstance(inner_steps, int) or isinstance(inner_steps, bool) or inner_steps < 1:
+        raise ValueError(f"inner_steps must be an integer >= 1, got {inner_steps!r}")
+
+
+def _more_steps(k: Tensor, v: Tensor, eta: Tensor, params: InnerParams, ln, residual: bool, steps: int) -> InnerParams:
+    """``steps`` more GD steps on one mini-batch's loss ``sum_i eta_i l_i(W)``, each at the current state."""
+    for _ in range(steps):
+        inputs, grads = inner_loss_grads(k, v, params, ln, residual)
+        eg = [eta[..., None] * g for g in grads]  # (B, H, n, f_out)
+        params = [(W - x.transpose(-1, -2) @ e, None if b is None else b - e.sum(2))
+                  for (W, b), x, e in zip(params, inputs, eg)]
+    return params
 
 
 # --- the dual form: fast --------------------------------------------------------------------------
 
 
 def ttt_dual(q: Tensor, k: Tensor, v: Tensor, eta: Tensor, params: InnerParams, mini_batch: int = 16,
-             ln=None, residual: bool = False) -> tuple[Tensor, InnerParams]:
+             ln=None, residual: bool = False, inner_steps: int = 1) -> tuple[Tensor, InnerParams]:
     """The TTT layer, dual form: the same output as :func:`ttt_primal` without forming any ``W_t``.
 
     With ``grad_W l_i = x_i^T g_i``, a layer's pre-activation on query ``t`` is
@@ -223,6 +243,7 @@ def ttt_dual(q: Tensor, k: Tensor, v: Tensor, eta: Tensor, params: InnerParams, 
     ``Z = X^q W_s + b_s - (tril(X^q X^T + 1) * eta) G``: (b x b) matrices instead of b (f x f) ones.
     """
     _check(q, k, v, eta, mini_batch)
+    _check_steps(inner_steps)
     B, H, T, f = q.shape
     params = _expand(params, B)
     outputs = []
@@ -244,7 +265,7 @@ def ttt_dual(q: Tensor, k: Tensor, v: Tensor, eta: Tensor, params: InnerParams, 
             W_new = W - x.transpose(-1, -2) @ eg  # [B,H,f_in,n] @ [B,H,n,f_out] -> [B,H,f_in,f_out]
             new_params.append((W_new, None if b is None else b - eg.sum(2)))
         outputs.append(_head(q[:, :, sl], h, ln, residual)[0])
-        params = new_params
+        params = _more_steps(k[:, :, sl], v[:, :, sl], eta[:, :, sl], new_params, ln, residual, inner_steps - 1)
     return torch.cat(outputs, dim=2), params
 
 

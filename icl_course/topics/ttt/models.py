@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from icl_course import pretrained
 from icl_course.runtime import require_finite
 
 from . import layers as ttt
@@ -101,22 +102,31 @@ class TTTMixer(nn.Module):
         normalize_qk: L2-normalise queries and keys (as DeltaNet does; keeps the inner loss well scaled).
         dual: run the dual form (fast) or the primal form (readable); both give the same output.
         inner_std: standard deviation of the initial inner weights ``W0`` (one per layer if a tuple; learned by the outer loop).
+        inner_steps: GD steps on each mini-batch before the next one (MTTT's inner epochs; 1 in TTT-Linear).
+        learn_w0: the outer loop learns ``W0`` (the paper); False keeps ``W0 = 0`` (and the biases 0) fixed.
     """
 
     def __init__(self, width: int, n_heads: int, inner: str = "linear", mini_batch: int = 16,
                  inner_ln: bool = True, eta_base: float = 1.0, normalize_qk: bool = True, dual: bool = True,
-                 inner_std: float | tuple[float, ...] = 0.02):
+                 inner_std: float | tuple[float, ...] = 0.02, inner_steps: int = 1, learn_w0: bool = True):
         super().__init__()
         if not isinstance(mini_batch, int) or mini_batch < 1:
             raise ValueError(f"mini_batch must be an integer >= 1, got {mini_batch!r}")
+        if not isinstance(inner_steps, int) or isinstance(inner_steps, bool) or inner_steps < 1:
+            raise ValueError(f"inner_steps must be an integer >= 1, got {inner_steps!r}")
+        if not isinstance(learn_w0, bool):
+            raise ValueError(f"learn_w0 must be a bool, got {learn_w0!r}")
         require_finite("eta_base", eta_base, above=0)
+        self.inner_steps = inner_steps
         self.views, self.out = Views(width, n_heads), nn.Linear(width, width, bias=False)
         self.n_heads, self.f = n_heads, width // n_heads
         self.mini_batch, self.eta_base, self.normalize_qk, self.dual = mini_batch, eta_base, normalize_qk, dual
         self.lr_gate = nn.Linear(width, n_heads)  # theta_lr: the learnable inner learning rate
         params = ttt.init_inner_params(self.f, n_heads, inner, std=inner_std, bias=inner_ln)
-        self.W0 = nn.ParameterList([nn.Parameter(W) for W, _ in params])  # (H, f_in, f_out) each
-        self.b0 = nn.ParameterList([nn.Parameter(b) for _, b in params if b is not None])  # (H, f_out) each
+        if not learn_w0:  # W0 = 0, fixed: the inner model starts from scratch on every sequence
+            params = [(torch.zeros_like(W), None if b is None else torch.zeros_like(b)) for W, b in params]
+        self.W0 = nn.ParameterList([nn.Parameter(W, requires_grad=learn_w0) for W, _ in params])  # (H, f_in, f_out) each
+        self.b0 = nn.ParameterList([nn.Parameter(b, requires_grad=learn_w0) for _, b in params if b is not None])
         if inner_ln:
             self.ln_weight = nn.Parameter(torch.ones(n_heads, self.f))  # (H, f)
             self.ln_bias = nn.Parameter(torch.zeros(n_heads, self.f))  # (H, f)
@@ -136,7 +146,8 @@ class TTTMixer(nn.Module):
             q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         ln = (self.ln_weight, self.ln_bias) if self.inner_ln else None
         layer = ttt.ttt_dual if self.dual else ttt.ttt_primal
-        z, _ = layer(q, k, v, self.eta(x), self.inner_params(), self.mini_batch, ln=ln, residual=self.inner_ln)
+        z, _ = layer(q, k, v, self.eta(x), self.inner_params(), self.mini_batch, ln=ln, residual=self.inner_ln,
+                     inner_steps=self.inner_steps)
         return self.out(_merge(z))
 
 
@@ -189,6 +200,10 @@ class SequenceModel(nn.Module):
             raise ValueError(f"seed must be an int, got {seed!r}")
         self.d_in = d_in
         self.mixer_name = mixer
+        # the architecture (not the init) that rebuilds the model from shipped weights (icl_course.pretrained)
+        self.args = {"d_in": d_in, "d_out": d_out, "mixer": mixer, "width": width, "n_layers": n_layers,
+                     "n_heads": n_heads, "mini_batch": mini_batch,
+                     **{k: list(v) if isinstance(v, tuple) else v for k, v in mixer_kwargs.items()}}
         with torch.random.fork_rng(devices=[]):  # the initialisation is a function of the seed alone
             torch.manual_seed(seed)
             self.embed = nn.Linear(d_in, width)
@@ -210,3 +225,6 @@ class SequenceModel(nn.Module):
             h = h + mixer(self.norms[2 * i](h))  # (B, T, D)
             h = h + mlp(self.norms[2 * i + 1](h))  # (B, T, D)
         return self.readout(self.norms[-1](h))  # (B, T, d_out)
+
+
+pretrained.register(SequenceModel)
