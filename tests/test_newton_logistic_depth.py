@@ -91,5 +91,5 @@ def test_every_shipped_depth_model_remeasures_its_recorded_validation_loss():
             spec = ld.DepthSpec(depth, seed)
             record = pretrained.provenance(spec.name)
             validation = ld.held_out(record["metrics"]["validation"]["size"], record["metrics"]["validation"]["seed"])
-            loss, _ = ld._scores(pretrained.load(spec.name), validation, ld.validation_optimum(validation))
+            loss, _ = ld._scores(pretrained.load(spec.name), validation, ld.optimum(validation))
             assert loss.mean().item() == pytest.approx(record["metrics"]["validation_loss"], rel=1e-4), spec.name

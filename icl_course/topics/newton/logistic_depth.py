@@ -102,7 +102,7 @@ def train_depth(spec: DepthSpec, device=None, progress: bool = False,
                     progress=progress and f"logistic, {spec.n_blocks} blocks, seed {spec.seed}")
     model = model.cpu().eval()
     validation = held_out(2000, seed=500)
-    losses, distances = _scores(model, validation, validation_optimum(validation))
+    losses, distances = _scores(model, validation, optimum(validation))
     model = model.float()
     record = {
         "task": {"d": D, "n_ctx": N_CTX, "mu": MU, "inputs": "N(0, I)", "weights": "N(0, I)",
@@ -118,7 +118,8 @@ def train_depth(spec: DepthSpec, device=None, progress: bool = False,
     return model, record
 
 
-def validation_optimum(batch) -> torch.Tensor:
+def optimum(batch) -> torch.Tensor:
+    """``w*`` of every sequence of ``batch`` (damped Newton to float64 precision): ``(B, d)``."""
     return LogisticNewton(MU, NEWTON_TARGET_STEPS, damped=True).weights(batch.xs, batch.ys)
 
 
@@ -185,7 +186,7 @@ def run_depths(config: DepthConfig | None = None, device=None, progress: bool = 
     """Load (or train) one model per depth and seed; score them and Newton's iterates on held-out sequences."""
     config = config or DepthConfig()
     batch = held_out(config.n_eval)
-    w_star = validation_optimum(batch)
+    w_star = optimum(batch)
     result = DepthResult(config)
     damped = LogisticNewton(MU, config.newton_steps, damped=True).iterates(batch.xs, batch.ys)
     full = LogisticNewton(MU, config.newton_steps).iterates(batch.xs, batch.ys)
