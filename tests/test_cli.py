@@ -145,6 +145,23 @@ def test_an_interrupt_while_writing_figures_leaves_the_old_run(tmp_path, monkeyp
                                                "add --resume to make a run that can be continued")
 
 
+def test_an_interrupt_just_after_the_temporary_folder_is_made_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """The subprocess tests above interrupt as soon as the folder appears; this pins that moment down."""
+    out = old_run(tmp_path / "run")
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kw):
+        real_mkdir(self, *args, **kw)
+        if self.name.endswith(".partial"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    fake_experiment(monkeypatch)
+    assert main(["reproduce", "gd-step", "--out", str(out), "--quiet", "--force"]) == 130
+    assert contents(out) == OLD_RUN and [p.name for p in tmp_path.iterdir()] == ["run"]
+    capsys.readouterr()
+
+
 def test_resume_continues_an_interrupted_run_and_gives_the_same_numbers(tmp_path, monkeypatch, capsys):
     """``--resume``: training checkpoints beside --out; after Ctrl-C the same command continues from there."""
     import torch

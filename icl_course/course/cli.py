@@ -134,14 +134,14 @@ def reproduce(topic: str, profile: str | None, out: Path, progress: bool = True,
     profile = get_profile(profile)
     folder = checkpoints_of(out) if resume else None
     created = [p for p in reversed(out.parents) if not p.exists()]
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = out.parent / f".{out.name}.{os.getpid()}-{time.time_ns() % 10**6}.partial"  # hidden, beside out
-        staging.mkdir()
-    except OSError as err:
-        raise ValueError(f"--out {out}: cannot write there ({err.strerror or err})") from None
-    try:
-        old = staging.with_suffix(".old")
+    staging = out.parent / f".{out.name}.{os.getpid()}-{time.time_ns() % 10**6}.partial"  # hidden, beside out
+    old = staging.with_suffix(".old")
+    try:  # the folders are made inside the try: an interrupt just after mkdir still reaches the cleanup below
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            staging.mkdir()
+        except OSError as err:
+            raise ValueError(f"--out {out}: cannot write there ({err.strerror or err})") from None
         start = time.perf_counter()
         with _resumable(folder):
             result = experiment.run(profile=profile, progress=progress)
@@ -161,7 +161,7 @@ def reproduce(topic: str, profile: str | None, out: Path, progress: bool = True,
                     os.rename(old, out)
                 raise
     finally:
-        for leftover in (staging, staging.with_suffix(".old")):
+        for leftover in (staging, old):
             shutil.rmtree(leftover, ignore_errors=True)
         if not out.exists():  # and the folders made for it, if still empty
             for folder in reversed(created):
