@@ -79,6 +79,18 @@ def test_solutions_pass_every_check_and_students_start_at_zero(source, monkeypat
     assert all(r["status"] == "not implemented" for r in fresh)
 
 
+@pytest.mark.parametrize("source", SOLUTIONS, ids=lambda p: p.name)
+def test_a_buggy_answer_that_raises_never_stops_the_notebook(source, monkeypatch, tmp_path):
+    """Every exercise answered with code that raises (not NotImplementedError): each check reports the
+    error, and the cells after it (demos that call the answer) still run, so later exercises get feedback."""
+    student = notebooks.read(ROOT / "exercises" / source.name)
+    planted = json.loads(json.dumps(student).replace('raise NotImplementedError(\\"your code here\\")',
+                                                      'raise RuntimeError(\\"planted bug\\")'))
+    assert planted != student, "no stub to plant a bug in"
+    results = run_code_cells(planted, monkeypatch, tmp_path / "planted.jsonl", strict=False)
+    assert results and all(r["status"] == "error" and "planted bug" in r["message"] for r in results), results
+
+
 def test_strict_mode_raises_on_anything_but_a_pass(monkeypatch):
     monkeypatch.setenv("ICL_COURSE_CHECKS", "strict")
 
