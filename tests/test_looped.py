@@ -511,6 +511,22 @@ def test_checks_name_each_planted_mistake_on_every_draw(strict, capsys):
     assert all("one loop for the whole batch" in r.message for r in batch_rule), sum(r.passed for r in batch_rule)
 
 
+def test_max_confidence_check_catches_other_averages_than_the_mean_log_probability(strict, capsys):
+    # Ranking loops by the mean probability passed 19 calls in 20, the smallest log-probability 13 in 20:
+    # the check's inputs often had one answer position, where every average is the same.
+    def ranked_by(summary):
+        def rule(logits):
+            logp, answers = logits.log_softmax(-1).max(-1)  # (T, B, L_ans)
+            t = summary(logp).argmax(0)
+            return answers[t, torch.arange(logits.shape[1])], t + 1
+        return rule
+
+    for summary, word in ((lambda lp: lp.exp().mean(-1), "mean *probability*"),
+                          (lambda lp: lp.min(-1).values, "*smallest* log-probability")):
+        results = [checks.max_confidence(ranked_by(summary)) for _ in range(300)]
+        assert all(word in r.message for r in results), [r.message for r in results if word not in r.message][:3]
+
+
 def test_max_confidence_check_has_no_ties_between_loops(strict, capsys):
     # It had: a settled sequence repeated its logits exactly, so later loops tied for the most confident
     # one, and a right answer that broke the tie towards the last loop failed on more than half the calls.

@@ -54,14 +54,29 @@ def _raw_logit_loops(logits: torch.Tensor) -> torch.Tensor:
     return logits.max(-1).values.mean(-1).argmax(0) + 1
 
 
+def _other_averages(logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Loops ranked by another summary of the answer positions' log-probabilities than their mean."""
+    logp = logits.log_softmax(-1).max(-1).values  # (T, B, L_ans): the argmax token's log-probability
+    return {"the mean *probability*": logp.exp().mean(-1).argmax(0) + 1,
+            "the *smallest* log-probability": logp.min(-1).values.argmax(0) + 1}
+
+
+_OTHER_AVERAGES = ("You ranked loops by {}; the confidence of a loop is the *mean* log-probability of its "
+                   "answer tokens (each the log_softmax of the argmax).")
+
+
 @check("Exercise 2: maximum-confidence stopping")
 def max_confidence(student_fn, gen):
-    for _ in range(100):  # inputs on which each mistake below shows, and is not taken for another one:
+    for _ in range(1000):  # inputs on which each mistake below shows, and is not taken for another one:
         logits = _random_logits(gen)
         best, raw = max_confidence_stop(logits)[1], _raw_logit_loops(logits)
+        others = list(_other_averages(logits).values())
         if (len(set(best.tolist())) > 1  # the sequences' best loops differ (one loop for all shows),
                 and len(set(raw.tolist())) > 1  # ranking by raw logits gives other loops, not one for all
-                and not torch.equal(raw, best) and not torch.equal(raw, best - 1)):  # nor these shifted by one
+                and not torch.equal(raw, best) and not torch.equal(raw, best - 1)  # nor these shifted by one
+                and all(len(set(o.tolist())) > 1 and not torch.equal(o, raw)  # other averages show,
+                        and not torch.equal(o, best) and not torch.equal(o, best - 1) for o in others)
+                and not torch.equal(*others)):  # each as itself
             break
     out = student_fn(logits)
     expect(isinstance(out, tuple) and len(out) == 2, "Return a pair `(answers, loops)`.")
@@ -76,6 +91,9 @@ def max_confidence(student_fn, gen):
     raw = _raw_logit_loops(logits)
     if torch.equal(loops.long(), raw) and not torch.equal(raw, want_loops):
         raise Wrong("You ranked loops by raw logits; the confidence is the log-*probability* (log_softmax) of the argmax.")
+    for what, other in _other_averages(logits).items():
+        if torch.equal(loops.long(), other):
+            raise Wrong(_OTHER_AVERAGES.format(what))
     expect(torch.equal(loops.long(), want_loops), f"Wrong loops: got {loops.tolist()}, expected {want_loops.tolist()}.")
     expect(torch.equal(answers.long(), want_answers), "Right loops, wrong answers: return the argmax tokens of the chosen loop.")
 
