@@ -80,7 +80,7 @@ def check(exercise: str):
             except Wrong as mistake:
                 result = CheckResult(exercise, "wrong", str(mistake))
             except Exception as exc:  # the student's code raised: report it, keep the notebook going
-                result = CheckResult(exercise, "error", f"Your function raised {type(exc).__name__}: {exc}")
+                result = CheckResult(exercise, "error", f"Your function raised {type(exc).__name__}: {exc}{_hint(exc)}")
             _report(result)
             return result
 
@@ -88,6 +88,17 @@ def check(exercise: str):
         return run
 
     return decorate
+
+
+# Errors whose message a student cannot act on alone: a piece of the message -> the hint added to it
+HINTS = {
+    "does not require grad": "Autograd can only differentiate with respect to a tensor made with "
+                             "`requires_grad=True` (or `x.requires_grad_()`), before the computation that uses it.",
+}
+
+
+def _hint(exc: Exception) -> str:
+    return next((f" Hint: {hint}" for piece, hint in HINTS.items() if piece in str(exc)), "")
 
 
 def _report(result: CheckResult) -> None:
@@ -121,9 +132,27 @@ def expect_close(name: str, value, expected: torch.Tensor, rtol: float = 1e-4, a
     value = value.detach().to(expected.dtype)
     expect(bool(torch.isfinite(value).all()), f"`{name}` contains NaN or infinite entries.")
     if not torch.allclose(value, expected, rtol=rtol, atol=atol):
+        factor = _constant_factor(value, expected, rtol, atol)
+        if factor is not None:
+            what = "has the wrong sign everywhere" if abs(factor + 1) < 1e-3 else \
+                f"is off by a factor {factor:.3g} everywhere (a missing 1/n, 2 or 1/2?)"
+            raise Wrong(f"`{name}` {what}: got {value.flatten()[0].item():.6g} where {expected.flatten()[0].item():.6g} "
+                        f"was expected, and so on. {hint}".rstrip())
         err = (value - expected).abs()
         i = tuple(int(k) for k in torch.unravel_index(err.argmax(), err.shape)) if err.ndim else ()
         where = f" at index {i}" if i else ""
         got, want = value[i].item(), expected[i].item()
         sign = " (the sign is flipped)" if abs(got + want) < 1e-6 * max(1.0, abs(want)) and want != 0 else ""
         raise Wrong(f"`{name}` is off{where}: got {got:.6g}, expected {want:.6g}{sign}. {hint}".rstrip())
+
+
+def _constant_factor(value: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float) -> float | None:
+    """``c`` if ``value`` is ``c * expected`` within tolerance for one constant ``c`` (not 0 or 1), else None:
+    the most common wrong answer, a formula right up to a constant, gets its own feedback."""
+    if expected.numel() < 2 or not bool(expected.ne(0).any()):
+        return None
+    c = ((value * expected).sum() / (expected * expected).sum()).item()
+    if abs(c) < 1e-3 or abs(c - 1) < 1e-3 or not torch.allclose(value, c * expected, rtol=rtol, atol=atol * abs(c)):
+        return None
+    return c
+

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from icl_course import checking as checks
@@ -101,3 +102,25 @@ def test_strict_mode_raises_on_anything_but_a_pass(monkeypatch):
     assert toy(lambda: 1).passed
     with pytest.raises(checks.CheckFailed, match="expected 1"):
         toy(lambda: 2)
+
+
+def test_a_constant_factor_and_a_missing_requires_grad_get_their_own_feedback(monkeypatch):
+    monkeypatch.delenv("ICL_COURSE_CHECKS", raising=False)
+    want = torch.linspace(-1, 2, 7)
+
+    @checks.check("toy")
+    def toy(student_fn, gen):
+        checks.expect_close("w", student_fn(), want)
+
+    assert "off by a factor 2 everywhere" in toy(lambda: 2 * want).message
+    assert "off by a factor 0.25 everywhere" in toy(lambda: want / 4).message
+    assert "wrong sign everywhere" in toy(lambda: -want).message
+    other = toy(lambda: want + torch.arange(7.0) ** 2 / 10)
+    assert other.status == "wrong" and "factor" not in other.message and "is off at index" in other.message
+
+    def no_grad():
+        x = torch.ones(3)
+        return torch.autograd.grad((x ** 2).sum(), x)[0]
+
+    result = toy(no_grad)
+    assert result.status == "error" and "requires_grad=True" in result.message

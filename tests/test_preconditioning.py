@@ -377,3 +377,22 @@ def test_checks_explain_planted_mistakes():
         raise NotImplementedError
 
     assert checks.optimal_preconditioner(unfinished).status == "not implemented"
+
+
+def test_the_implicit_model_check_draws_models_of_moderate_scale(monkeypatch):
+    """Its random models once had implicit weights up to 1e38, and wrong answers got feedback in 1e11s."""
+    from icl_course.metrics import implicit_weights_per_layer
+
+    seen = []
+    real = implicit_weights_per_layer
+
+    def spy(model, xs, ys, xq):
+        w = real(model, xs, ys, xq)
+        seen.append(w.abs().max().item())
+        return w
+
+    monkeypatch.setattr(checks, "implicit_weights_per_layer", spy)
+    monkeypatch.delenv("ICL_COURSE_CHECKS", raising=False)
+    for _ in range(100):
+        checks.implicit_models_per_layer(lambda model, xs, ys, xq: spy(model, xs, ys, xq))
+    assert 1e-3 < min(seen) and max(seen) < 1e4, (min(seen), max(seen))
