@@ -304,6 +304,14 @@ def test_checks_pass_the_solutions_and_name_planted_mistakes():
 
     result = checks.newton_step_layers(no_quarter)
     assert result.status == "wrong" and "coefficient should be -1" in result.message and "-4" in result.message
+    assert "doubling do to a product" in result.message and "/ 4" not in result.message  # a hint, not the answer
+
+    def no_token_count(d, n_ctx):  # the correction divides by n instead of N = n + d
+        (Q1, P1), (Q2, P2) = _solution_step_layers(d, n_ctx)
+        return (Q1, P1), (Q2, P2 * n_ctx / (n_ctx + d))
+
+    result = checks.newton_step_layers(no_token_count)
+    assert "compare the two counts" in result.message and "N / n" not in result.message
 
     def no_doubling(d, n_ctx):
         (Q1, P1), (Q2, P2) = _solution_step_layers(d, n_ctx)

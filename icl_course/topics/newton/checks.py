@@ -99,9 +99,18 @@ def newton_step_layers(student_fn, gen):
            "u into the x-slot (correction) or the e-slot (doubling), and that P writes only into the u-slot.")
     expect(abs(a - 2) < 1e-6, f"After your layers u = {a:.3g} M x {c:+.3g} M S M x; the M x coefficient should be 2 "
            "(the doubling layer adds u once more: Q puts u into the e-slot, where the basis tokens give I / N).")
-    expect(abs(c + 1) < 1e-6, f"After your layers u = {a:.3g} M x {c:+.3g} M S M x; the M S M x coefficient should "
-           "be -1. The correction layer sees the doubled iterate 2M, and the layer divides by N = n + d, "
-           "not n: its P needs the factor -(N / n) / 4.")
+    if abs(c + 1) >= 1e-6:  # a hint for the two scale factors the correction layer meets, not the answer
+        N = n + d
+        if abs(c + 4) < 1e-6 or abs(c + 4 * n / N) < 1e-6:
+            why = ("The correction layer multiplies two copies of the iterate, and it sees the doubled one: "
+                   "what does doubling do to a product of two of them?")
+        elif abs(c + n / N) < 1e-6:
+            why = ("Attention averages over every token, basis tokens included, but S averages over the data "
+                   "tokens only: compare the two counts.")
+        else:
+            why = ("Two scale factors meet in the correction layer: the iterate it sees was doubled, and "
+                   "attention averages over more tokens than S does.")
+        raise Wrong(f"After your layers u = {a:.3g} M x {c:+.3g} M S M x; the M S M x coefficient should be -1. {why}")
     others = Z2.clone()
     others[..., d : 2 * d] = Z[..., d : 2 * d]
     expect(torch.allclose(others, Z, atol=1e-9),
