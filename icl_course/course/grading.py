@@ -151,10 +151,9 @@ def grade_all(submissions, timeout: float = 120.0, chapter: str | None = None) -
 def table(results: list[SubmissionResult]) -> str:
     """Students by exercises plus a total, as plain text."""
     titles = list(dict.fromkeys(r["exercise"] for res in results for r in res.results))
-    short = {"passed": "ok", "wrong": "wrong", "not implemented": "todo", "error": "error", "missing": "missing"}
     rows = [["student", *[f"ex{i + 1}" for i in range(len(titles))], "total", "status"]]
     for res in results:
-        by_title = {r["exercise"]: short.get(r["status"], r["status"]) for r in res.results}
+        by_title = {r["exercise"]: r["status"] for r in res.results}  # the words of the CSV and of the checks
         rows.append([res.student, *[by_title.get(t, "-") for t in titles], f"{res.score}/{len(res.results) or len(titles)}", res.status])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
