@@ -32,3 +32,14 @@ def test_tables(tmp_path):
 def test_timings_reject_unknown_chapters():
     with pytest.raises(ValueError, match=r"stems must name written chapters, got \['06_loop'\].*06_looped"):
         course.measure_timings("quick", stems=["06_loop"])
+
+
+def test_the_book_bundles_mathjax_so_an_offline_copy_renders_maths():
+    """The built book's pages load MathJax from _build/html/_static/mathjax, not from a CDN."""
+    from pathlib import Path
+
+    import yaml
+
+    config = yaml.safe_load((Path(__file__).resolve().parent.parent / "_config.yml").read_text())["sphinx"]
+    assert "sphinx-mathjax-offline" in config.get("extra_extensions", [])
+    assert "http" not in str(config.get("config", {}).get("mathjax_path", ""))
