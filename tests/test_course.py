@@ -32,3 +32,10 @@ def test_tables(tmp_path):
 def test_timings_reject_unknown_chapters():
     with pytest.raises(ValueError, match=r"stems must name written chapters, got \['06_loop'\].*06_looped"):
         course.measure_timings("quick", stems=["06_loop"])
+
+
+def test_how_to_run_clones_the_books_repository():
+    from icl_course.course.notebooks import repository_url
+
+    url = repository_url(course.ROOT / "_config.yml")
+    assert f"git clone {url}.git && cd icl-course" in (course.ROOT / "how_to_run.md").read_text()
