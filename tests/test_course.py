@@ -1,6 +1,7 @@
 """The landing page's and the instructors' page's tables come from the files themselves."""
 
 import json
+import re
 
 import pytest
 
@@ -39,3 +40,16 @@ def test_how_to_run_clones_the_books_repository():
 
     url = repository_url(course.ROOT / "_config.yml")
     assert f"git clone {url}.git && cd icl-course" in (course.ROOT / "how_to_run.md").read_text()
+
+
+def test_the_cheat_sheet_names_tests_that_exist_and_every_chapter():
+    text = (course.ROOT / "summary.md").read_text()
+    named = re.findall(r"`(test_\w+\.py)(?:::(\w+))?`", text)
+    assert len(named) >= 7
+    for file, name in named:
+        path = course.ROOT / "tests" / file
+        assert path.exists(), f"summary.md names {file}, which is not in tests/"
+        if name:
+            assert re.search(rf"^def {name}\(", path.read_text(), flags=re.M), f"summary.md names {file}::{name}"
+    for ch in course.PLAN:
+        assert f"(chapters/{ch.stem}.ipynb)" in text, f"summary.md does not link chapter {ch.number}"
