@@ -1,6 +1,7 @@
 """The landing page's and the instructors' page's tables come from the files themselves."""
 
 import json
+import re
 
 import pytest
 
@@ -25,8 +26,35 @@ def test_tables(tmp_path):
     (tmp_path / "timings.json").write_text(json.dumps(
         {"quick": {"date": "2026-01-01", "machine": "test box", "chapters": {"01_gd_step": 90.0}}}))
     table = course.chapter_table(tmp_path)
-    assert "| ~2 min | 1.5 min | not measured yet |" in table and "test box" in table
+    assert "| ~2 min | none | 1.5 min | not measured yet |" in table and "test box" in table
     assert course.reading_minutes(tmp_path / "chapters" / "01_gd_step.ipynb") == 2.5
+    # each display equation adds EQUATION_MINUTES, and the words inside it are not counted as prose
+    (tmp_path / "chapters" / "01_gd_step.ipynb").write_text(json.dumps({"cells": [
+        {"cell_type": "markdown", "source": ["word " * 400, "\n$$\n", "a + b " * 100, "\n$$\n", "$$x$$"]},
+        {"cell_type": "code", "source": ["1"]}]}))
+    minutes = course.reading_minutes(tmp_path / "chapters" / "01_gd_step.ipynb")
+    assert minutes == 2.5 + 2 * course.EQUATION_MINUTES
+    # each exercise adds EXERCISE_MINUTES; the chapters' exercises are the checks their solutions call
+    ch1 = course.PLAN[0]
+    n_ex = course.exercise_count(ch1)
+    assert n_ex >= 1 and course.exercise_count(ch1, tmp_path) == 0
+    assert f"| {n_ex}, ~{n_ex * course.EXERCISE_MINUTES:.0f} min |" in course.chapter_table()
+    assert f"{course.WORDS_PER_MINUTE} words a minute" in table
+
+
+def test_the_path_is_a_dependency_map_that_links_every_chapter():
+    # 1 -> 2 -> 3, 2 -> 4, and 5, 6, 7 off chapter 1 (the order the chapters build on each other)
+    assert course.PREREQUISITE == {2: 1, 3: 2, 4: 2, 5: 1, 6: 1, 7: 1}
+    assert set(course.PREREQUISITE) | {1} == {ch.number for ch in course.PLAN}
+    text = course.path_map()
+    for ch in course.PLAN:
+        assert f"[{ch.number}. {ch.title}](chapters/{ch.stem}.ipynb)" in text
+    depth = {int(line.split("[")[1].split(".")[0]): (len(line) - len(line.lstrip())) // 2 for line in text.splitlines()}
+    assert depth == {1: 0, 2: 1, 3: 2, 4: 2, 5: 1, 6: 1, 7: 1}  # the nested list is the tree
+    fig = course.path_figure()
+    assert "faded" not in fig.axes[0].get_title()  # every chapter is written
+    labels = [t.get_text() for t in fig.axes[0].texts if t.get_text()]  # the arrows are empty annotations
+    assert len(labels) == len(course.PLAN) and len(fig.axes[0].texts) - len(labels) == len(course.PREREQUISITE)
 
 
 def test_timings_reject_unknown_chapters():
@@ -43,3 +71,23 @@ def test_the_book_bundles_mathjax_so_an_offline_copy_renders_maths():
     config = yaml.safe_load((Path(__file__).resolve().parent.parent / "_config.yml").read_text())["sphinx"]
     assert "sphinx-mathjax-offline" in config.get("extra_extensions", [])
     assert "http" not in str(config.get("config", {}).get("mathjax_path", ""))
+
+
+def test_how_to_run_clones_the_books_repository():
+    from icl_course.course.notebooks import repository_url
+
+    url = repository_url(course.ROOT / "_config.yml")
+    assert f"git clone {url}.git && cd icl-course" in (course.ROOT / "how_to_run.md").read_text()
+
+
+def test_the_cheat_sheet_names_tests_that_exist_and_every_chapter():
+    text = (course.ROOT / "summary.md").read_text()
+    named = re.findall(r"`(test_\w+\.py)(?:::(\w+))?`", text)
+    assert len(named) >= 7
+    for file, name in named:
+        path = course.ROOT / "tests" / file
+        assert path.exists(), f"summary.md names {file}, which is not in tests/"
+        if name:
+            assert re.search(rf"^def {name}\(", path.read_text(), flags=re.M), f"summary.md names {file}::{name}"
+    for ch in course.PLAN:
+        assert f"(chapters/{ch.stem}.ipynb)" in text, f"summary.md does not link chapter {ch.number}"

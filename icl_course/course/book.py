@@ -1,7 +1,11 @@
 """The course as a whole: its path of chapters, and what the landing page shows about them.
 
-``PLAN`` is the order of the chapters (the topics of :mod:`icl_course.topics`). A chapter is *in the book* when its notebook exists.
-Reading time is computed from the words of a chapter's notebook; run times come from
+``PLAN`` is the order of the chapters (the topics of :mod:`icl_course.topics`), ``PREREQUISITE`` the
+chapter each one builds on (the dependency map of the landing page). A chapter is *in the book* when its
+notebook exists. Study time is an estimate, computed from the chapter's notebook and its exercises: its
+prose at ``WORDS_PER_MINUTE``, plus ``CODE_CELL_MINUTES`` per code cell, ``EQUATION_MINUTES`` per display
+equation (a derivation is read slower than prose), and ``EXERCISE_MINUTES`` per exercise (a check that its
+solution notebook calls). Run times come from
 ``timings.json``, written by ``python -m icl_course.course timings`` (``make timings``), which runs
 every chapter notebook in a fresh kernel and records the wall-clock time with the machine it ran on.
 """
@@ -17,15 +21,20 @@ from pathlib import Path
 
 from icl_course.topics import TOPICS, Topic
 
-__all__ = ["PLAN", "reading_minutes", "path_figure", "chapter_table", "syllabus", "measure_timings"]
+__all__ = ["PLAN", "PREREQUISITE", "reading_minutes", "exercise_count", "path_figure", "path_map", "chapter_table",
+           "syllabus", "measure_timings"]
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMINGS = "timings.json"
-WORDS_PER_MINUTE = 200  # prose; every code cell adds CODE_CELL_MINUTES on top
-CODE_CELL_MINUTES = 0.5
+WORDS_PER_MINUTE = 200  # prose outside display equations
+CODE_CELL_MINUTES = 0.5  # reading a code cell and its output
+EQUATION_MINUTES = 2.0  # each display equation ($$ ... $$): following a derivation step
+EXERCISE_MINUTES = 20.0  # each exercise: writing the function until its check passes
 
 
 PLAN = TOPICS  # the chapters in order (icl_course.topics)
+PREREQUISITE = {2: 1, 3: 2, 4: 2, 5: 1, 6: 1, 7: 1}  # chapter -> the chapter it builds on; 1 is the root
+DISPLAY_MATH = re.compile(r"\$\$.*?\$\$", flags=re.S)
 
 
 def available(chapter: Topic, root: Path = ROOT) -> bool:
@@ -33,56 +42,123 @@ def available(chapter: Topic, root: Path = ROOT) -> bool:
 
 
 def reading_minutes(notebook: Path) -> float:
-    """Minutes to read a notebook: its prose at WORDS_PER_MINUTE plus a little per code cell."""
+    """Minutes to read a notebook: its prose at WORDS_PER_MINUTE (display equations left out), plus
+    CODE_CELL_MINUTES per code cell and EQUATION_MINUTES per display equation."""
     nb = json.loads(Path(notebook).read_text())
-    words = sum(len(re.findall(r"\w+", "".join(c["source"]))) for c in nb["cells"] if c["cell_type"] == "markdown")
+    markdown = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown"]
+    words = sum(len(re.findall(r"\w+", DISPLAY_MATH.sub(" ", text))) for text in markdown)
+    equations = sum(len(DISPLAY_MATH.findall(text)) for text in markdown)
     code_cells = sum(c["cell_type"] == "code" for c in nb["cells"])
-    return words / WORDS_PER_MINUTE + CODE_CELL_MINUTES * code_cells
+    return words / WORDS_PER_MINUTE + CODE_CELL_MINUTES * code_cells + EQUATION_MINUTES * equations
+
+
+def exercise_count(chapter: Topic, root: Path = ROOT) -> int:
+    """How many exercises the chapter has: the checks its solution notebook calls (0 without one)."""
+    from .grading import exercises_of
+
+    source = root / "exercises" / "solutions" / f"{chapter.stem}.ipynb"
+    return len(exercises_of(source)[1]) if source.exists() else 0
+
+
+def _depth(number: int) -> int:
+    return 0 if number not in PREREQUISITE else 1 + _depth(PREREQUISITE[number])
+
+
+def _children(number: int) -> list[int]:
+    return [ch.number for ch in PLAN if PREREQUISITE.get(ch.number) == number]
 
 
 def path_figure(root: Path = ROOT):
-    """The seven chapters as a path; chapters not yet in the book are drawn faded."""
+    """The chapters as a dependency map: an arrow from the chapter each one builds on (PREREQUISITE).
+    Chapters not yet in the book are drawn faded."""
     from matplotlib.patches import FancyBboxPatch
 
     from icl_course import plots
 
-    fig, (ax,) = plots.figure(width=11, height=2.2)
+    # leaves get one row each, top to bottom in depth-first order; a parent sits at the mean of its children
+    rows, leaves_placed = {}, []
+
+    def place(number: int) -> float:
+        kids = _children(number)
+        if kids:
+            rows[number] = sum(place(k) for k in kids) / len(kids)
+        else:
+            rows[number] = float(len(leaves_placed))
+            leaves_placed.append(number)
+        return rows[number]
+
+    roots = [ch.number for ch in PLAN if ch.number not in PREREQUISITE]
+    for r in roots:
+        place(r)
+    leaves = sum(not _children(n) for n in rows)
+    fig, (ax,) = plots.figure(width=8.5, height=0.62 * leaves + 0.5)
     ax.set_axis_off()
     ax.grid(False)
-    for i, ch in enumerate(PLAN):
-        x = i * 1.6
+    w, h, dx = 2.5, 0.72, 3.3
+    by_number = {ch.number: ch for ch in PLAN}
+    faded = False
+    for number, row in rows.items():
+        ch, x, y = by_number[number], _depth(number) * dx, -row
         ready = available(ch, root)
-        ax.add_patch(
-            FancyBboxPatch(
-                (x - 0.65, -0.45), 1.3, 0.9, boxstyle="round,pad=0.05",
-                facecolor="#dbe9f6" if ready else "#f2f2f2", edgecolor="#2c6fad" if ready else "#bbbbbb",
-            )
-        )
-        color = "black" if ready else "#999999"
-        ax.text(x, 0.18, f"{ch.number}", ha="center", va="center", fontsize=13, weight="bold", color=color)
-        ax.text(x, -0.18, ch.idea.replace(": ", ":\n").replace(" = ", " =\n"), ha="center", va="center", fontsize=7.5, color=color)
-        if i:
-            ax.annotate("", xy=(x - 0.7, 0), xytext=(x - 0.9, 0), arrowprops={"arrowstyle": "->", "color": "#555555"})
-    ax.set_xlim(-0.8, (len(PLAN) - 1) * 1.6 + 0.8)
-    ax.set_ylim(-0.6, 0.6)
-    ax.set_title("the path through the course (faded: not yet written)", fontsize=10)
+        faded |= not ready
+        ax.add_patch(FancyBboxPatch(
+            (x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.04",
+            facecolor="#dbe9f6" if ready else "#f2f2f2", edgecolor="#2c6fad" if ready else "#bbbbbb"))
+        ax.text(x, y, f"{ch.number}. {ch.idea}", ha="center", va="center", fontsize=8.5,
+                color="black" if ready else "#999999")
+        if number in PREREQUISITE:
+            parent = PREREQUISITE[number]
+            px, py = _depth(parent) * dx + w / 2, -rows[parent]
+            ax.annotate("", xy=(x - w / 2 - 0.05, y), xytext=(px + 0.05, py),
+                        arrowprops={"arrowstyle": "->", "color": "#555555", "connectionstyle": "arc3,rad=0"})
+    depth = max(_depth(n) for n in rows)
+    ax.set_xlim(-w / 2 - 0.1, depth * dx + w / 2 + 0.1)
+    ax.set_ylim(-(leaves - 1) - 0.6, 0.6)
+    title = "the chapters, each after the one it builds on"
+    ax.set_title(title + (" (faded: not yet written)" if faded else ""), fontsize=10)
     return fig
 
 
+def path_map(root: Path = ROOT) -> str:
+    """The dependency map as a nested markdown list that links every chapter (the figure, in words)."""
+    lines = []
+
+    def add(number: int, level: int) -> None:
+        ch = next(c for c in PLAN if c.number == number)
+        link = f"[{ch.number}. {ch.title}](chapters/{ch.stem}.ipynb)"
+        if not available(ch, root):
+            link = f"{ch.number}. {ch.title} (not yet written)"
+        after = f": builds on chapter {PREREQUISITE[number]}" if number in PREREQUISITE else ": the foundation"
+        lines.append("  " * level + f"- {link}{after}")
+        for k in _children(number):
+            add(k, level + 1)
+
+    for ch in PLAN:
+        if ch.number not in PREREQUISITE:
+            add(ch.number, 0)
+    return "\n".join(lines)
+
+
 def chapter_table(root: Path = ROOT) -> str:
-    """A markdown table: chapter, reading time, measured run times (quick on CPU, full on GPU)."""
+    """A markdown table: chapter, reading time, exercises, and measured run times (quick on CPU, full on GPU)."""
     timings = json.loads((root / TIMINGS).read_text()) if (root / TIMINGS).exists() else {}
-    rows = ["| chapter | reading | quick profile, CPU | full profile, GPU |", "|---|---|---|---|"]
+    rows = ["| chapter | reading | exercises | quick profile, CPU | full profile, GPU |", "|---|---|---|---|---|"]
     for ch in PLAN:
         if not available(ch, root):
-            rows.append(f"| {ch.number}. {ch.title} | not yet written | | |")
+            rows.append(f"| {ch.number}. {ch.title} | not yet written | | | |")
             continue
         read = f"~{reading_minutes(root / 'chapters' / f'{ch.stem}.ipynb'):.0f} min"
+        n_ex = exercise_count(ch, root)
+        exercises = f"{n_ex}, ~{n_ex * EXERCISE_MINUTES:.0f} min" if n_ex else "none"
         cells = []
         for profile in ("quick", "full"):
             t = timings.get(profile, {}).get("chapters", {}).get(ch.stem)
             cells.append(f"{t / 60:.1f} min" if t is not None else "not measured yet")
-        rows.append(f"| [{ch.number}. {ch.title}](chapters/{ch.stem}.ipynb) | {read} | {cells[0]} | {cells[1]} |")
+        rows.append(f"| [{ch.number}. {ch.title}](chapters/{ch.stem}.ipynb) | {read} | {exercises} | {cells[0]} | {cells[1]} |")
+    rows.append("")
+    rows.append(f"*Reading: the prose at {WORDS_PER_MINUTE} words a minute, plus {CODE_CELL_MINUTES:g} min per code "
+                f"cell and {EQUATION_MINUTES:g} min per displayed equation (a derivation is read more slowly than "
+                f"prose). Exercises: {EXERCISE_MINUTES:g} min each, to write a function until its check passes.*")
     for profile in ("quick", "full"):
         if profile in timings:
             rows.append("")
