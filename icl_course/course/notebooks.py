@@ -122,11 +122,12 @@ def colab_header(relpath: str, url: str) -> list[dict]:
         'if importlib.util.find_spec("icl_course") is None:\n'
         f'    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "icl-course[widgets] @ git+{url}"])'
     )
-    meta = {"tags": [HEADER_TAG]}
     return [
-        {"cell_type": "markdown", "id": "colab-badge", "metadata": dict(meta), "source": badge.splitlines(keepends=True)},
-        {"cell_type": "code", "id": "colab-install", "metadata": dict(meta), "source": install.splitlines(keepends=True),
-         "outputs": [], "execution_count": None},
+        {"cell_type": "markdown", "id": "colab-badge", "metadata": {"tags": [HEADER_TAG]},
+         "source": badge.splitlines(keepends=True)},
+        # the book leaves the install cell out of its pages (remove-cell): it serves Colab, not the reader
+        {"cell_type": "code", "id": "colab-install", "metadata": {"tags": [HEADER_TAG, "remove-cell"]},
+         "source": install.splitlines(keepends=True), "outputs": [], "execution_count": None},
     ]
 
 
