@@ -74,6 +74,26 @@ def matrices(named: dict[str, torch.Tensor], symmetric: bool = True):
     return fig
 
 
+def token_matrix(Z: torch.Tensor, after: torch.Tensor | None = None):
+    """One sequence's token matrix ``Z`` (``(n+1, d+1)``: a row per token, the query last, the y-slots in
+    the last column) as a table of numbers; with ``after``, the same tokens after a layer beside it."""
+    named = {"Z (tokens in)": Z} if after is None else {"Z (tokens in)": Z, "after one layer": after}
+    fig, axes = figure(ncols=len(named), width=3.4, height=3.2)
+    for ax, (name, m) in zip(axes, named.items()):
+        m = torch.as_tensor(m).detach().cpu().float()
+        n1, d1 = m.shape
+        vmax = float(m.abs().max()) or 1.0
+        ax.imshow(m.numpy(), cmap="RdBu_r", vmin=-vmax, vmax=vmax)
+        for (i, j), v in zip(((i, j) for i in range(n1) for j in range(d1)), m.flatten().tolist()):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
+        ax.add_patch(plt.Rectangle((d1 - 1.5, -0.5), 1, n1, fill=False, lw=2, ec="k"))  # the y-slots
+        ax.set_xticks(range(d1), [f"$x^{{({j + 1})}}$" for j in range(d1 - 1)] + ["$y$"])
+        ax.set_yticks(range(n1), [f"$e_{{{i + 1}}}$" for i in range(n1 - 1)] + ["query"])
+        ax.grid(False)
+        ax.set_title(name)
+    return fig
+
+
 def step_size(eta_grid, gd_losses, eta_star: float, model_loss: float | None = None, eta: float | None = None):
     """Held-out loss of one GD step against its step size, the best step, and the trained model."""
     fig, (ax,) = figure()
