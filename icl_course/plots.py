@@ -59,9 +59,16 @@ def curves(x, ys: dict[str, list[float]], xlabel: str = "", ylabel: str = "", ti
     return fig
 
 
-def matrices(named: dict[str, torch.Tensor], symmetric: bool = True):
-    """Heatmaps side by side, each with its own colour scale centred on 0."""
-    fig, axes = figure(ncols=len(named), width=3.0, height=3.0)
+def matrices(named: dict[str, torch.Tensor], symmetric: bool = True, ncols: int | None = None):
+    """Heatmaps, each with its own colour scale centred on 0: side by side, or ``ncols`` to a row."""
+    ncols = ncols or len(named)
+    nrows = -(-len(named) // ncols)  # ceil
+    with matplotlib.rc_context(STYLE):
+        fig, grid = plt.subplots(nrows, ncols, figsize=(3.0 * ncols, 3.0 * nrows), squeeze=False, layout="constrained")
+    plt.close(fig)  # shown by displaying the returned figure, never twice
+    axes = list(grid.flat)
+    for ax in axes[len(named):]:
+        ax.set_visible(False)
     for ax, (name, m) in zip(axes, named.items()):
         m = torch.as_tensor(m).detach().cpu().float().numpy()
         vmax = float(abs(m).max()) or 1.0

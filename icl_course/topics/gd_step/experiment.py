@@ -39,7 +39,7 @@ from icl_course.solvers import GradientDescent, tune_step_size
 from icl_course.tasks import RegressionTask, Uniform, generator
 from icl_course.training import History, TrainConfig, train
 
-from .recurrent import RecurrentConfig, RecurrentResult, run_recurrent
+from .recurrent import COLOURS, RecurrentConfig, RecurrentResult, recolour, run_recurrent
 from .softmax import SoftmaxConfig, run_softmax
 
 __all__ = ["GDStepConfig", "GDStepResult", "CONFIGS", "run", "best_one_step", "train_lsa", "out_of_distribution",
@@ -111,7 +111,10 @@ class GDStepResult:
             extra["recurrent"] = self.recurrent.figure(one_layer if self.config.n_ctx == 10 else None)
         return {
             **extra,
-            "loss_curve": plots.loss_curve(self.history, {"best one-step GD": self.metrics["best_gd_loss"]}),
+            "loss_curve": recolour(
+                plots.loss_curve(self.history, {"best one-step GD": self.metrics["best_gd_loss"]}),
+                {"training loss": COLOURS["trained LSA"], "best one-step GD": COLOURS["GD"]},
+            ),
             "alignment": plots.curves(
                 self.tracking["step"],
                 {k: self.tracking[k] for k in ("model_cosine", "prediction_distance")},
@@ -119,26 +122,52 @@ class GDStepResult:
                 title="trained LSA vs one GD step (held-out tasks)",
             ),
             "matrices": plots.matrices(
-                {"trained Q (papers' Q transposed)": Q[0], "trained P": P[0], "GD construction Q": Q_gd[0],
-                 "GD construction P": P_gd[0]}
+                {"trained $Q$ (papers' $Q^\\top$)": Q[0], "trained $P$": P[0],
+                 "GD construction: $Q$": Q_gd[0], "GD construction: $P$": P_gd[0]},
+                ncols=2,
             ),
-            "step_size": plots.step_size(self.eta_grid, self.gd_losses, self.gd.eta, self.metrics["lsa_loss"]),
-            "out_of_distribution": plots.curves(
-                self.ood["scale"],
-                {"trained LSA": self.ood["lsa_loss"], "one GD step": self.ood["gd_loss"]},
-                xlabel="test input range / training input range",
-                ylabel="0.5·MSE",
-                logy=True,
-                title="scaled test inputs",
-            ),
-            "interpolation": plots.curves(
-                self.interpolation["alpha"],
-                {"interpolated weights": self.interpolation["loss"]},
-                xlabel="alpha (0: GD construction, 1: trained)",
-                ylabel="0.5·MSE",
-                title="loss along the straight path between the two weight sets",
-            ),
+            "step_size": self.step_size_figure(),
+            "out_of_distribution": self.out_of_distribution_figure(),
+            "interpolation": self.interpolation_figure(),
         }
+
+    def step_size_figure(self, eta: float | None = None):
+        """Held-out loss of one GD step against its step size, with the trained layer's loss (and ``eta``)."""
+        fig = plots.step_size(self.eta_grid, self.gd_losses, self.gd.eta, self.metrics["lsa_loss"], eta=eta)
+        return recolour(fig, {"one GD step": COLOURS["GD"], "best eta": COLOURS["GD"],
+                              "trained LSA": COLOURS["trained LSA"]})
+
+    def out_of_distribution_figure(self):
+        """Both learners' losses on scaled test inputs (left) and their ratio, 1 when equal (right)."""
+        scale, lsa, gd = self.ood["scale"], self.ood["lsa_loss"], self.ood["gd_loss"]
+        fig, (ax, bx) = plots.figure(ncols=2, width=3.7)
+        ax.plot(scale, gd, "o-", ms=6, color=COLOURS["GD"], label="one GD step")
+        ax.plot(scale, lsa, "^--", ms=4, color=COLOURS["trained LSA"], label="trained LSA")
+        ax.set(xlabel="test input range / training range", ylabel="held-out 0.5·MSE", yscale="log",
+               title="loss on scaled test inputs")
+        ax.legend(fontsize=8)
+        bx.plot(scale, [a / b for a, b in zip(lsa, gd)], "o-", ms=4, color=COLOURS["trained LSA"])
+        bx.axhline(1.0, color="k", ls=":", lw=1)
+        bx.set(xlabel="test input range / training range", ylabel="LSA loss / GD loss",
+               title="ratio (1: equal losses)")
+        low, high = bx.get_ylim()  # at least 0.9-1.1, so that noise is not magnified into a trend
+        bx.set_ylim(min(low, 0.9), max(high, 1.1))
+        return fig
+
+    def interpolation_figure(self):
+        """The loss along the path from the construction to the trained weights, on the scale from 0 to
+        the loss of predicting 0, with the best GD step's loss for reference."""
+        m = self.metrics
+        fig, (ax,) = plots.figure()
+        ax.plot(self.interpolation["alpha"], self.interpolation["loss"], "o-", ms=3, color=COLOURS["trained LSA"],
+                label="interpolated weights")
+        ax.axhline(m["best_gd_loss"], color=COLOURS["GD"], ls="--", label="best one GD step")
+        ax.axhline(m["zero_predictor_loss"], color=COLOURS["predicting 0"], ls=":", label="predicting 0")
+        ax.set(xlabel=r"$\alpha$ (0: GD construction, 1: trained)", ylabel="held-out 0.5·MSE",
+               title="straight path: construction to trained weights")
+        ax.set_ylim(0, 1.15 * max(m["zero_predictor_loss"], *self.interpolation["loss"]))
+        ax.legend(fontsize=8, loc="lower right")
+        return fig
 
 
 def interpolate(model: LinearTransformer, gd_model: LinearTransformer, alpha: float) -> LinearTransformer:

@@ -54,6 +54,22 @@ __all__ = ["PAPER_GAMMA", "RecurrentSpec", "RecurrentConfig", "RecurrentResult",
            "write_weights", "make_task"]
 
 PAPER_GAMMA = {10: 0.179, 25: 0.099, 50: 0.056, 100: 0.029}  # von Oswald et al. 2023, Sec. 4 (no 1/n)
+# One colour per method in every figure of chapter 1 (the trained layer, GD, GD++, softmax attention).
+COLOURS = {"trained LSA": "C0", "GD": "C1", "GD++": "C2", "softmax": "C4", "predicting 0": "0.5"}
+
+
+def recolour(fig, colours: dict[str, str]):
+    """Give every line (and its legend entry) whose label starts with a key of ``colours`` that colour."""
+    for ax in fig.axes:
+        legend = ax.get_legend()
+        pairs = [(line, line.get_label()) for line in ax.lines]
+        if legend is not None:
+            pairs += [(h, t.get_text()) for h, t in zip(legend.legend_handles, legend.get_texts())]
+        for artist, label in pairs:
+            colour = next((c for key, c in colours.items() if label.startswith(key)), None)
+            if colour is not None and hasattr(artist, "set_color"):
+                artist.set_color(colour)
+    return fig
 D, INPUT_RANGE = 10, 0.5  # the chapter's task: d = 10, x ~ U(-0.5, 0.5)^d, w ~ N(0, I), no noise
 
 # Adam on fresh tasks with a cosine decay: a constant rate leaves the two-loop model's loss noisy
@@ -181,33 +197,39 @@ class RecurrentResult:
 
         ``one_layer``: the chapter's one-layer numbers ``{"lsa": .., "gd": ..}`` for the first step.
         """
-        fig, (ax, bx) = plots.figure(ncols=2, width=4.8)
+        fig, (ax, bx) = plots.figure(ncols=2, width=4.0)
         rows = sorted((r for r in self.rows if r["n_ctx"] == 10), key=lambda r: r["n_loops"])
         steps = ([1] if one_layer else []) + [r["n_loops"] for r in rows]
         first = [one_layer["gd"]] if one_layer else []
-        ax.plot(steps, first + [r["gd_loss"] for r in rows], "o-", label="tuned GD")
-        ax.plot(steps, first + [r["gdpp_loss"] for r in rows], "s-", label="tuned GD++")
+        ax.plot(steps, first + [r["gd_loss"] for r in rows], "o-", color=COLOURS["GD"], label="tuned GD")
+        ax.plot(steps, first + [r["gdpp_loss"] for r in rows], "s-", color=COLOURS["GD++"],
+                label="tuned GD++")
         lsa = ([one_layer["lsa"]] if one_layer else []) + [r["model_loss"]["mean"] for r in rows]
         err = ([0.0] if one_layer else []) + [r["model_loss"]["std"] or 0.0 for r in rows]
-        ax.errorbar(steps, lsa, yerr=err, fmt="^--", capsize=3, label="trained recurrent LSA")
+        ax.errorbar(steps, lsa, yerr=err, fmt="^--", capsize=3, color=COLOURS["trained LSA"],
+                    label="trained recurrent LSA")
         ax.set(xlabel="steps (= loops of the tied layer)", ylabel="held-out 0.5·MSE", yscale="log",
-               title="n = 10", xticks=steps)
+               title="$n = 10$", xticks=steps)
         ax.legend(fontsize=8)
         sweep = sorted((r for r in self.rows if r["n_loops"] == 2), key=lambda r: r["n_ctx"])
         ns = [r["n_ctx"] for r in sweep]
         bx.errorbar(ns, [r["gamma"]["mean"] for r in sweep], yerr=[r["gamma"]["std"] or 0.0 for r in sweep],
-                    fmt="^-", capsize=3, label="trained recurrent LSA (ours, mean ± std)")
+                    fmt="^-", capsize=3, color=COLOURS["trained LSA"],
+                    label="trained recurrent LSA (ours, mean ± std)")
         for r in sweep:  # each seed: filled where its loss is below two plain GD steps', open where it stalled
             for g, loss in zip(r["gamma_by_seed"], r["model_loss_by_seed"]):
                 stalled = loss > r["gd_loss"]
-                bx.plot(r["n_ctx"], g, "o", ms=4, color="C2", mfc="none" if stalled else "C2", alpha=0.8)
-        bx.plot([], [], "o", ms=4, color="C2", label="one seed (open: stalled)")
+                seed_colour = COLOURS["trained LSA"]
+                bx.plot(r["n_ctx"], g, "o", ms=4, color=seed_colour, mfc="none" if stalled else seed_colour,
+                        alpha=0.5)
+        bx.plot([], [], "o", ms=4, color=COLOURS["trained LSA"], alpha=0.5, label="one seed (open: stalled)")
         ns_pp = sorted(self.gdpp_gamma)
-        bx.plot(ns_pp, [self.gdpp_gamma[n] for n in ns_pp], "s:", label="tuned two-step GD++ (ours)")
+        bx.plot(ns_pp, [self.gdpp_gamma[n] for n in ns_pp], "s:", color=COLOURS["GD++"],
+                label="tuned two-step GD++ (ours)")
         ns_paper = [n for n in ns_pp if n in PAPER_GAMMA]
         bx.plot(ns_paper, [PAPER_GAMMA[n] for n in ns_paper], "kx", ms=8, label="von Oswald et al. (trained)")
         ns = sorted(set(ns) | set(ns_pp))
-        bx.set(xlabel="context points n", ylabel="gamma (paper's convention, no 1/n)", xscale="log",
+        bx.set(xlabel="context points $n$", ylabel=r"$\gamma$ (paper's convention, no $1/n$)", xscale="log",
                title="input preconditioning, two loops")
         bx.set_xticks(ns, [str(n) for n in ns])
         bx.minorticks_off()

@@ -26,6 +26,8 @@ from __future__ import annotations
 import copy
 from dataclasses import asdict, dataclass, field, replace
 
+import matplotlib
+import matplotlib.pyplot as plt
 import matplotlib.ticker
 import torch
 
@@ -251,20 +253,25 @@ class PreconditioningResult:
         trained = self.preconditioner()
         evals, U = torch.linalg.eigh(self.cov)  # Sigma's eigenbasis, smallest variance first
         in_eigenbasis = {
-            "Gamma* (eigenbasis of Sigma)": U.T @ self.gamma_star @ U,
-            "trained (eigenbasis of Sigma)": U.T @ trained.double() @ U,
+            r"$\Gamma^*$ ($\Sigma$'s eigenbasis)": U.T @ self.gamma_star @ U,
+            r"trained $\Gamma$ ($\Sigma$'s eigenbasis)": U.T @ trained.double() @ U,
         }
         k = len(self.spectra["eigenvalues"]) - 1
+        colour = COLOURS
         figures = {
-            "loss_curve": plots.loss_curve(
-                self.histories[1], {"Gamma* (closed form)": m["gamma_star_loss"]}, title="one-layer model: training loss"
+            "loss_curve": _recolour(
+                plots.loss_curve(
+                    self.histories[1], {r"$\Gamma^*$ (closed form)": m["gamma_star_loss"]},
+                    title="one-layer model: training loss",
+                ),
+                {"training loss": colour["trained"], r"$\Gamma^*$": colour["Gamma*"]},
             ),
             "preconditioner": _shared_colour_scale(
                 plots.matrices(
                     {
-                        "Gamma*": self.gamma_star,
-                        "trained layer": trained,
-                        "trained - Gamma*": trained.double() - self.gamma_star,
+                        r"$\Gamma^*$": self.gamma_star,
+                        r"trained $\Gamma$": trained,
+                        r"trained $\Gamma - \Gamma^*$": trained.double() - self.gamma_star,
                     }
                 )
             ),
@@ -274,26 +281,14 @@ class PreconditioningResult:
                 {"relative Frobenius error": self.tracking["rel_error"]},
                 xlabel="training step",
                 logy=True,
-                title="trained preconditioner vs Gamma*",
+                title=r"trained preconditioner vs $\Gamma^*$",
             ),
-            "depth": plots.curves(
-                depths,
-                {
-                    "trained linear transformer": self.depth["lsa"],
-                    "plain GD (tuned eta)": self.depth["gd"],
-                    "GD preconditioned by Gamma* (tuned eta)": self.depth["pgd"],
-                    "GD++ (tuned eta, gamma)": self.depth["gdpp"],
-                },
-                xlabel="layers = steps",
-                ylabel="held-out 0.5·MSE",
-                logy=True,
-                title=f"loss against depth (least squares: {m['ols_loss']:.1e})",
-            ),
+            "depth": self.depth_figure(),
             "implicit_model": plots.curves(
                 list(range(1, max(depths) + 1)),
                 {f"{L}-layer model": self.implicit[L] + [float("nan")] * (max(depths) - L) for L in depths},
-                xlabel="read out after layer l",
-                ylabel="mean ||w_l - w_LS|| / ||w_LS||",
+                xlabel=r"read out after layer $\ell$",
+                ylabel=r"mean $\|w_\ell - w_{LS}\| \,/\, \|w_{LS}\|$",
                 logy=True,
                 title="implicit linear model vs least squares",
             ),
@@ -304,9 +299,9 @@ class PreconditioningResult:
                     for j, (lam, c) in enumerate(zip(self.spectra["eigenvalues"], self.spectra["condition_number"]))
                 },
                 xlabel="eigenvalue index (largest first)",
-                ylabel="mean eigenvalue of S_k",
+                ylabel="mean eigenvalue of $S_k$",
                 logy=True,
-                title=f"GD++ input preconditioning, gamma = {m['gdpp_gamma'][str(k)]:.3f}",
+                title=rf"GD++ input preconditioning, $\gamma$ = {m['gdpp_gamma'][str(k)]:.3f}",
             ),
             "anisotropy": plots.curves(
                 self.sweep["condition_number"],
@@ -314,8 +309,8 @@ class PreconditioningResult:
                     "1 step (closed form)": _ratio(self.sweep["gd1_closed"], self.sweep["gamma_star_closed"]),
                     f"{self.config.sweep_steps} steps (Monte Carlo)": _ratio(self.sweep["gd"], self.sweep["pgd"]),
                 },
-                xlabel="condition number of Sigma",
-                ylabel="loss of plain GD / loss with Gamma*",
+                xlabel=r"condition number of $\Sigma$",
+                ylabel=r"loss of plain GD / loss with $\Gamma^*$",
                 logx=True,
                 title="the price of not preconditioning",
             ),
@@ -325,20 +320,24 @@ class PreconditioningResult:
         figures["context_length"] = plots.curves(
             c["n"],
             {
-                "Gamma* (closed form, 1 step)": c["gamma_star_closed"],
+                r"$\Gamma^*$ (closed form, 1 step)": c["gamma_star_closed"],
                 "trained, 1 layer": c["lsa1"],
-                f"GD with Gamma*, {L} steps (tuned eta)": c[f"pgd{L}"],
+                rf"GD with $\Gamma^*$, {L} steps (tuned $\eta$)": c[f"pgd{L}"],
                 f"trained, {L} layers": c[f"lsa{L}"],
                 f"trained, {L} layers (median sequence)": c[f"lsa{L}_median"],
             },
-            xlabel="context pairs n",
+            xlabel="context pairs $n$",
             ylabel="held-out 0.5·MSE",
             logx=True,
             logy=True,
             title="loss against context length",
         )
         ax = figures["context_length"].axes[0]
-        ax.lines[0].set(linestyle="--", color="k", marker="")  # the closed form, under the trained 1 layer
+        ax.lines[0].set(linestyle="--", color=colour["Gamma*"], marker="")  # the closed form, under the trained 1 layer
+        ax.lines[1].set(color=colour["trained"])
+        ax.lines[2].set(color=colour["GD with Gamma*"])
+        ax.lines[3].set(color=colour["trained"], marker="^", linestyle="-.")
+        ax.lines[4].set(color=colour["trained"], marker="v", linestyle=":")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xticks(c["n"], [str(n) for n in c["n"]])
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the axes, off the data
@@ -361,42 +360,79 @@ class PreconditioningResult:
             ax.set_xticks([int(t) for t in ax.lines[0].get_xdata()])
         return figures
 
+    def depth_figure(self):
+        """Held-out loss against depth: the trained models and as many steps of each solver, with the
+        legend beside the axes (the curves fill the plot)."""
+        depths = self.depth["depth"]
+        fig, (ax,) = plots.figure(width=6.2)
+        for key, label, marker in (
+            ("lsa", "trained linear transformer", "o"),
+            ("gd", r"plain GD (tuned $\eta$)", "s"),
+            ("pgd", r"GD preconditioned by $\Gamma^*$ (tuned $\eta$)", "D"),
+            ("gdpp", r"GD++ (tuned $\eta$, $\gamma$)", "v"),
+        ):
+            ax.plot(depths, self.depth[key], marker=marker, ms=4, color=COLOURS[METHOD_KEYS[key]], label=label)
+        ax.set(xlabel="layers = steps", ylabel="held-out 0.5·MSE", yscale="log",
+               title=f"loss against depth (least squares: {self.metrics['ols_loss']:.1e})")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        return fig
+
+
+# One colour per method in every figure of chapter 2.
+COLOURS = {"trained": "C0", "plain GD": "C1", "GD with Gamma*": "C2", "GD++": "C3", "Gamma*": "k"}
+METHOD_KEYS = {"lsa": "trained", "gd": "plain GD", "pgd": "GD with Gamma*", "gdpp": "GD++"}
+
 
 def long_trained_figure(summary: dict):
     """Mean and median held-out loss against depth (each averaged over the seeds) of the long-trained
-    models beside the briefly trained ones and the solvers, and the long runs' validation curves."""
+    models beside the briefly trained ones and the solvers (top), and the long runs' validation
+    curves (bottom), laid out two by two to fit a book column."""
     from statistics import fmean
 
     from icl_course import pretrained
 
     depths = [int(L) for L in summary]
-    names = {"trained long": "", "trained briefly (quick)": "quick_", "plain GD": "gd_",
-             "GD with Gamma*": "pgd_", "GD++": "gdpp_"}
-    panel = lambda k: {label: [fmean(summary[str(L)][f"{p}{k}"]) for L in depths] for label, p in names.items()}  # noqa: E731
+    names = {"trained long": ("", COLOURS["trained"], "-"),
+             "trained briefly (quick)": ("quick_", COLOURS["trained"], ":"),
+             "plain GD": ("gd_", COLOURS["plain GD"], "-"),
+             r"GD with $\Gamma^*$": ("pgd_", COLOURS["GD with Gamma*"], "-"),
+             "GD++": ("gdpp_", COLOURS["GD++"], "-")}
+    panel = lambda k: {label: [fmean(summary[str(L)][f"{p}{k}"]) for L in depths]  # noqa: E731
+                       for label, (p, _, _) in names.items()}
     curves, steps = {}, {}
     for L in depths:
         for seed in summary[str(L)]["seeds"]:
             curve = pretrained.provenance(long_name(L, seed))["validation"]["curve"]
             curves[f"{L} layers, seed {seed}"], steps[f"{L} layers, seed {seed}"] = curve["median"], curve["step"]
-    fig, axes = plots.figure(ncols=3, width=3.6)
-    for ax, (title, ys) in zip(axes[:2], (("mean loss (mean over seeds)", panel("mean")),
-                                           ("median loss (mean over seeds)", panel("median")))):
-        for label, y in ys.items():
-            ax.plot(depths, y, marker="o", ms=3, label=label)
-        ax.set(xlabel="layers = steps", title=title, yscale="log", xticks=depths)
-    axes[0].set_ylabel("held-out 0.5·MSE")
-    axes[0].legend(fontsize=7)
-    for i, (label, y) in enumerate(curves.items()):
-        axes[2].plot(steps[label], y, color=f"C{depths.index(int(label.split()[0]))}", alpha=0.8,
-                     label=label.split(",")[0] if label.endswith(f"seed {summary[label.split()[0]]['seeds'][0]}") else None)
+    with matplotlib.rc_context(plots.STYLE):
+        fig, ax = plt.subplot_mosaic([["mean", "median"], ["curves", "legend"]], figsize=(7.4, 6.0),
+                                     layout="constrained")
+    plt.close(fig)  # shown by displaying the returned figure, never twice
+    for key, title in (("mean", "mean loss (mean over seeds)"), ("median", "median loss (mean over seeds)")):
+        for label, y in panel(key).items():
+            _, c, ls = names[label]
+            ax[key].plot(depths, y, marker="o", ms=4, color=c, ls=ls, label=label,
+                         mfc="white" if ls == ":" else c)  # open markers: trained briefly
+        ax[key].set(xlabel="layers = steps", title=title, yscale="log", xticks=depths)
+    ax["mean"].set_ylabel("held-out 0.5·MSE")
+    depth_colours = [f"C{4 + i}" for i in range(len(depths))]  # depths, not methods: colours of their own
+    for label, y in curves.items():
+        L = int(label.split()[0])
+        first = label.endswith(f"seed {summary[str(L)]['seeds'][0]}")
+        ax["curves"].plot(steps[label], y, color=depth_colours[depths.index(L)], alpha=0.8,
+                          label=f"{L} layers" if first else None)
     for L in depths:  # the longer runs (LONGER_STEPS), dashed
         longer = summary[str(L)].get("longer", {"seeds": []})
         for seed in longer["seeds"]:
             curve = pretrained.provenance(longer_name(L, seed))["validation"]["curve"]
-            axes[2].plot(curve["step"], curve["median"], "--", color=f"C{depths.index(L)}", alpha=0.7, lw=1,
-                         label=f"{L} layers, {longer['steps']} steps" if seed == longer["seeds"][0] else None)
-    axes[2].set(xlabel="training step", title="long runs: validation median loss", yscale="log")
-    axes[2].legend(fontsize=7)
+            ax["curves"].plot(curve["step"], curve["median"], "--", color=depth_colours[depths.index(L)],
+                              alpha=0.7, lw=1,
+                              label=f"{L} layers, {longer['steps']} steps" if seed == longer["seeds"][0] else None)
+    ax["curves"].set(xlabel="training step", title="long runs: validation median loss", yscale="log")
+    ax["curves"].legend(fontsize=8)
+    ax["legend"].axis("off")
+    ax["legend"].legend(*ax["mean"].get_legend_handles_labels(), loc="center", fontsize=9,
+                        title="top panels")
     return fig
 
 
@@ -412,6 +448,20 @@ def _first(batch, k: int):
 
 def _ratio(a, b) -> list[float]:
     return [x / y for x, y in zip(a, b)]
+
+
+def _recolour(fig, colours: dict[str, str]):
+    """Give every line (and its legend entry) whose label starts with a key of ``colours`` that colour."""
+    for ax in fig.axes:
+        legend = ax.get_legend()
+        pairs = [(line, line.get_label()) for line in ax.lines]
+        if legend is not None:
+            pairs += [(h, t.get_text()) for h, t in zip(legend.legend_handles, legend.get_texts())]
+        for artist, label in pairs:
+            colour = next((c for key, c in colours.items() if label.startswith(key)), None)
+            if colour is not None and hasattr(artist, "set_color"):
+                artist.set_color(colour)
+    return fig
 
 
 def _shared_colour_scale(fig):
