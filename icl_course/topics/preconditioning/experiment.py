@@ -341,6 +341,7 @@ class PreconditioningResult:
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xticks(c["n"], [str(n) for n in c["n"]])
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the axes, off the data
+        figures["context_length"].set_size_inches(7.4, 3.6)  # room for the legend beside the axes
         cp = m["critical_point"]
         figures["critical_point"] = plots.curves(
             list(range(1, max(depths) + 1)),
@@ -353,6 +354,7 @@ class PreconditioningResult:
         ax.axhline(cp["gamma_star"], color="gray", ls=":", label=r"$\Gamma^*$ itself")
         ax.set_ylim(0, 1)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        figures["critical_point"].set_size_inches(6.4, 3.4)  # room for the legend beside the axes
         if m.get("long_trained"):
             figures["long_trained"] = long_trained_figure(m["long_trained"])
         for name in ("depth", "implicit_model", "spectrum", "critical_point"):  # integer axes
