@@ -26,12 +26,14 @@ STYLE = {
 }
 
 
-def figure(ncols: int = 1, width: float = 5.0, height: float = 3.4):
-    """A figure with ``ncols`` axes in the course's style: ``(fig, axes)``."""
+def figure(ncols: int = 1, width: float = 5.0, height: float = 3.4, nrows: int = 1):
+    """A figure with ``ncols`` axes in the course's style: ``(fig, axes)``. With ``nrows`` > 1 it is a
+    grid of ``nrows x ncols`` panels (``width`` and ``height`` per panel), ``axes`` listed row by row."""
     with matplotlib.rc_context(STYLE):
-        fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False, layout="constrained")
+        fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False,
+                                 layout="constrained")
     plt.close(fig)  # shown by displaying the returned figure, never twice
-    return fig, list(axes[0])
+    return fig, [ax for row in axes for ax in row]
 
 
 def loss_curve(history, references: dict[str, float] | None = None, title: str = "training loss"):

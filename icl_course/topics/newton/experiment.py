@@ -59,7 +59,16 @@ __all__ = [
     "NewtonConfig", "NewtonResult", "CONFIGS", "run", "conditioned_matrix", "inverse_convergence",
     "convergence_figure", "construction_errors", "match_layers", "train_and_match", "iteration_counts",
     "construction", "logistic_regression", "query_states", "probe_predictions", "error_cosines",
+    "COLOURS", "step_weights_figure",
 ]
+
+# One colour per method in every figure of the chapter.
+COLOURS = {
+    "Newton": "C0",  # Newton-Schulz, Iterative Newton, Newton (IRLS), its higher orders in gray
+    "GD": "C1",
+    "trained": "C3",  # a trained transformer
+    "trained, LayerNorm": "C4",
+}
 
 
 @dataclass(frozen=True)
@@ -159,11 +168,13 @@ def convergence_figure(kappa: float, dim: int = 10, seed: int = 0, tol: float = 
     curves = inverse_convergence(A, iterations_to_tolerance(A, tol, "newton") + 4, steps)
     fig, (ax,) = plots.figure(width=6.0)
     # iteration k is drawn at x = k + 1 so that the start (k = 0) fits on a log axis
-    ax.plot([k + 1 for k in curves["gd_step"]], curves["gd"], label="gradient descent")
-    ax.plot([k + 1 for k in curves["newton_iter"]], curves["newton"], "o-", ms=3, label="Newton-Schulz")
+    ax.plot([k + 1 for k in curves["gd_step"]], curves["gd"], color=COLOURS["GD"],
+            label="gradient descent")
+    ax.plot([k + 1 for k in curves["newton_iter"]], curves["newton"], "o-", ms=3,
+            color=COLOURS["Newton"], label="Newton-Schulz")
     ax.axhline(tol, color="gray", ls=":", label=f"tolerance {tol:g}")
-    ax.set(xscale="log", yscale="log", xlabel="iterations + 1", ylabel="||I - A X||₂", ylim=(1e-17, 3),
-           title=f"inverting a {dim}x{dim} matrix, condition number {kappa:g}")
+    ax.set(xscale="log", yscale="log", xlabel="iteration $k$ + 1", ylabel=r"$\|I - AX_k\|_2$",
+           ylim=(1e-17, 3), title=rf"inverting a {dim}$\times${dim} matrix, $\kappa$ = {kappa:g}")
     ax.legend(fontsize=8)
     return fig
 
@@ -241,22 +252,29 @@ class NewtonResult:
         m, c = self.metrics, self.curves
         layers = list(range(1, self.config.n_layers + 1))
         kappas = self.config.kappas
+        iters_title = rf"iterations to $\|I - AX\|_2 \leq$ {self.config.tol:g}"
+        bound = r"$2\log_2\kappa + 6$"
         fig_iters = plots.panels(
-            {"iterations to ||I - AX|| <= 1e-8": {
+            {iters_title: {
                 "gradient descent": [m["gd_iters_to_tol"][str(k)] for k in kappas],
                 "Newton-Schulz": [m["newton_schulz_iters_to_tol"][str(k)] for k in kappas],
-                "2 log2(kappa) + 6": [2 * math.log2(k) + 6 for k in kappas],
+                bound: [2 * math.log2(k) + 6 for k in kappas],
             }},
-            x=list(kappas), xlabel="condition number kappa", logy=("iterations to ||I - AX|| <= 1e-8",), logx=True,
-            width=5.0, marker="o", styles={"2 log2(kappa) + 6": {"ls": "--", "color": "gray"}},
+            x=list(kappas), xlabel=r"condition number $\kappa$", logy=(iters_title,), logx=True,
+            width=5.0, marker="o",
+            styles={bound: {"ls": "--", "color": "gray"}, "gradient descent": {"color": COLOURS["GD"]},
+                    "Newton-Schulz": {"color": COLOURS["Newton"]}},
         )
         fig_match = _matching_figure(m, layers)
         newton_k = list(range(len(m["newton_loss"])))
         fig_errors = plots.panels(
-            {"held-out 0.5·MSE": {"trained model, per layer": m["model_layer_loss"]},
-             "Iterative Newton": {"per iteration": m["newton_loss"]}},
-            x={"held-out 0.5·MSE": layers, "Iterative Newton": newton_k}, xlabel="layer / iteration",
-            logy=("held-out 0.5·MSE", "Iterative Newton"), marker="o", width=4.2,
+            {"trained model: held-out 0.5·MSE": {"per layer": m["model_layer_loss"]},
+             "Iterative Newton: held-out 0.5·MSE": {"per iteration": m["newton_loss"]}},
+            x={"trained model: held-out 0.5·MSE": layers, "Iterative Newton: held-out 0.5·MSE": newton_k},
+            xlabel="layer / iteration",
+            logy=("trained model: held-out 0.5·MSE", "Iterative Newton: held-out 0.5·MSE"), marker="o",
+            width=4.2, styles={"per layer": {"color": COLOURS["trained"]},
+                               "per iteration": {"color": COLOURS["Newton"]}},
         )
         fig_logistic = _logistic_figure(m, c, self.config.logistic_gd_steps)
         extra = {"orders": _orders_figure(m, layers)}
@@ -268,18 +286,47 @@ class NewtonResult:
             **extra,
             "inverse_convergence": convergence_figure(100.0, self.config.matrix_dim, self.config.seed, self.config.tol),
             "iterations_vs_kappa": fig_iters,
-            "construction": plots.curves(
-                list(range(len(c["construction_newton"]))),
-                {"Newton-Schulz via attention": c["construction_newton"]},
-                xlabel="Newton steps (2 layers each)", ylabel="held-out 0.5·MSE", logy=True,
-                title="the exact construction: least squares in context",
-            ),
+            "construction": _construction_figure(c["construction_newton"]),
             "loss_curves": plots.loss_curve(self.history, {"Newton, 3 iterations": m["newton_loss"][3]},
                                             title="training the linear transformer"),
             "layer_errors": fig_errors,
             "matching": fig_match,
             "logistic": fig_logistic,
         }
+
+
+def _construction_figure(losses: list[float]):
+    """Held-out error of the exact construction against its number of Newton steps."""
+    fig, (ax,) = plots.figure()
+    ax.plot(range(len(losses)), losses, "o-", ms=3, color=COLOURS["Newton"],
+            label="Newton-Schulz via attention")
+    ax.set(xlabel="Newton steps (2 layers each)", ylabel="held-out 0.5·MSE", yscale="log",
+           title="the exact construction: least squares in context")
+    ax.legend()
+    return fig
+
+
+def step_weights_figure(double, correct):
+    """The ``Q`` and ``P`` of one Newton-Schulz step's two layers (:func:`newton_step_weights`), in a
+    2x2 grid (a row per layer), rows and columns labelled by the token slots ``x, u, e, y``."""
+    fig, axes = plots.figure(ncols=2, nrows=2, width=3.4, height=3.0)
+    d = (double.Q.shape[-1] - 1) // 3
+    ticks = [d / 2 - 0.5, 3 * d / 2 - 0.5, 5 * d / 2 - 0.5, 3 * d]  # the middle of each slot
+    named = {"doubling: $Q$": double.Q[0], "doubling: $P$": double.P[0],
+             "correction: $Q$": correct.Q[0], "correction: $P$": correct.P[0]}
+    for ax, (name, w) in zip(axes, named.items()):
+        w = w.detach().cpu().float()
+        vmax = float(w.abs().max()) or 1.0
+        im = ax.imshow(w.numpy(), cmap="RdBu_r", vmin=-vmax, vmax=vmax)
+        for edge in (d - 0.5, 2 * d - 0.5, 3 * d - 0.5):  # slot boundaries
+            ax.axhline(edge, color="gray", lw=0.5)
+            ax.axvline(edge, color="gray", lw=0.5)
+        ax.set_xticks(ticks, ["$x$", "$u$", "$e$", "$y$"])
+        ax.set_yticks(ticks, ["$x$", "$u$", "$e$", "$y$"])
+        ax.grid(False)
+        ax.set_title(name)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    return fig
 
 
 def _matching_figure(m: dict, layers: list[int]):
@@ -290,8 +337,10 @@ def _matching_figure(m: dict, layers: list[int]):
         "fewest reaching the layer's error": ("error_level_newton_steps", "error_level_gd_steps"),
     }
     for ax, (title, (newton_key, gd_key)) in zip(axes, panels.items()):
-        for key, label in ((newton_key, "Newton iterations"), (gd_key, "GD steps")):
-            ax.plot(layers, [float("nan") if v is None else v for v in m[key]], "o-", ms=4, label=label)
+        for key, label, colour in ((newton_key, "Newton iterations", COLOURS["Newton"]),
+                                   (gd_key, "GD steps", COLOURS["GD"])):
+            counts = [float("nan") if v is None else v for v in m[key]]
+            ax.plot(layers, counts, "o-", ms=4, color=colour, label=label)
         ax.set_yscale("symlog", linthresh=1)
         ax.set(xlabel="layer", ylabel="matching count (0, then log scale)", title=title, ylim=(0, None))
         ax.set_xticks(layers)
@@ -307,12 +356,14 @@ def _orders_figure(m: dict, layers: list[int]):
         ax.plot(range(len(losses)), losses, ls="--", color=_gray(i, len(m["newton_orders"])), marker=".",
                 label=f"Newton, order {p}")
     ax.errorbar(layers, m["model_layer_loss"], yerr=m["model_layer_loss_se"], marker="o", ms=4, capsize=2,
-                label="trained, plain")
+                color=COLOURS["trained"], label="trained, plain")
     if "layer_norm_layer_loss_se" in m:
-        ax.errorbar(layers, m["by_seed_layer_norm"]["layer_loss"][0], yerr=m["layer_norm_layer_loss_se"], marker="s",
-                    ms=4, capsize=2, label="trained, pre-LayerNorm")
-    ax.set(yscale="log", xlabel=r"layer $\ell$ / Newton iteration $k$  ($k = 0$: $M_0 = S / \|S\|_2^2$)", ylabel="held-out 0.5·MSE",
-           title="trained layers against Newton-type iterations of order 2-5")
+        ax.errorbar(layers, m["by_seed_layer_norm"]["layer_loss"][0], yerr=m["layer_norm_layer_loss_se"],
+                    marker="s", ms=4, capsize=2, color=COLOURS["trained, LayerNorm"],
+                    label="trained, pre-LayerNorm")
+    ax.set(yscale="log", ylabel="held-out 0.5·MSE",
+           xlabel=r"layer $\ell$ / Newton iteration $k$  ($k = 0$: $M_0 = S / \|S\|_2^2$)",
+           title="trained layers against Newton of order $p$")
     ax.set_xticks([0, *layers])
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig
@@ -326,8 +377,8 @@ def _gray(i: int, n: int) -> str:
 def _kappa_figure(m: dict, layers: list[int]):
     """Matched Newton iterations and GD steps per layer (by predictions) at both condition numbers, every seed."""
     fig, axes = plots.figure(ncols=2, width=4.4)
-    runs = {rf"$\kappa$ = {m['kappa']:g}": ("C0", m["by_seed"]),
-            rf"$\kappa$ = {m['kappa_high']:g}": ("C3", m["by_seed_kappa_high"])}
+    runs = {rf"$\kappa$ = {m['kappa']:g}": ("0.6", m["by_seed"]),  # gray: colours are for methods
+            rf"$\kappa$ = {m['kappa_high']:g}": ("black", m["by_seed_kappa_high"])}
     for ax, (key, title) in zip(axes, (("matching_newton_steps", "Newton iterations"), ("matching_gd_steps", "GD steps"))):
         for label, (colour, b) in runs.items():
             for i, counts in enumerate(b[key]):  # one line per seed
@@ -345,21 +396,28 @@ LAYERS_PER_NEWTON_STEP = 13  # what Giannou et al.'s logistic construction spend
 def _logistic_figure(m: dict, c: dict, gd_steps) -> object:
     fig, axes = plots.figure(ncols=2, width=4.6)
     newton_k = list(range(len(m["logistic_newton_loss"])))
-    axes[0].plot(newton_k, c["logistic_newton_subopt"], "o-", ms=3, label="Newton (IRLS)")
-    axes[0].plot(list(gd_steps), c["logistic_gd_subopt"], "o-", ms=3, label="GD")
-    axes[0].set(yscale="log", xlabel="iteration", title="L(w_k) - L(w*), worst sequence")
-    axes[1].plot(newton_k, m["logistic_newton_loss"], "o-", ms=3, label="Newton (IRLS), per iteration")
+    newton, gd, trained = COLOURS["Newton"], COLOURS["GD"], COLOURS["trained"]
+    axes[0].plot(newton_k, c["logistic_newton_subopt"], "o-", ms=3, color=newton, label="Newton (IRLS)")
+    axes[0].plot(list(gd_steps), c["logistic_gd_subopt"], "o-", ms=3, color=gd, label="GD")
+    axes[0].set(yscale="log", xlabel="iteration", title="$L(w_k) - L(w^*)$, worst sequence")
+    axes[1].plot(newton_k, m["logistic_newton_loss"], "o-", ms=3, color=newton,
+                 label="Newton (IRLS), per iteration")
     axes[1].plot([LAYERS_PER_NEWTON_STEP * k for k in newton_k], m["logistic_newton_loss"], "o--", ms=3,
+                 color=newton, alpha=0.6,
                  label=f"Newton, {LAYERS_PER_NEWTON_STEP} blocks per iteration (Giannou et al.'s axis)")
-    axes[1].plot(list(gd_steps), m["logistic_gd_loss"], "o-", ms=3, label="GD, per step")
+    axes[1].plot(list(gd_steps), m["logistic_gd_loss"], "o-", ms=3, color=gd, label="GD, per step")
     blocks = list(range(1, len(m["logistic_model_loss"]) + 1))
-    axes[1].plot(blocks, m["logistic_model_loss"], "s-", ms=5, label="trained model, per block")
-    axes[1].set(yscale="log", xlabel="iteration / step / block", title="0.5·mean (z − z*)², query logit")
+    axes[1].plot(blocks, m["logistic_model_loss"], "s-", ms=5, color=trained,
+                 label="trained model, per block")
+    axes[1].set(yscale="log", xlabel="iteration / step / block",
+                title=r"$\frac{1}{2}\,\overline{(z - z^*)^2}$, query logit")
     for ax in axes:
         ax.set_xscale("symlog", linthresh=1)  # 0, then a log scale: GD runs to 100+ steps
         ax.set_xlim(left=0)
         ax.set_ylim(bottom=1e-18)  # below float64 rounding nothing is meaningful
-        ax.legend(fontsize=8)
+    axes[0].legend(fontsize=8)
+    fig.legend(*axes[1].get_legend_handles_labels(), fontsize=8, ncols=2,
+               loc="outside lower right")  # the right panel's curves, below it: off the data
     return fig
 
 

@@ -143,6 +143,8 @@ class DepthResult:
     def figure(self):
         """Their figure, as the gap to the optimum: ``L(w) - L(w*)`` of each model's weights and of
         Newton's iterates against layers / steps, one step per layer; and the distance to ``w*``."""
+        from .experiment import COLOURS  # here: experiment imports this module
+
         fig, (ax, bx) = plots.figure(ncols=2, width=4.8)
         k = list(range(len(self.newton["damped_loss"])))
         depths = [r["n_blocks"] for r in self.rows]
@@ -151,19 +153,25 @@ class DepthResult:
         def gap(values):
             return [max(v - optimum, floor) for v in values]
 
-        ax.plot(k, gap(self.newton["damped_loss"]), "o--", ms=3, label="damped Newton (theirs), per step")
-        ax.plot(k, gap(self.newton["full_loss"]), "o:", ms=3, label="Newton, full step")
-        ax.errorbar(depths, gap([r["loss"]["mean"] for r in self.rows]), yerr=[r["loss"]["std"] or 0 for r in self.rows],
-                    fmt="s-", ms=5, capsize=3, color="C3", label="trained model, one per depth")
-        ax.set(xlabel="layers (blocks) / Newton steps", ylabel="L(w) - L(w*) (floored at 1e-5)", yscale="log",
-               title=f"regularized logistic loss, mu = {MU}")
+        newton, trained = COLOURS["Newton"], COLOURS["trained"]
+        ax.plot(k, gap(self.newton["damped_loss"]), "o--", ms=3, color=newton,
+                label="damped Newton (theirs), per step")
+        ax.plot(k, gap(self.newton["full_loss"]), "o:", ms=3, color=newton, alpha=0.5,
+                label="Newton, full step")
+        ax.errorbar(depths, gap([r["loss"]["mean"] for r in self.rows]),
+                    yerr=[r["loss"]["std"] or 0 for r in self.rows],
+                    fmt="s-", ms=5, capsize=3, color=trained, label="trained model, one per depth")
+        ax.set(xlabel="layers (blocks) / Newton steps", ylabel=r"$L(w) - L(w^*)$, floored at $10^{-5}$",
+               yscale="log", title=rf"regularized logistic loss, $\mu$ = {MU}")
         ax.legend(fontsize=8)
         floor = 1e-6
-        bx.plot(k, [max(v, floor) for v in self.newton["damped_distance"]], "o--", ms=3, label="damped Newton")
-        bx.errorbar(depths, [r["distance"]["mean"] for r in self.rows], yerr=[r["distance"]["std"] or 0 for r in self.rows],
-                    fmt="s-", ms=5, capsize=3, color="C3", label="trained model")
-        bx.set(xlabel="layers (blocks) / Newton steps", ylabel="mean (w - w*)^2 (floored at 1e-6)", yscale="log",
-               title="distance to the optimum w*")
+        bx.plot(k, [max(v, floor) for v in self.newton["damped_distance"]], "o--", ms=3, color=newton,
+                label="damped Newton")
+        bx.errorbar(depths, [r["distance"]["mean"] for r in self.rows],
+                    yerr=[r["distance"]["std"] or 0 for r in self.rows],
+                    fmt="s-", ms=5, capsize=3, color=trained, label="trained model")
+        bx.set(xlabel="layers (blocks) / Newton steps", ylabel=r"mean $(w - w^*)^2$, floored at $10^{-6}$",
+               yscale="log", title="distance to the optimum $w^*$")
         bx.legend(fontsize=8)
         return fig
 

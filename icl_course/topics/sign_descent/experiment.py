@@ -49,6 +49,7 @@ __all__ = [
     "SignDescentResult",
     "CONFIGS",
     "OPTIMIZERS",
+    "COLOURS",
     "run",
     "make_rules",
     "datasets",
@@ -63,6 +64,8 @@ __all__ = [
 ]
 
 OPTIMIZERS = ("sign descent", "Adam", "GD")  # the order of every table and figure
+COLOURS = {"sign descent": "C0", "Adam": "C1", "GD": "C2"}  # one colour per optimizer, every figure
+SNR_LABEL = r"SNR $= \|\mu\| / (\sigma_p \sqrt{s})$"
 
 
 @dataclass(frozen=True)
@@ -395,13 +398,66 @@ def _band(fig, panel: int, xs, spread: dict[str, dict[str, list]]):
         ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
 
 
-def _error_bars(fig, errors: dict[str, list[float | None]]):
-    """Error bars on ``plots.bars``' bars: ``{series: one error per group}`` (None: none)."""
-    ax = fig.axes[0]
-    for bars, errs in zip(list(ax.containers), errors.values()):
-        xs = [r.get_x() + r.get_width() / 2 for r in bars]
-        ys = [r.get_height() for r in bars]
-        ax.errorbar(xs, ys, yerr=[e or 0.0 for e in errs], fmt="none", ecolor="black", capsize=3, lw=1)
+def _gap_figure(acc: dict, title: str):
+    """Train and test accuracy per optimizer (``acc``: ``metrics["over_seeds"]``), bars in the
+    optimizer's colour (train light and hatched, test solid), mean ± std over the seeds."""
+    from matplotlib.patches import Patch
+
+    fig, (ax,) = plots.figure()
+    for i, n in enumerate(OPTIMIZERS):
+        for shift, key, style in ((-0.2, "train_accuracy", {"alpha": 0.4, "hatch": "//"}),
+                                  (0.2, "test_accuracy", {})):
+            mean, std = acc[key][n]["mean"], acc[key][n]["std"]
+            bar = ax.bar([i + shift], [mean], width=0.4, color=COLOURS[n], edgecolor=COLOURS[n], **style)
+            ax.bar_label(bar, fmt="%.2f", fontsize=8, padding=6)
+            if std is not None:
+                ax.errorbar([i + shift], [mean], yerr=[std], fmt="none", ecolor="black", capsize=3, lw=1)
+    ax.set_xticks(range(len(OPTIMIZERS)), OPTIMIZERS)
+    ax.set(ylabel="accuracy", title=title, ylim=(0, 1.25))  # room for the legend above the bars
+    ax.legend(handles=[Patch(facecolor="gray", alpha=0.4, hatch="//", label="train accuracy"),
+                       Patch(facecolor="gray", label="test accuracy")], fontsize=8, ncols=2, loc="upper center")
+    return fig
+
+
+def _stages_figure(stages: dict[str, dict[str, list]], k: int):
+    """The four stages in five panels on a 3x2 grid, the sixth holding the legend: stage I zoomed on
+    its first ``k`` steps (sign descent only), then each quantity per optimizer (first seed)."""
+    from matplotlib.lines import Line2D
+
+    fig, axes = plots.figure(ncols=2, nrows=3, width=3.7, height=2.6)
+    sign, steps = stages["sign descent"], stages["sign descent"]["step"]
+    colour = COLOURS["sign descent"]
+    ax = axes[0]
+    ax.plot(steps[:k], [v - sign["value_noise"][0] for v in sign["value_noise"][:k]], color=colour)
+    ax.plot(steps[:k], [v - sign["key_noise"][0] for v in sign["key_noise"][:k]], "--", color=colour)
+    ax.set(title="I: value noise leads (sign descent)", ylabel="change since step 0")
+    ax = axes[1]
+    for n, st in stages.items():
+        ax.plot(steps, st["qk_noise_sign_agreement"], color=COLOURS[n])
+    ax.set(title="II: query and key noise signs agree", ylabel="fraction of pairs")
+    ax = axes[2]
+    for n, st in stages.items():
+        if n != "GD":  # the vote is the sign optimizers' mechanism
+            ax.plot(steps, st["query_signal_vote_agreement"], color=COLOURS[n])
+            ax.plot(steps, st["key_signal_vote_agreement"], "--", color=COLOURS[n])
+    ax.set(title="III: signal signs = their noise's vote", ylabel="fraction of neurons")
+    ax = axes[3]
+    for n, st in stages.items():
+        ax.plot(steps, st["attention_noise_to_signal"], color=COLOURS[n])
+    ax.set(title="IV: noise patch attends to signal", ylabel="$S_{21}$")
+    ax = axes[4]
+    for n, st in stages.items():
+        ratio = [a / b if b > 0 else float("nan") for a, b in zip(st["value_noise"], st["value_signal"])]
+        ax.plot(steps, ratio, color=COLOURS[n])
+    ax.set(title="IV: value noise / value signal", yscale="log")
+    for ax in axes[:5]:
+        ax.set_xlabel("step")
+    axes[5].axis("off")
+    handles = [Line2D([], [], color=COLOURS[n], label=n) for n in stages]
+    handles += [Line2D([], [], color="gray", label="solid: value noise (I), query (III)"),
+                Line2D([], [], color="gray", ls="--", label="dashed: key noise (I), key (III)")]
+    axes[5].legend(handles=handles, loc="center", fontsize=9, frameon=False)
+    return fig
 
 
 BETA_KEYS = ("test_accuracy", "test_loss", "train_accuracy", "value_noise", "value_signal", "test_accuracy_gap")
@@ -466,7 +522,7 @@ def _beta_heatmaps(betas: dict, snr: float):
                         bbox={"facecolor": "white", "alpha": 0.6, "lw": 0})
         ax.set_xticks(range(len(b2s)), [f"{b:g}" for b in b2s])
         ax.set_yticks(range(len(b1s)), [f"{b:g}" for b in b1s])
-        ax.set(xlabel="beta2", ylabel="beta1", title=f"{title}, SNR {snr:g}")
+        ax.set(xlabel=r"$\beta_2$", ylabel=r"$\beta_1$", title=f"{title}, SNR {snr:g}")
         ax.grid(False)
         fig.colorbar(im, ax=ax, shrink=0.8)
     return fig
@@ -494,6 +550,7 @@ class SignDescentResult:
             x={f"training loss, SNR {snr:g}": steps, f"test loss, SNR {snr:g}": test_steps},
             xlabel="step",
             logy=(f"training loss, SNR {snr:g}",),
+            styles={n: {"color": COLOURS[n]} for n in OPTIMIZERS},
         )
 
     def figures(self) -> dict:
@@ -503,15 +560,11 @@ class SignDescentResult:
         k = min(len(sign["step"]), 4 * self.config.stage1_steps + 1)  # zoom on stage I
         steps = sign["step"]
         m = self.metrics
-        acc = m["over_seeds"]
-        gap = plots.bars(
-            {n: {"train accuracy": acc["train_accuracy"][n]["mean"], "test accuracy": acc["test_accuracy"][n]["mean"]} for n in OPTIMIZERS},
-            ylabel="accuracy",
+        gap = _gap_figure(
+            m["over_seeds"],
             title=f"after {self.config.steps} steps, SNR {self.config.snr:g}"
             + (f"; mean ± std over {self.config.seeds} seeds" if self.config.seeds > 1 else ""),
-            ylim=(0, 1.25),  # room for the legend above the bars
         )
-        _error_bars(gap, {key: [acc[key][n]["std"] for n in OPTIMIZERS] for key in ("train_accuracy", "test_accuracy")})
         sweep = plots.panels(
             {
                 "test accuracy": {
@@ -521,48 +574,23 @@ class SignDescentResult:
                 "test loss": {n: self.sweep[n]["test_loss"] for n in OPTIMIZERS},
             },
             x=list(self.config.sweep_snrs),
-            xlabel="signal-to-noise ratio ||mu|| / (sigma_p sqrt(s))",
+            xlabel=SNR_LABEL,
             logx=True,
             marker="o",
-            styles={
-                f"{n}, first-step estimate": {"ls": "--", "marker": None, "color": f"C{OPTIMIZERS.index(n)}"}
+            styles={n: {"color": COLOURS[n]} for n in OPTIMIZERS}
+            | {
+                f"{n}, first-step estimate": {"ls": "--", "marker": None, "color": COLOURS[n]}
                 for n in ("sign descent", "GD")
             },
         )
         for panel, key in enumerate(("test_accuracy", "test_loss")):  # shaded: mean ± std over the seeds
             _band(sweep, panel, list(self.config.sweep_snrs),
                   {n: {"mean": self.sweep[n][key], "std": self.sweep[n][f"{key}_std"]} for n in OPTIMIZERS})
+        for ax in sweep.axes:  # one legend, below the panels: off the data
+            ax.get_legend().remove()
+        sweep.legend(*sweep.axes[0].get_legend_handles_labels(), fontsize=8, ncols=3, loc="outside lower center")
         return {
-            "stages": plots.panels(
-                {
-                    "I: first steps (sign descent)": {
-                        "value noise - init": [v - sign["value_noise"][0] for v in sign["value_noise"][:k]],
-                        "key noise - init": [v - sign["key_noise"][0] for v in sign["key_noise"][:k]],
-                    },
-                    "II: query/key noise sign agreement": {n: s["qk_noise_sign_agreement"] for n, s in stages.items()},
-                    "III: signal signs = their noise vote": {
-                        f"{part}, {n}": s[f"{part}_signal_vote_agreement"]
-                        for n, s in stages.items() if n != "GD" for part in ("query", "key")
-                    },
-                    "IV: noise patch's attention to signal": {n: s["attention_noise_to_signal"] for n, s in stages.items()},
-                    "IV: value noise / value signal": {
-                        n: [a / b if b > 0 else float("nan") for a, b in zip(s["value_noise"], s["value_signal"])]
-                        for n, s in stages.items()
-                    },
-                },
-                x={
-                    "I: first steps (sign descent)": steps[:k],
-                    "II: query/key noise sign agreement": steps,
-                    "III: signal signs = their noise vote": steps,
-                    "IV: noise patch's attention to signal": steps,
-                    "IV: value noise / value signal": steps,
-                },
-                xlabel="step",
-                logy=("IV: value noise / value signal",),
-                width=3.2,
-                styles={f"{part}, Adam": {"ls": "--", "color": f"C{2 + i}"} for i, part in enumerate(("query", "key"))}
-                | {f"{part}, sign descent": {"color": f"C{2 + i}"} for i, part in enumerate(("query", "key"))},
-            ),
+            "stages": _stages_figure(stages, k),
             "training": plots.panels(
                 {
                     "training loss": {n: r.train_loss for n, r in self.runs.items()},
@@ -571,6 +599,7 @@ class SignDescentResult:
                 x={"training loss": steps, "test loss": self.runs[OPTIMIZERS[0]].test_curve["step"]},
                 xlabel="step",
                 logy=("training loss",),
+                styles={n: {"color": COLOURS[n]} for n in OPTIMIZERS},
             ),
             "generalization_gap": gap,
             "snr_sweep": sweep,

@@ -132,15 +132,17 @@ def in_context_figure(metrics: dict):
     against one GD step's (``metrics`` is :func:`in_context_run`'s result)."""
     from icl_course import plots
 
+    from .experiment import COLOURS  # here: experiment imports this module
+
     fig, axes = plots.figure(ncols=2, width=4.0)
     names = list(ICL_RULES)
-    for ax, key, ref, title in ((axes[0], "implied_eta", metrics["gd_eta"], "implicit GD step size -P[y, y]"),
-                                (axes[1], "held_out_loss", metrics["gd_loss"], "held-out loss (0.5 MSE)")):
+    for ax, key, ref, title in ((axes[0], "implied_eta", metrics["gd_eta"], "implicit GD step size $-P_{yy}$"),
+                                (axes[1], "held_out_loss", metrics["gd_loss"], "held-out loss (0.5·MSE)")):
         for i, name in enumerate(names):
             values = [v for v in metrics["by_seed"][name][key] if v is not None]
-            ax.plot([i] * len(values), values, "o", color=f"C{i}", label=f"{name} (lr {metrics['lr'][name]:g})")
+            ax.plot([i] * len(values), values, "o", color=COLOURS[name], label=f"{name} (lr {metrics['lr'][name]:g})")
         ax.axhline(ref, color="black", ls="--", lw=1, label="best one GD step")
         ax.set_xticks(range(len(names)), names)
         ax.set(title=title, xlim=(-0.5, len(names) - 0.5))
-        ax.legend(fontsize=7)
+    fig.legend(*axes[0].get_legend_handles_labels(), fontsize=8, ncols=4, loc="outside lower center")
     return fig
