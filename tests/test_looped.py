@@ -405,6 +405,32 @@ def test_a_clock_stops_the_paper_model_without_the_oracle():
     clock_claims.check()
 
 
+@claim(
+    min_accuracy_beyond_40=(">=", 0.95),  # oracle T(n) = n, worst of lengths 40 and 45 (300 fresh inputs each)
+    gap_to_provenance=("<", 0.05),  # |fresh - recorded| oracle accuracy at length 45
+)
+def paper_lengths_claims(seed):
+    """The shipped looped model trained on parity lengths 1-20 (one seed), on fresh inputs drawn
+    from ``seed``: the paper's claim, near-perfect parity beyond length 40."""
+    from icl_course.pretrained import provenance
+
+    model, record = load(experiment.PAPER_LENGTHS_NAME), provenance(experiment.PAPER_LENGTHS_NAME)
+    assert record["train_lengths"] == [1, 20] and isinstance(model, LoopedTransformer)
+    task = Parity(train_lengths=(1, 20))
+    fresh = {}
+    for n in (40, 45):
+        batch = task.sample_length(n, 300, _gen(seed, 80 + n))
+        fresh[n] = accuracy(model.predict(batch, n), batch.answer)
+    return {"min_accuracy_beyond_40": min(fresh.values()),
+            "gap_to_provenance": abs(fresh[45] - record["metrics"]["accuracy"]["looped-oracle"]["45"])}
+
+
+def test_trained_on_lengths_1_to_20_parity_stays_near_perfect_beyond_40():
+    """As the paper reports: trained on lengths 1-20 and run T(n) = n loops, the looped model is
+    right on >= 95% of fresh inputs of lengths 40 and 45, and agrees with its recorded provenance."""
+    paper_lengths_claims.check()
+
+
 def test_shipped_weights_are_checksummed(tmp_path):
     src = experiment.shipped_name("parity", "looped-fp")
     from icl_course.pretrained import WEIGHTS_DIR
