@@ -221,7 +221,7 @@ def equal_compute_pauses(task, n: int | None = None) -> int:
     (the same parameters per position) runs once over ``L + P`` positions. Equal matrix products,
     ``L + P = T(n) L``, give ``P = (T(n) - 1) L`` (attention over the longer sequence costs a bit more).
 
-    >>> from .tasks import Parity
+    >>> from icl_course.topics.looped.tasks import Parity
     >>> equal_compute_pauses(Parity(train_lengths=(1, 12)))  # (12 - 1) x the 14 positions of 12 bits, '=', '_'
     154
     """
