@@ -14,6 +14,8 @@ transformers of fixed depth fail. Their code is not public; the sizes here are o
   point of the loop, which stopping without the oracle needs);
 - ``fixed-loop``: the looped block with one fixed loop count at every length;
 - ``next-token``: four distinct blocks of half the width (the same parameter count), next-token trained;
+- ``pause-tokens``: the same four blocks with blank pause tokens before the answer, as many as give
+  them the looped model's compute at the longest training length (the paper's NTP-Pause);
 
 and measures exact-answer accuracy at every test length, with the oracle ``T(n)`` and with three
 stopping rules: maximum confidence (the paper's), "the answer stopped changing", and a *clock*, a
@@ -25,6 +27,7 @@ with the settings of :data:`SHIPPED` by ``icl-course reproduce looped --write-we
 
 from __future__ import annotations
 
+import json
 import math
 import multiprocessing
 import os
@@ -38,7 +41,8 @@ from pathlib import Path
 import torch
 
 from icl_course import plots
-from icl_course.pretrained import WEIGHTS_DIR, provenance
+from icl_course.pretrained import WEIGHTS_DIR, one_run, provenance
+from icl_course.metrics import standard_error
 from icl_course.progress import ProgressBar
 from icl_course.results import Lookup
 from icl_course.runtime import get_device, get_profile
@@ -52,7 +56,9 @@ from .models import (
     LoopedTransformer,
     NextTokenObjective,
     NextTokenTransformer,
+    PauseTransformer,
     accuracy,
+    equal_compute_pauses,
     answer_confidence,
     clock_stop,
     load,
@@ -65,15 +71,17 @@ from .tasks import make_task
 
 __all__ = [
     "LoopedConfig", "LoopedResult", "Family", "FAMILIES", "CONFIGS", "SHIPPED", "METHODS", "run", "train_models", "evaluate_looped", "accuracy_by_loop",
-    "accuracy_figure", "clock_figure", "confidence_figure", "loops_figure", "runs_figure", "ship", "write_weights",
+    "accuracy_figure", "clock_figure", "confidence_figure", "paper_lengths_figure", "loops_figure", "runs_figure", "ship", "write_weights",
     "shipped_name", "shipped_runs", "runs_table", "validation_score", "validation_length",
+    "PAPER_LENGTHS", "PAPER_LENGTHS_NAME", "PAPER_LENGTHS_REPORTED", "paper_lengths_table", "write_paper_lengths",
+    "TRIALS", "fits", "write_trial", "trial_record",
 ]
 
 # Every method of the accuracy table, in the order of the figures.
 METHODS = (
     "looped-oracle", "looped-adaptive", "looped-batch", "looped-stable",
     "looped-fp-oracle", "looped-fp-adaptive", "looped-fp-batch", "looped-fp-stable",
-    "fixed-loop", "next-token",
+    "fixed-loop", "next-token", "pause-tokens",
 )
 
 
@@ -81,7 +89,7 @@ METHODS = (
 class LoopedConfig:
     tasks: tuple[str, ...] = ("parity",)  # which tasks to train and test (parity, copy, addition)
     train_lengths: dict = field(default_factory=lambda: {"parity": (1, 12), "copy": (1, 10), "addition": (1, 8)})
-    test_factor: int = 2  # test lengths run from 1 to test_factor x the longest training length
+    test_factor: float = 2  # test lengths run from 1 to round(test_factor x the longest training length)
     width: int = 64  # the looped block's width ...
     n_heads: int = 4  # ... and heads
     baseline_width: int = 32  # next-token: n_layers blocks of this width (4 x 32^2 = 64^2 parameters)
@@ -89,6 +97,7 @@ class LoopedConfig:
     steps: int = 600  # optimizer steps of each looped model
     baseline_steps: int = 600  # ... of the fixed-loop baseline
     next_token_steps: int = 1500  # ... of the next-token baseline (one pass per step: cheap)
+    pause_steps: int = 800  # ... of the pause-token baseline (its long sequences cost about what a looped step does)
     batch_size: int = 64  # sequences per step, split into `groups` single-length groups
     groups: int = 4
     lr: float = 1e-3  # AdamW, 5% warm-up, then `schedule`
@@ -103,6 +112,7 @@ class LoopedConfig:
     patience: int = 2  # the stable rule stops when the answer is unchanged for this many loops ...
     min_confidence: float = math.log(0.9)  # ... with a confidence (mean log-prob) at least this
     train_fp: bool = True  # train looped-fp here (else only the shipped weights show it)
+    train_pause: bool = True  # train the pause-token baseline here (else only the shipped weights show it)
     seeds: tuple[int, ...] = (0,)  # model seeds of the paper's looped model (figures use the first)
     workers: int = 1  # on a CPU, train this many models at once, one process (and thread) each
     n_eval: int = 256  # test sequences per length
@@ -111,8 +121,10 @@ class LoopedConfig:
     seed: int = 0  # data streams: seed + 1 (training), seed + 2 (test)
 
     def __post_init__(self):
-        for name in ("test_factor", "width", "n_heads", "baseline_width", "baseline_layers", "steps",
-                     "baseline_steps", "next_token_steps", "fp_steps", "clock_steps", "batch_size", "groups", "workers", "n_eval",
+        if isinstance(self.test_factor, bool) or not isinstance(self.test_factor, (int, float)) or not self.test_factor >= 1:
+            raise ValueError(f"LoopedConfig.test_factor must be a number >= 1, got {self.test_factor!r}")
+        for name in ("width", "n_heads", "baseline_width", "baseline_layers", "steps",
+                     "baseline_steps", "next_token_steps", "pause_steps", "fp_steps", "clock_steps", "batch_size", "groups", "workers", "n_eval",
                      "length_step", "patience"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -129,7 +141,7 @@ class LoopedConfig:
 
     def task(self, name: str):
         lo, hi = tuple(self.train_lengths[name])
-        return make_task(name, (lo, hi), (1, self.test_factor * hi), groups=self.groups)
+        return make_task(name, (lo, hi), (1, round(self.test_factor * hi)), groups=self.groups)
 
     def train_config(self, steps: int) -> TrainConfig:
         return TrainConfig(steps=steps, batch_size=self.batch_size, lr=self.lr, warmup=0.05, schedule=self.schedule,
@@ -138,14 +150,16 @@ class LoopedConfig:
 
 CONFIGS = {
     # seconds: the pipeline and the shapes, not the claims (the shipped weights show them)
-    "smoke": LoopedConfig(train_lengths={"parity": (1, 4)}, steps=10, baseline_steps=10, next_token_steps=10,
+    "smoke": LoopedConfig(train_lengths={"parity": (1, 4)}, steps=10, baseline_steps=10, next_token_steps=10, pause_steps=10,
                           fp_steps=10, groups=2, n_eval=32, extra_cap=2, length_step=2),
     # a few CPU-minutes: the paper's looped model (three seeds) and both baselines on parity; looped-fp shipped
     "quick": LoopedConfig(steps=1200, curriculum=300, baseline_steps=400, next_token_steps=800, seeds=(0, 1, 2),
-                          train_fp=False, workers=2),
-    # a GPU: longer training, and copy and addition too
-    "full": LoopedConfig(tasks=("parity", "copy", "addition"), steps=4000, curriculum=1000, baseline_steps=3000,
-                         next_token_steps=6000, seeds=(0, 1, 2, 3, 4), train_fp=False, n_eval=1000),
+                          train_fp=False, train_pause=False, workers=2),
+    # a GPU: longer training, copy and addition too, and parity at the paper's lengths: trained on 1-20,
+    # tested to 45 (2.25x; copy to 22, addition to 18: their training length + 10 or more)
+    "full": LoopedConfig(tasks=("parity", "copy", "addition"), test_factor=2.25,
+                         train_lengths={"parity": (1, 20), "copy": (1, 10), "addition": (1, 8)}, steps=4000, curriculum=1000, baseline_steps=3000,
+                         next_token_steps=6000, pause_steps=3000, seeds=(0, 1, 2, 3, 4), train_fp=False, n_eval=1000),
 }
 
 # The settings of the shipped ``looped/parity-*`` weights, one family each (``write_weights``). Their
@@ -159,10 +173,17 @@ SHIPPED = {
     "looped-fp": LoopedConfig(fp_steps=5000, batch_size=128, schedule="cosine", curriculum=2500, seeds=(0,), n_eval=1000),
     # the baselines, each trained until it fits its own training lengths (or as long as we could)
     "next-token": LoopedConfig(next_token_steps=6000, schedule="cosine", n_eval=1000),
+    "pause-tokens": LoopedConfig(pause_steps=1500, schedule="cosine", n_eval=1000),
     "fixed-loop": LoopedConfig(baseline_steps=3000, schedule="cosine", n_eval=1000),
     # the clock: a second looped block that learns to count loops against the input length
     "clock": LoopedConfig(clock_steps=2000, seeds=(0, 1, 2, 3, 4), seed=1, n_eval=1000, workers=2),
 }
+
+# Parity at the paper's training lengths (1-20), tested to 45: the shipped paper-style recipe (4,000
+# steps, curriculum over the first 1,000), one model seed (``looped/parity-looped-1to20``,
+# :func:`write_paper_lengths`; about 10 CPU-minutes).
+PAPER_LENGTHS = replace(SHIPPED["looped"], train_lengths={"parity": (1, 20)}, test_factor=2.25, seeds=(0,), workers=1)
+PAPER_LENGTHS_NAME = "looped/parity-looped-1to20"
 
 # Runs of one family are chosen at this multiple of the longest training length (18 for parity
 # trained on 1-12), on inputs drawn from ``generator(seed + VALIDATION_OFFSET + 1000 n)``; the test
@@ -245,6 +266,8 @@ class LoopedResult:
                 figs[f"clock_{task}"] = clock_figure(self.metrics, task)
             if self.metrics["shipped_runs"].get(task):
                 figs[f"runs_{task}"] = runs_figure(self.metrics, task)
+        if self.metrics["paper_lengths"].get("parity"):
+            figs["paper_lengths_parity"] = paper_lengths_figure(self.metrics)
         for key, trace in self.traces.items():
             figs[f"confidence_{key}"] = confidence_figure(trace, title=key)
         if self.histories:
@@ -335,7 +358,7 @@ def accuracy_figure(metrics: dict, task: str, methods=None, length: int | None =
     lo, hi = metrics["train_lengths"][task]
     ax.axvspan(lo - 0.5, hi + 0.5, color="0.85", label="training lengths")
     styles = {"looped-oracle": "-", "looped-adaptive": ":", "looped-batch": ":", "looped-stable": ":", "looped-clock": "-.", "fixed-loop": "--",
-              "next-token": "--"}
+              "next-token": "--", "pause-tokens": "--"}
     for method, per_task in metrics["accuracy"].items():
         if task not in per_task or (methods is not None and method not in methods):
             continue
@@ -367,6 +390,22 @@ def runs_figure(metrics: dict, task: str):
         ax.set(xlabel="input length n", ylabel=labels.get(family, "accuracy"), ylim=(-0.03, 1.03),
                title=f"{task}: shipped {family} runs (dotted: validation length)")
         ax.legend(fontsize=7, loc="lower left")
+    return fig
+
+
+def paper_lengths_figure(metrics: dict):
+    """The parity model trained on lengths 1-20: accuracy at T(n) loops against length, with
+    standard errors, beside the paper's claim (near-perfect beyond length 40)."""
+    table = metrics["paper_lengths"]["parity"]
+    lengths = sorted(int(n) for n in table["accuracy"])
+    lo, hi = table["train_lengths"]
+    fig, (ax,) = plots.figure(width=6.4, height=3.4)
+    ax.axvspan(lo - 0.5, hi + 0.5, color="0.85", label="training lengths")
+    ax.axvline(40, color="k", ls=":", lw=1, label="length 40 (the paper: near-perfect beyond it)")
+    ax.errorbar(lengths, [table["accuracy"][str(n)] for n in lengths], yerr=[table["standard_error"][str(n)] for n in lengths],
+                marker="o", ms=4, capsize=3, label=f"looped, oracle T(n) = n ({table['n_eval']} inputs per length)")
+    ax.set(xlabel="input length n", ylabel="exact-answer accuracy", ylim=(-0.03, 1.03), title="parity, trained on lengths 1-20")
+    ax.legend(fontsize=8, loc="lower left")
     return fig
 
 
@@ -446,14 +485,14 @@ def _one_cpu_thread(device):
 @dataclass(frozen=True)
 class Family:
     """One model family of the chapter: a fresh model, its training objective and its budget, each
-    read from the config (``model(config, seed)``, ``objective(config, task)``, ``budget(config)``)."""
+    read from the config (``model(config, task, seed)``, ``objective(config, task)``, ``budget(config)``)."""
 
-    model: Callable[[LoopedConfig, int], torch.nn.Module]
+    model: Callable[[LoopedConfig, object, int], torch.nn.Module]  # (config, task, seed)
     objective: Callable[[LoopedConfig, object], object]
     budget: Callable[[LoopedConfig], int]  # optimizer steps
 
 
-def _looped(config: LoopedConfig, seed: int) -> LoopedTransformer:
+def _looped(config: LoopedConfig, spec, seed: int) -> LoopedTransformer:
     return LoopedTransformer(config.width, config.n_heads, seed=seed)
 
 
@@ -467,10 +506,15 @@ FAMILIES = {
     "fixed-loop": Family(_looped, lambda c, spec: FullAnswerObjective(spec, fixed_loops=spec.steps(spec.train_lengths[1])),
                          lambda c: c.baseline_steps),
     # distinct blocks of the baseline's width, next-token trained
-    "next-token": Family(lambda c, seed: NextTokenTransformer(c.baseline_width, c.n_heads, c.baseline_layers, seed=seed),
+    "next-token": Family(lambda c, spec, seed: NextTokenTransformer(c.baseline_width, c.n_heads, c.baseline_layers, seed=seed),
                          lambda c, spec: NextTokenObjective(spec), lambda c: c.next_token_steps),
+    # the same stack with blank pause tokens before the answer, as many as give it the looped model's
+    # compute at the longest training length (the paper's NTP-Pause)
+    "pause-tokens": Family(lambda c, spec, seed: PauseTransformer(c.baseline_width, c.n_heads, c.baseline_layers,
+                                                                  equal_compute_pauses(spec), seed=seed),
+                           lambda c, spec: NextTokenObjective(spec), lambda c: c.pause_steps),
     # a looped block that learns when T(n) loops are done
-    "clock": Family(lambda c, seed: Clock(c.width, c.n_heads, seed=seed), lambda c, spec: HaltingObjective(spec),
+    "clock": Family(lambda c, spec, seed: Clock(c.width, c.n_heads, seed=seed), lambda c, spec: HaltingObjective(spec),
                     lambda c: c.clock_steps),
 }
 
@@ -484,7 +528,7 @@ def train_models(config: LoopedConfig, task: str, device, progress: bool = False
     with _one_cpu_thread(device):
         for name in families:
             family = FAMILIES[name]
-            models[name], histories[name] = _train(family.model(config, seed), family.objective(config, spec), config,
+            models[name], histories[name] = _train(family.model(config, spec, seed), family.objective(config, spec), config,
                                                    family.budget(config), device, progress, f"{task}: {name} (seed {seed})")
     return models, histories
 
@@ -540,7 +584,8 @@ class Shipped:
 
 def train_task(config: LoopedConfig, task: str, device, progress: bool = False) -> Trained:
     """Train the paper's looped model with every seed and the other families with the first."""
-    families = ["looped", "fixed-loop", "next-token"] + (["looped-fp"] if config.train_fp else [])
+    families = (["looped", "fixed-loop", "next-token"] + (["looped-fp"] if config.train_fp else [])
+                + (["pause-tokens"] if config.train_pause else []))
     first = config.seeds[0]
     jobs = [(seed, "looped") for seed in config.seeds] + [(first, f) for f in families[1:]]
     done = _train_jobs(config, task, device, progress, jobs)
@@ -607,6 +652,29 @@ def seed_spread(config: LoopedConfig, task: str, trained: Trained, first: dict, 
     return spread
 
 
+# The lengths the parity model trained on 1-20 is reported at: the longest training length, its
+# 1.5x and 2x, and 45, "beyond 40" where the paper reports near-perfect parity.
+PAPER_LENGTHS_REPORTED = (10, 20, 25, 30, 35, 40, 45)
+
+
+@torch.no_grad()
+def paper_lengths_table(config: LoopedConfig, device, lengths=PAPER_LENGTHS_REPORTED) -> dict:
+    """The shipped parity model trained on lengths 1-20 (:data:`PAPER_LENGTHS_NAME`), run ``T(n) = n``
+    loops on ``config.n_eval`` test inputs of each length: ``{"train_lengths", "n_eval", "accuracy":
+    {n: fraction right}, "standard_error": {n: ...}, "trained": {seed, steps, train_seconds, device}}``
+    (empty without the shipped weights)."""
+    if not config.pretrained or not _has(PAPER_LENGTHS_NAME):
+        return {}
+    model, spec, record = load(PAPER_LENGTHS_NAME).to(device), PAPER_LENGTHS.task("parity"), provenance(PAPER_LENGTHS_NAME)
+    table = {"train_lengths": list(spec.train_lengths), "n_eval": config.n_eval, "accuracy": {}, "standard_error": {},
+             "trained": {key: record[key] for key in ("seed", "steps", "train_seconds", "device")}}
+    for n in lengths:
+        batch = spec.sample_length(n, config.n_eval, generator(config.seed + 2 + 1000 * n), device=device)
+        right = (model.predict(batch, spec.steps(n)) == batch.answer).all(dim=1).float()  # (B,)
+        table["accuracy"][str(n)], table["standard_error"][str(n)] = right.mean().item(), standard_error(right)
+    return table
+
+
 def run(profile: str | None = None, progress: bool = False, config: LoopedConfig | None = None) -> LoopedResult:
     """Train every method on every task of the profile and measure accuracy against length."""
     profile = get_profile(profile)
@@ -637,8 +705,10 @@ def run(profile: str | None = None, progress: bool = False, config: LoopedConfig
         "shipped": shipped_,
         "shipped_runs": runs,
         "clock": clocks,
+        "paper_lengths": {"parity": paper_lengths_table(config, device)} if "parity" in config.tasks else {},
         "parameters": {family: sum(p.numel() for p in m.parameters()) for (family, _), m in models.items()},
-        "steps": {family: FAMILIES[family].budget(config) for family in ("looped", "looped-fp", "fixed-loop", "next-token")},
+        "steps": {family: FAMILIES[family].budget(config) for family in ("looped", "looped-fp", "fixed-loop", "next-token", "pause-tokens")},
+        "pauses": {task: equal_compute_pauses(config.task(task)) for task in config.tasks},
         "train_seconds": {f"{fam}/{task}": h.seconds for (fam, task), h in histories.items()},
         "total_seconds": time.perf_counter() - start,
         "profile": profile,
@@ -802,6 +872,59 @@ def write_weights(tasks=("parity",), folder: Path | None = None, progress: bool 
     return records
 
 
+def write_paper_lengths(folder: Path | None = None, progress: bool = True) -> dict:
+    """Train the paper-style looped model on parity lengths 1-20 with :data:`PAPER_LENGTHS` (one
+    seed: nothing is chosen) and ship it as :data:`PAPER_LENGTHS_NAME`, measured at every length to 45."""
+    config, device = PAPER_LENGTHS, get_device()
+    (model, history), = _train_jobs(config, "parity", device, progress, [(config.seeds[0], "looped")]).values()
+    return ship("parity", "looped", model, config, history.seconds, folder, name=PAPER_LENGTHS_NAME,
+                notes={"selection": one_run(config.seeds[0]),
+                       "regenerate": "python -m icl_course.topics.looped.experiment --write-weights --paper-lengths"})
+
+
+# One CPU trial each of the paper-style looped model on copy and addition (the ``full`` profile's
+# other tasks): the shipped parity recipe trained longer, with a cosine schedule and the length
+# curriculum over the first half. A trial that fits its training lengths ships its weights
+# (``looped/<task>-looped-trial``); every trial records what it measured in ``looped/trial-<task>.json``.
+TRIALS = {
+    "copy": replace(SHIPPED["looped"], tasks=("copy",), steps=12000, curriculum=6000, schedule="cosine", seeds=(0,), workers=1,
+                    n_eval=500),
+    "addition": replace(SHIPPED["looped"], tasks=("addition",), steps=9000, curriculum=4500, schedule="cosine", seeds=(0,),
+                        workers=1, n_eval=500),
+}
+
+
+def fits(record: dict, at_least: float = 0.95) -> bool:
+    """Whether a recorded looped model is right on at least ``at_least`` of the inputs of every
+    training length, run T(n) loops (the oracle)."""
+    lo, hi = record["train_lengths"]
+    oracle = record["metrics"]["accuracy"]["looped-oracle"]
+    return all(oracle[str(n)] >= at_least for n in range(lo, hi + 1))
+
+
+def write_trial(task: str, folder: Path | None = None, progress: bool = True) -> dict:
+    """Train the looped model on ``task`` with :data:`TRIALS` and record the result in
+    ``looped/trial-<task>.json``; the weights ship (``looped/<task>-looped-trial``) only if it fits."""
+    config, device = TRIALS[task], get_device()
+    (model, history), = _train_jobs(config, task, device, progress, [(config.seeds[0], "looped")]).values()
+    record = {**_measure(task, "looped", model, config, folder), "train_seconds": history.seconds,
+              "selection": one_run(config.seeds[0]),
+              "regenerate": f"python -m icl_course.topics.looped.experiment --write-weights --trial {task}"}
+    record["fits"] = fits(record)
+    if record["fits"]:
+        save(f"looped/{task}-looped-trial", model.cpu(), record, folder)
+    base = Path(folder) if folder is not None else WEIGHTS_DIR
+    (base / "looped").mkdir(parents=True, exist_ok=True)
+    (base / "looped" / f"trial-{task}.json").write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def trial_record(task: str, folder: Path | None = None) -> dict | None:
+    """The recorded trial on ``task`` (:func:`write_trial`), or None if there is none."""
+    path = (Path(folder) if folder is not None else WEIGHTS_DIR) / "looped" / f"trial-{task}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 if __name__ == "__main__":  # python -m icl_course.topics.looped.experiment --write-weights [--families looped] [--seeds 0 1 2]
     import argparse
 
@@ -811,6 +934,16 @@ if __name__ == "__main__":  # python -m icl_course.topics.looped.experiment --wr
     parser.add_argument("--families", nargs="+", default=list(SHIPPED), choices=list(SHIPPED))
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--folder", type=Path, default=None)
+    parser.add_argument("--paper-lengths", action="store_true", help="only the parity model trained on lengths 1-20")
+    parser.add_argument("--trial", choices=list(TRIALS), help="only the CPU trial of the looped model on this task")
     args = parser.parse_args()
+    if args.trial:
+        rec = write_trial(args.trial, args.folder)
+        print(rec["train_seconds"], rec["fits"], {n: round(a, 3) for n, a in rec["metrics"]["accuracy"]["looped-oracle"].items()})
+        raise SystemExit
+    if args.paper_lengths:
+        rec = write_paper_lengths(args.folder)
+        print(rec["train_seconds"], {n: round(a, 3) for n, a in rec["metrics"]["accuracy"]["looped-oracle"].items()})
+        raise SystemExit
     for rec in write_weights(tuple(args.tasks), args.folder, families=tuple(args.families), seeds=args.seeds):
         print(rec["task"], rec["method"], {rule: {n: round(a, 3) for n, a in acc.items()} for rule, acc in rec["metrics"]["accuracy"].items()})

@@ -14,7 +14,11 @@ count of the task's iterative solution), it can be run for more loops on longer 
 
 - ``fixed-loop``: the same weight-tied block, trained and run with one fixed loop count;
 - ``next-token``: a stack of distinct blocks (same parameter count as the looped block), trained by
-  next-token prediction and decoded greedily.
+  next-token prediction and decoded greedily;
+- ``pause-tokens``: the same stack given a fixed number of blank *pause* tokens between ``=`` and
+  the answer, in training and at test (Goyal et al. 2023; the paper's NTP-Pause): more positions to
+  compute on, but still a fixed depth. :func:`equal_compute_pauses` sets their number so that, at
+  the longest training length, the stack's compute equals the looped model's.
 
 **Stopping without the oracle.** :func:`max_confidence_stop` is the paper's rule: run up to
 ``max_loops`` and keep the loop whose decoded answer has the highest confidence (the mean
@@ -40,7 +44,7 @@ from icl_course.runtime import require_finite
 from .tasks import ONE, VOCAB_SIZE, ZERO, AlgorithmicBatch
 
 __all__ = [
-    "Block", "LoopedTransformer", "Clock", "NextTokenTransformer", "Supervised", "FullAnswerObjective", "NextTokenObjective",
+    "Block", "LoopedTransformer", "Clock", "NextTokenTransformer", "PauseTransformer", "equal_compute_pauses", "Supervised", "FullAnswerObjective", "NextTokenObjective",
     "HaltingObjective", "answer_confidence", "max_confidence_stop", "max_confidence_stop_batch", "stable_stop", "clock_stop", "accuracy", "save", "load",
 ]
 
@@ -155,6 +159,8 @@ class Clock(LoopedTransformer):
 class NextTokenTransformer(nn.Module):
     """A fixed-depth stack of distinct blocks trained by next-token prediction (no positions)."""
 
+    pauses = 0  # blanks between '=' and the answer (PauseTransformer)
+
     def __init__(self, width: int = 32, n_heads: int = 4, n_layers: int = 4, vocab_size: int = VOCAB_SIZE, seed: int = 0):
         super().__init__()
         _check_model_args(width, n_heads, seed, vocab_size)
@@ -178,12 +184,50 @@ class NextTokenTransformer(nn.Module):
     def predict(self, batch: AlgorithmicBatch) -> Tensor:
         """Greedy decoding of the answer, one token at a time after ``input =``."""
         L_ans = batch.answer.shape[1]
-        seq = batch.teacher_forced()[:, : batch.inputs.shape[1] + 1]  # input =
+        seq = batch.teacher_forced(self.pauses)[:, : batch.inputs.shape[1] + 1 + self.pauses]  # input = (pauses)
         with torch.no_grad():
             for _ in range(L_ans):
                 next_token = self(seq)[:, -1, :2].argmax(-1, keepdim=True)  # answers are bits
                 seq = torch.cat([seq, next_token], dim=1)
         return seq[:, -L_ans:]
+
+
+class PauseTransformer(NextTokenTransformer):
+    """The next-token stack with ``pauses`` blank tokens between ``=`` and the answer: ``input = _..._ answer``.
+
+    The pauses give the stack more positions to compute on before it answers, not more depth: every
+    position still passes through ``n_layers`` blocks (Goyal et al. 2023, "pause tokens"; Fan et al.
+    2024's NTP-Pause baseline). Training and decoding are the next-token model's.
+
+    >>> model = PauseTransformer(width=16, n_heads=2, n_layers=2, pauses=3)
+    >>> model(torch.zeros(2, 9, dtype=torch.long)).shape
+    torch.Size([2, 9, 5])
+    """
+
+    def __init__(self, width: int = 32, n_heads: int = 4, n_layers: int = 4, pauses: int = 0,
+                 vocab_size: int = VOCAB_SIZE, seed: int = 0):
+        super().__init__(width, n_heads, n_layers, vocab_size, seed)
+        if not isinstance(pauses, int) or pauses < 0:
+            raise ValueError(f"pauses must be an int >= 0, got {pauses!r}")
+        self.pauses = pauses
+        self.args = {**self.args, "pauses": pauses}
+
+
+def equal_compute_pauses(task, n: int | None = None) -> int:
+    """The pause count at which a :class:`PauseTransformer` computes as much as a looped model of the
+    same parameter count at input length ``n`` (default: the task's longest training length).
+
+    The looped block runs ``T(n)`` times over the ``L`` positions of the full-answer prompt; the stack
+    (the same parameters per position) runs once over ``L + P`` positions. Equal matrix products,
+    ``L + P = T(n) L``, give ``P = (T(n) - 1) L`` (attention over the longer sequence costs a bit more).
+
+    >>> from icl_course.topics.looped.tasks import Parity
+    >>> equal_compute_pauses(Parity(train_lengths=(1, 12)))  # (12 - 1) x the 14 positions of 12 bits, '=', '_'
+    154
+    """
+    n = task.train_lengths[1] if n is None else n
+    L = task.sample_length(n, 1, torch.Generator().manual_seed(0)).prompt().shape[1]
+    return (task.steps(n) - 1) * L
 
 
 # --- training objectives: the task's batches plus a loss, the contract of icl_course.training.train --
@@ -307,7 +351,8 @@ class HaltingObjective:
 
 @dataclass
 class NextTokenObjective:
-    """Teacher-forced cross-entropy of the answer tokens (the next-token baseline)."""
+    """Teacher-forced cross-entropy of the answer tokens (the next-token and pause-token baselines;
+    the model's ``pauses`` blanks sit before the answer and are not supervised)."""
 
     task: object
 
@@ -318,7 +363,7 @@ class NextTokenObjective:
         total = 0.0
         for batch in groups:
             L_ans = batch.answer.shape[1]
-            logits = model(batch.teacher_forced())[:, -L_ans - 1 : -1]  # the token before each answer token
+            logits = model(batch.teacher_forced(model.pauses))[:, -L_ans - 1 : -1]  # the token before each answer token
             total = total + F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.answer.reshape(-1))
         return total / len(groups)
 
@@ -408,5 +453,5 @@ def clock_stop(logits: Tensor, clock_logits: Tensor) -> tuple[Tensor, Tensor]:
 # --- shipped weights: icl_course.pretrained saves and loads these classes ---------------------------
 
 
-pretrained.register(LoopedTransformer, Clock, NextTokenTransformer)
+pretrained.register(LoopedTransformer, Clock, NextTokenTransformer, PauseTransformer)
 save, load = pretrained.save, pretrained.load  # the names notebooks use (icl.looped.load)

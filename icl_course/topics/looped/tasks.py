@@ -56,10 +56,14 @@ class AlgorithmicBatch:
         tail[:, 0] = EQUALS
         return torch.cat([self.inputs, tail], dim=1)
 
-    def teacher_forced(self) -> Tensor:
-        """Next-token sequence ``input = answer``: (B, L_in + 1 + L_ans)."""
-        eq = torch.full((self.inputs.shape[0], 1), EQUALS, dtype=torch.long, device=self.inputs.device)
-        return torch.cat([self.inputs, eq, self.answer], dim=1)
+    def teacher_forced(self, pauses: int = 0) -> Tensor:
+        """Next-token sequence ``input = answer``, or with ``pauses`` blanks before the answer
+        ``input = _..._ answer``: (B, L_in + 1 + pauses + L_ans)."""
+        if not isinstance(pauses, int) or pauses < 0:
+            raise ValueError(f"pauses must be an int >= 0, got {pauses!r}")
+        tail = torch.full((self.inputs.shape[0], 1 + pauses), BLANK, dtype=torch.long, device=self.inputs.device)
+        tail[:, 0] = EQUALS
+        return torch.cat([self.inputs, tail, self.answer], dim=1)
 
     def to(self, device) -> "AlgorithmicBatch":
         return AlgorithmicBatch(self.n, self.inputs.to(device), self.answer.to(device), self.steps)
