@@ -29,6 +29,7 @@ from icl_course.tasks import generator
 from icl_course.training import History, TrainConfig, TrainingDiverged, train
 
 from . import layers as ttt
+from . import recall
 from .models import MIXERS, SequenceModel
 from .task import SequenceRegressionTask, ridge_by_position
 
@@ -69,10 +70,15 @@ class TTTConfig:
     # evaluate the shipped TTT-Linear models (the mini-batch sweep and the inner loop's knobs, trained on
     # the quick task: ``python -m icl_course.topics.ttt.experiment --write-sweep --write-knobs``)
     shipped: bool = False
+    # sequences per pair count on which the shipped associative-recall models (:mod:`.recall`) are measured
+    # (0: not measured)
+    recall_eval: int = 0
 
 
 _TRAIN = dict(batch_size=32, lr=1e-2, warmup=0.05, schedule="cosine", weight_decay=0.0, log_every=10)
 _QUICK_MIXERS = ("linear-attention", "delta-rule", "ttt-linear", "ttt-linear-ln", "ttt-mlp", "softmax")
+# one colour per mixer (the quick profile's curves take the default cycle in _QUICK_MIXERS' order)
+MIXER_COLORS = {name: f"C{i}" for i, name in enumerate((*_QUICK_MIXERS, "ttt-mlp-ln"))}
 
 CONFIGS = {
     # seconds: the pipeline, the identities and the timing; far too small and short for any claim
@@ -80,7 +86,7 @@ CONFIGS = {
         d=4, n_points=8, width=8, n_layers=1, n_heads=2, mini_batch=4, mixers=_QUICK_MIXERS, sweep_mini_batches=(),
         train=TrainConfig(steps=2, **{**_TRAIN, "log_every": 1}), n_eval=64, dial_mini_batches=(1, 4, 8),
         dial_etas=(0.01, 0.05), timing_length=128, timing_features=16, timing_heads=1, timing_repeats=1,
-        cost_lengths=(64, 128), cost_repeats=1,
+        cost_lengths=(64, 128), cost_repeats=1, recall_eval=32,
     ),
     # a few minutes on a 2-core CPU: half the task of the issue (d = 8, 32 points), one layer
     "quick": TTTConfig(
@@ -88,13 +94,13 @@ CONFIGS = {
         train=TrainConfig(steps=300, **_TRAIN), lrs=(3e-3, 1e-2), spread_seeds=(1, 2), shipped=True,
         n_eval=512, dial_mini_batches=(1, 2, 4, 8, 16, 32),
         dial_etas=tuple(torch.logspace(-3, -0.5, 7).tolist()), timing_heads=1, timing_repeats=3,
-        cost_lengths=(256, 1024, 2048),
+        cost_lengths=(256, 1024, 2048), recall_eval=512,
     ),
     # a GPU: the issue's task (d = 16, 64 points), width 64, two layers, every mixer (not run in this session)
     "full": TTTConfig(
         train=TrainConfig(steps=3000, **{**_TRAIN, "batch_size": 128, "lr": 3e-3}), sweep_mini_batches=(1, 4, 32, 128),
         lrs=(1e-3, 3e-3, 1e-2), spread_seeds=(1, 2, 3, 4),
-        n_eval=4096, cost_lengths=(256, 1024, 4096, 16384),
+        n_eval=4096, cost_lengths=(256, 1024, 4096, 16384), recall_eval=recall.N_EVAL,
     ),
 }
 
@@ -355,6 +361,9 @@ class TTTResult:
                 xlabel="inner mini-batch size b (tokens)", ylabel="MSE, last quarter", logx=True, logy=True,
                 title="the mini-batch dial, trained",
             ),
+            **({"recall": recall.recall_figure(
+                {name: {int(k): v for k, v in by.items()} for name, by in m["recall_accuracy"].items()},
+                MIXER_COLORS, features=m["recall_features_per_head"])} if m["recall_accuracy"] else {}),
             "cost": plots.panels(
                 {"time per token (us)": self.costs["us_per_token"], "state (floats per sequence)": self.costs["state_floats"]},
                 self.costs["length"], xlabel="sequence length T", logy=("time per token (us)", "state (floats per sequence)"),
@@ -447,8 +456,8 @@ def _train_all(config, task, validation, last, device, progress):
 
 def _spread(config, task, held_out, chosen, device, progress) -> dict[str, list[list[float]]]:
     """Held-out error by position of every mixer retrained at ``config.spread_seeds``, at its chosen rate,
-    and the runs that diverged."""
-    out, diverged = {}, []
+    the seeds each of those curves comes from, and the runs that diverged."""
+    out, seeds, diverged = {}, {}, []
     for name in config.mixers:
         for seed in config.spread_seeds:
             try:
@@ -457,7 +466,8 @@ def _spread(config, task, held_out, chosen, device, progress) -> dict[str, list[
                 diverged.append(f"{name} seed {seed}")
                 continue
             out.setdefault(name, []).append(task.error_by_position(model, held_out).tolist())
-    return out, diverged
+            seeds.setdefault(name, []).append(seed)
+    return out, seeds, diverged
 
 
 def ridge_points_to_match(ridge_curve: list[float], error: float) -> int | None:
@@ -496,13 +506,15 @@ def run(profile: str | None = None, progress: bool = False, config: TTTConfig | 
     mini_batch_errors.update({b: mean_last(errors[f"ttt-linear b={b}"]) for b in config.sweep_mini_batches
                               if b != config.mini_batch})
     mini_batch_errors = dict(sorted(mini_batch_errors.items()))
-    spread, diverged = _spread(config, task, held_out, chosen, device, progress)
+    spread, spread_seeds, diverged = _spread(config, task, held_out, chosen, device, progress)
     curves_by_seed = {name: [errors[name], *spread.get(name, [])] for name in config.mixers}  # per position
     mean_curves = {name: _mean_curves(c) for name, c in curves_by_seed.items()}
     by_seed = {name: [mean_last(c) for c in curves] for name, curves in curves_by_seed.items()}
     ridge_last = mean_last(errors["ridge"])
     shipped = _shipped(task, held_out.to("cpu"), last) if config.shipped else {}
     costs = mixer_costs(config.cost_lengths, config.timing_features, config.timing_heads, config.cost_repeats, device)
+    recalled = recall.shipped(n=config.recall_eval) if config.recall_eval else {"accuracy": {}, "se": {}, "lr": {},
+                                                                                 "retried": {}}
 
     metrics = {
         "linear_attention_equivalence_max_abs_err": max(identities["full_batch_step_equivalence_max_abs_err"],
@@ -518,6 +530,8 @@ def run(profile: str | None = None, progress: bool = False, config: TTTConfig | 
         "icl_error": {name: mean_last(errors[name]) for name in config.mixers},
         "icl_error_se": {name: error_se[name] for name in config.mixers},
         "icl_error_by_seed": by_seed,
+        # the seed of each entry of icl_error_by_seed (a run that diverged leaves its seed out)
+        "seeds_by_mixer": {name: [config.seed, *spread_seeds.get(name, [])] for name in config.mixers},
         # where the trained mixers stand against the optimum: each mixer's curve averaged over the seeds,
         # its last-quarter error over ridge's (per seed), and how many pairs ridge needs to do as well
         "error_by_position_mean": mean_curves,
@@ -540,6 +554,15 @@ def run(profile: str | None = None, progress: bool = False, config: TTTConfig | 
         "icl_error_by_knob": shipped.get("knobs", {}),
         "inner_target_scale": {name: {key: [r[key] for r in rows] for key in rows[0]}
                                for name, rows in shipped.get("scale", {}).items()},
+        # associative recall (shipped models, 3 seeds each): test accuracy by mixer and pair count, per seed
+        "recall_accuracy": {name: {str(k): v for k, v in by.items()} for name, by in recalled["accuracy"].items()},
+        "recall_accuracy_se": {name: {str(k): v for k, v in by.items()} for name, by in recalled["se"].items()},
+        "recall_lr": recalled["lr"],
+        "recall_retried": recalled["retried"],  # seeds whose training diverged and ran again at half the rate
+        "recall_long": recall.LONG,  # the budget of "ttt-mlp-long"
+        "recall_train_pairs": list(recall.TASK.pairs),
+        "recall_features_per_head": recall.MODEL["width"] // recall.MODEL["n_heads"],
+        "recall_n_eval": config.recall_eval,
         "us_per_token": costs["us_per_token"],
         "state_floats": costs["state_floats"],
         "cost_lengths": list(config.cost_lengths),
