@@ -276,26 +276,26 @@ def shipped(pairs=EVAL_PAIRS, n: int = N_EVAL, folder=None) -> dict:
 
 def recall_figure(accuracy: dict[str, dict[int, list[float]]], colors: dict[str, str] | None = None,
                   task: AssociativeRecallTask = TASK, features: int | None = None):
-    """Accuracy against the number of pairs, one line per mixer (mean over seeds, bars: min to max), the
-    training counts' range shaded, chance dotted and the features per head marked."""
-    fig, (ax,) = figure(width=6.0, height=3.8)
+    """Accuracy against the number of pairs: one thin line per run (seed), one colour per mixer (dashed:
+    TTT-MLP with the longer budget), the training counts shaded, chance dotted, the features per head marked."""
+    fig, (ax,) = figure(width=7.0, height=3.8)
     ax.axvspan(min(task.pairs), max(task.pairs), color="0.93", zorder=0, label="training pair counts")
     for mixer, by_pairs in accuracy.items():
         ns = sorted(by_pairs)
-        runs = torch.tensor([by_pairs[k] for k in ns])  # (len(ns), seeds)
-        mean = runs.mean(1)
         base = mixer.removesuffix("-long")
-        ax.errorbar(ns, mean, yerr=[mean - runs.min(1).values, runs.max(1).values - mean], marker="o", ms=4,
-                    capsize=2, label=mixer if base == mixer else f"{base}, {LONG['steps']} steps",
-                    color=(colors or {}).get(base), ls="--" if base != mixer else "-")
+        label = mixer if base == mixer else f"{base}, {LONG['steps']} steps"
+        for run in zip(*(by_pairs[k] for k in ns)):  # one run per seed
+            ax.plot(ns, run, marker="o", ms=3, lw=1.2, alpha=0.8, color=(colors or {}).get(base),
+                    ls="--" if base != mixer else "-", label=label)
+            label = None
     ax.axhline(1 / task.n_values, ls=":", color="0.5", label="chance")
     if features:
         ax.axvline(features, ls="--", color="0.6", lw=1)
-        ax.annotate(f"f = {features} features per head", (features, 0.08), xytext=(4, 0),
+        ax.annotate(f"$f = {features}$ features per head", (features, 0.02), xytext=(4, 0),
                     textcoords="offset points", fontsize=8, color="0.4")
     ax.set(xlabel="key-value pairs in the context", ylabel="recall accuracy (test)", ylim=(0, 1.03),
            title="associative recall: the state fills up")
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return fig
 
 
