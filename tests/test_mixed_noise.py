@@ -202,20 +202,24 @@ def test_shipped_model_has_the_loss_its_provenance_claims(name):
 @pytest.mark.parametrize("n_layers", mn.SWEEP_DEPTHS)
 def test_every_sweep_column_chose_between_the_same_two_runs_on_validation(n_layers):
     """The noise sweep's protocol at every depth: two runs per column (the sweep's recipe, the clamped
-    one), each with a validation and a test score, the lower validation score chosen, and SWEEP_MODELS
-    naming that run; run 0's recipe is the same on every column (SHIPPED's, where the column shares it)."""
+    one; run 0 only at the depths of SWEEP_ONE_RUN), each with a validation and a test score, the lower
+    validation score chosen, and SWEEP_MODELS naming that run; run 0's recipe is the same on every column
+    (SHIPPED's, where the column shares it)."""
     assert n_layers in mn.SWEEP_CHOSEN, f"DIAG-{n_layers}L's sweep is not shipped"
     assert mn.SWEEP_RULE == mn.sweep_rule(4) and all(f"DIAG-{n}L" in mn.sweep_rule(n) for n in mn.SWEEP_DEPTHS)
     for setting in mn.SETTINGS:
         selection = pretrained.provenance(mn.sweep_record_file(setting, n_layers).name)["selection"]
-        assert selection["rule"] == mn.sweep_rule(n_layers) and sorted(selection["runs"]) == ["0", "1"], setting
+        n_runs = 1 if n_layers in mn.SWEEP_ONE_RUN else 2
+        assert len(mn.sweep_runs(setting, n_layers)) == n_runs
+        assert selection["rule"] == mn.sweep_rule(n_layers), setting
+        assert sorted(selection["runs"]) == [str(k) for k in range(n_runs)], setting
         scores = {int(k): r["validation"] for k, r in selection["runs"].items()}
         assert all("test" in r for r in selection["runs"].values()), setting
         chosen_k = mn.SWEEP_CHOSEN[n_layers][setting]
         assert selection["chosen"] == min(scores, key=lambda k: (scores[k], k)) == chosen_k, setting
         assert selection["validation"] == {"generator": mn.EVAL_SEED + 600, "n_eval": 50_000}
         assert selection["validation"]["generator"] != selection["test"]["generator"]
-        for k in (0, 1):  # what each run's record says it trained with is the protocol's recipe
+        for k in range(n_runs):  # what each run's record says it trained with is the protocol's recipe
             spec = mn.sweep_run(setting, k, n_layers)
             assert selection["runs"][str(k)]["recipe"] == {a: getattr(spec, a) for a in ("lr", "steps", "clamp")}
             assert (spec.n_layers, spec.setting, spec.seed, spec.init) == (n_layers, setting, 0, "gd")
