@@ -458,8 +458,9 @@ def sweep_record_file(setting: str, n_layers: int = 4) -> ModelSpec:
 
 SWEEP_MODELS = tuple(sweep_model(s, n) for n in sorted(SWEEP_CHOSEN) for s in SETTINGS)
 # The sweep's files beyond SHIPPED: the chosen run of every other column, and run 1 of the shared
-# columns (it holds their selection record, chosen or not).
-SWEEP_FILES = tuple(sweep_record_file(s, n) for n in sorted(SWEEP_CHOSEN) for s in SETTINGS)
+# columns (it holds their selection record, chosen or not; at a one-run depth SHIPPED's file holds it).
+SWEEP_FILES = tuple(spec for spec in (sweep_record_file(s, n) for n in sorted(SWEEP_CHOSEN) for s in SETTINGS)
+                    if spec not in SHIPPED)
 
 
 @dataclass(frozen=True)
