@@ -168,8 +168,10 @@ def test_every_shipped_model_is_there_with_provenance():
         elif name in HEAVY_TAILED:  # its test mean is carried by a few blown-up sequences: check validation
             chosen = record["selection"]["runs"][str(record["selection"]["chosen"])]
             assert chosen["validation"] < const, name
-        elif spec["n_layers"] >= 2:  # (where ConstRR is itself near the oracle, sigma_max <= 1: below 0.05)
-            assert claimed < max(const, 0.05), name
+        elif spec["n_layers"] >= 2:  # (where ConstRR is itself near the oracle, sigma_max <= 1: below 0.05;
+            # a shallow sweep model where the paper's own model of that depth is above ConstRR: below twice it)
+            paper = mn.PAPER_TABLE1[record["method"]][record["setting"]]
+            assert claimed < max(const, 0.05, 2 * paper), name
 
 
 @functools.lru_cache(maxsize=3)
@@ -182,9 +184,15 @@ def provenance_eval_set(setting: str, n_eval: int, seed: int):
 # provenance's own evaluation sequences instead, which makes it seed-independent (std 0, z inf).
 @claim(**{f"provenance_rel_gap {name}": ("<", 1e-3) for name in SHIPPED_NAMES})
 def shipped_claims(seed):
-    """|adjusted loss of each shipped model on its provenance's eval sequences / the recorded one - 1|."""
+    """|adjusted loss of each shipped model on its provenance's eval sequences / the recorded one - 1|.
+    The sequences do not depend on ``seed``, so the values are measured once per thread count."""
+    return _provenance_gaps(torch.get_num_threads())
+
+
+@functools.lru_cache(maxsize=None)
+def _provenance_gaps(threads: int) -> dict:
     out = {}
-    for name in SHIPPED_NAMES:
+    for name in sorted(SHIPPED_NAMES, key=lambda n: pretrained.provenance(n)["setting"]):  # eval sets cached
         record = pretrained.provenance(name)
         batch = provenance_eval_set(record["setting"], record["eval"]["n_eval"], record["eval"]["seed"])
         value = mn.adjusted_loss(pretrained.load(name), batch)  # load verifies the checksum
@@ -197,20 +205,45 @@ def test_shipped_model_has_the_loss_its_provenance_claims(name):
     shipped_claims.check(keys=[f"provenance_rel_gap {name}"])
 
 
-def test_every_sweep_column_chose_between_the_same_two_runs_on_validation():
-    """The noise sweep's protocol: two runs per column (the sweep's recipe, the clamped one), each with a
-    validation and a test score, the lower validation score chosen, and SWEEP_MODELS naming that run."""
+@pytest.mark.parametrize("n_layers", mn.SWEEP_DEPTHS)
+def test_every_sweep_column_chose_between_the_same_two_runs_on_validation(n_layers):
+    """The noise sweep's protocol at every depth: two runs per column (the sweep's recipe, the clamped
+    one; run 0 only at the depths of SWEEP_ONE_RUN), each with a validation and a test score, the lower
+    validation score chosen, and SWEEP_MODELS naming that run; run 0's recipe is the same on every column
+    (SHIPPED's, where the column shares it)."""
+    assert n_layers in mn.SWEEP_CHOSEN, f"DIAG-{n_layers}L's sweep is not shipped"
+    assert mn.SWEEP_RULE == mn.sweep_rule(4) and all(f"DIAG-{n}L" in mn.sweep_rule(n) for n in mn.SWEEP_DEPTHS)
     for setting in mn.SETTINGS:
-        spec = mn.sweep_run(setting, 1 if setting in mn.SWEEP_SHARED else mn.SWEEP_CHOSEN[setting])
-        selection = pretrained.provenance(spec.name)["selection"]
-        assert selection["rule"] == mn.SWEEP_RULE and sorted(selection["runs"]) == ["0", "1"], setting
+        selection = pretrained.provenance(mn.sweep_record_file(setting, n_layers).name)["selection"]
+        n_runs = 1 if n_layers in mn.SWEEP_ONE_RUN else 2
+        assert len(mn.sweep_runs(setting, n_layers)) == n_runs
+        assert selection["rule"] == mn.sweep_rule(n_layers), setting
+        assert sorted(selection["runs"]) == [str(k) for k in range(n_runs)], setting
         scores = {int(k): r["validation"] for k, r in selection["runs"].items()}
         assert all("test" in r for r in selection["runs"].values()), setting
-        assert selection["chosen"] == min(scores, key=lambda k: (scores[k], k)) == mn.SWEEP_CHOSEN[setting], setting
+        chosen_k = mn.SWEEP_CHOSEN[n_layers][setting]
+        assert selection["chosen"] == min(scores, key=lambda k: (scores[k], k)) == chosen_k, setting
+        assert selection["validation"] == {"generator": mn.EVAL_SEED + 600, "n_eval": 50_000}
         assert selection["validation"]["generator"] != selection["test"]["generator"]
-        chosen = mn.SWEEP_MODELS[list(mn.SETTINGS).index(setting)]
-        recipe = {k: getattr(chosen, k) for k in ("lr", "steps", "clamp")}
-        assert selection["runs"][str(selection["chosen"])]["recipe"] == recipe, setting
+        for k in range(n_runs):  # what each run's record says it trained with is the protocol's recipe
+            spec = mn.sweep_run(setting, k, n_layers)
+            assert selection["runs"][str(k)]["recipe"] == {a: getattr(spec, a) for a in ("lr", "steps", "clamp")}
+            assert (spec.n_layers, spec.setting, spec.seed, spec.init) == (n_layers, setting, 0, "gd")
+        chosen = mn.sweep_model(setting, n_layers)
+        assert chosen in mn.SWEEP_MODELS and chosen == mn.sweep_run(setting, chosen_k, n_layers)
+        record = pretrained.provenance(chosen.name)  # the file that ships is the chosen run's
+        assert record["spec"]["lr"] == chosen.lr and record["spec"]["steps"] == chosen.steps, setting
+        assert record["metrics"]["adjusted_loss"] == selection["runs"][str(chosen_k)]["test"], setting
+    run0 = {(r.lr, r.steps, r.clamp) for c in mn.SETTINGS if (c, n_layers) not in mn.SWEEP_SHARED
+            for r in mn.sweep_runs(c, n_layers)[:1]}
+    assert len(run0) == 1  # one recipe for every column's run 0 (before a retry)
+
+
+def test_sweep_runs_checks_its_arguments():
+    with pytest.raises(ValueError, match="n_layers"):
+        mn.sweep_runs("U(0,2)", 5)
+    with pytest.raises(ValueError, match="setting"):
+        mn.sweep_runs("U(0,9)", 2)
 
 
 def test_deep_seed_sets_share_one_record_chosen_on_validation():
@@ -383,7 +416,7 @@ def test_deep_models_come_within_a_factor_of_the_paper():
 # once the noise levels spread (sigma_max >= 2 and the categorical columns), except U(0,3): that model's
 # mean is carried by a few sequences where it blows up (over eval seeds its ratio to ConstRR is 1.2 +- 1.5,
 # 0.27 on the provenance's 50k test sequences against a validation score of 0.077), so it is not claimed.
-_SWEEP_COLUMNS = [spec.setting for spec in mn.SWEEP_MODELS]
+_SWEEP_COLUMNS = list(mn.SETTINGS)
 _BEATS = [s for s in _SWEEP_COLUMNS if s not in ("U(0,0)", "U(0,1)", "U(0,3)")]
 
 
@@ -404,7 +437,7 @@ def sweep_claims(seed):
             out[f"sweep_const_rr_gap {setting}"] = abs(const - mn.PAPER_TABLE1["ConstRR"][setting])
             out[f"sweep_ada_rr_gap {setting}"] = abs(mn.adjusted_loss(AdaRR(), batch) - mn.PAPER_TABLE1["AdaRR"][setting])
         if setting in _BEATS:  # (U(0,3) is measured by the provenance claim only)
-            model = pretrained.load(mn.SWEEP_MODELS[list(mn.SETTINGS).index(setting)].name)  # the column's chosen run
+            model = pretrained.load(mn.sweep_model(setting).name)  # the column's chosen DIAG-4L
             out[f"sweep_diag_over_const {setting}"] = mn.adjusted_loss(model, batch) / const
     return out
 
@@ -415,6 +448,44 @@ def test_ridge_baselines_match_table_1_at_every_column():
 
 def test_each_columns_diag_beats_const_ridge():
     sweep_claims.check(keys=[k for k in sweep_claims.bounds if "diag_over_const" in k])
+
+
+# The sweep along depth (the paper's DIAG rows, 1 to 4 layers, on every column): each added layer lowers
+# the adjusted loss of the column's chosen model, on 20k fresh sequences per column (a new eval seed per
+# claim seed). The second layer at least halves it everywhere (the paper: to 0.15-0.3 of one layer's), and
+# DIAG-1L and DIAG-2L land on the paper's rows on every column (by 0.3-6% on average over eval seeds; 20k
+# sequences scatter by up to 5%, hence a bound of 25%).
+# Not claimed (measured over eval seeds 0-4 at 20k sequences, and on the records' 50k validation ones):
+# - DIAG-4L over DIAG-3L on U(0,7) and {1,3}: 1.31 and 1.03 at seed 0 (the paper: 0.59 and 0.43); our
+#   DIAG-4L falls furthest short of the paper's there (the chapter prints it); on U(0,7) it is above
+#   DIAG-3L on the 50k validation sequences too (0.161 against 0.117);
+# - DIAG-3L on U(0,6) and {1,3} has a heavy tail: a few sequences blow it up (3L/2L on U(0,6) is 0.46 on
+#   three seeds and 1.97 on one), so the ratios with it scatter too far for a bound (its validation
+#   scores, 0.113 and 0.131, lie between its neighbours' as the paper's do);
+# - DIAG-4L over DIAG-3L on U(0,2): 0.89 to 0.95 on every seed, within 4 std of 1 (z 3.8).
+_DEPTHS = sorted(mn.SWEEP_CHOSEN)
+_DEPTH_FALLS_SHORT = {(3, 4): ("U(0,7)", "{1,3}", "U(0,6)", "U(0,2)"), (2, 3): ("U(0,6)", "{1,3}")}
+_DEPTH_PAIRS = [(a, b, s) for a, b in zip(_DEPTHS, _DEPTHS[1:]) for s in mn.SETTINGS
+                if s not in _DEPTH_FALLS_SHORT.get((a, b), ())]
+
+
+@claim(**{f"sweep_depth_ratio {b}L/{a}L {s}": ("<", 0.5 if a == 1 else 1.0) for a, b, s in _DEPTH_PAIRS},
+       **{f"sweep_paper_gap {n}L {s}": ("<", 0.25) for n in (1, 2) for s in mn.SETTINGS})
+def sweep_depth_claims(seed):
+    """DIAG-bL over DIAG-aL (consecutive swept depths), the sweep's chosen models of each column, on the
+    same 20k fresh sequences; and DIAG-1L's and DIAG-2L's |ours / the paper's - 1| (they land on its rows)."""
+    out = {}
+    for k, setting in enumerate(mn.SETTINGS):
+        batch = mn.make_task(setting).sample(20_000, icl.generator(700 + 20 * seed + k))
+        loss = {n: mn.adjusted_loss(pretrained.load(mn.sweep_model(setting, n).name), batch) for n in _DEPTHS}
+        out.update({f"sweep_depth_ratio {b}L/{a}L {setting}": loss[b] / loss[a] for a, b in zip(_DEPTHS, _DEPTHS[1:])})
+        out.update({f"sweep_paper_gap {n}L {setting}": abs(loss[n] / mn.PAPER_TABLE1[f"DIAG-{n}L"][setting] - 1)
+                    for n in (1, 2)})
+    return out
+
+
+def test_each_added_layer_lowers_the_sweeps_loss_on_every_column():
+    sweep_depth_claims.check()
 
 
 # --- the experiment ------------------------------------------------------------------------------

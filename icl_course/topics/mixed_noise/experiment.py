@@ -56,6 +56,10 @@ __all__ = [
     "write_sweep",
     "choose_sweep_run",
     "sweep_selection",
+    "sweep_rule",
+    "sweep_model",
+    "sweep_record_file",
+    "sweep_depth",
     "run",
 ]
 
@@ -351,58 +355,112 @@ FULL4_RECIPES = (
     ModelSpec("full", 4, "U(0,5)", lr=5e-3, clamp=100.0, steps=3000),
 )
 
-# The noise sweep (the paper's Fig. 1 / Table 1 columns): DIAG-4L trained on every column.
+# The noise sweep (the paper's Fig. 1 / Table 1 columns): DIAG-1L to DIAG-4L trained on every column.
 #
-# The protocol, written down before any second run below was trained or scored: every column gets the
-# same two runs at seed 0, run 0 with the sweep's recipe (lr 1e-2, 2000 steps, no clamp; a run whose
-# training diverges is trained once more at SWEEP_RETRY_LR, as U(0,7) and {1,3} needed) and run 1 with the
-# deep models' clamped recipe (lr 5e-3, token clamp +-100, 3000 steps). Both are scored on 50k validation
-# sequences of the column (generator EVAL_SEED + 600, apart from the 50k test sequences of the provenance);
-# the lower adjusted loss is the column's model (a tie: run 0), and both runs' validation and test numbers
-# go into its selection record. (Before, only U(0,3) and U(0,7) had a second run, trained because their
-# first looked poor on the test sequences: a test-driven choice, which this protocol replaces.)
+# The protocol, written down before any second run below was trained or scored: every column gets, at each
+# depth, the same two runs at seed 0, run 0 with the sweep's recipe (lr 1e-2, 2000 steps, no clamp; at one
+# layer 1000 steps, as SHIPPED's DIAG-1L; a run whose training diverges is trained once more at
+# SWEEP_RETRY_LR, as DIAG-4L on U(0,7) and {1,3} needed) and run 1 with the deep models' clamped recipe
+# (lr 5e-3, token clamp +-100, 3000 steps). Both are scored on 50k validation sequences of the column
+# (generator EVAL_SEED + 600, apart from the 50k test sequences of the provenance); the lower adjusted loss
+# is the column's model (a tie: run 0), and both runs' validation and test numbers go into its selection
+# record. (Before, only U(0,3) and U(0,7) had a second run, trained because their first looked poor on the
+# test sequences: a test-driven choice, which this protocol replaces.) DIAG-4L was swept first; DIAG-1L to
+# DIAG-3L later with the same rule, fixed in this code before any of their runs was trained.
+#
+# Except at the depths of SWEEP_ONE_RUN: measured training times (DIAG-2L's two runs took about 4 min a
+# column on the shared CPU, DIAG-3L's would take 5) left no time for two runs there, so each column gets run
+# 0 only, which is its model: nothing is chosen (its validation score is recorded, not used). This was
+# fixed after the DIAG-1L and DIAG-2L sweeps were scored and before any DIAG-3L run was trained.
+SWEEP_DEPTHS = (1, 2, 3, 4)
+SWEEP_ONE_RUN = (3,)
 SWEEP_RETRY_LR = 4e-3
-SWEEP_RULE = ("DIAG-4L on each column of Table 1, two runs at seed 0: run 0 with the sweep's recipe (lr 1e-2, "
-              "2000 steps, no clamp; retried once at lr 4e-3 if training diverges), run 1 with the clamped recipe "
-              "(lr 5e-3, clamp 100, 3000 steps); the run with the lower adjusted loss on validation sequences of the "
-              "column is the column's model; the same two runs for every column, fixed before any test number of "
-              "run 1 was seen")
-# The columns whose run 0 is a model of SHIPPED (the chapter's main table): their run 1 ships beside it
-# as ``-clamped`` and carries the column's selection record; elsewhere only the chosen run ships.
-SWEEP_SHARED = {spec.setting: spec for spec in SHIPPED if spec.attention == "diag" and spec.n_layers == 4}
 
 
-def sweep_runs(setting: str) -> tuple[ModelSpec, ModelSpec]:
-    """The noise sweep's two runs on ``setting`` (``(run 0, run 1)``, before any retry of run 0)."""
+def _sweep_steps(n_layers: int) -> int:
+    """Run 0's steps at ``n_layers``: SHIPPED's DIAG model of that depth on U(0,5) (1000 at one layer)."""
+    return next((s.steps for s in SHIPPED if s.attention == "diag" and s.n_layers == n_layers
+                 and s.setting == "U(0,5)"), 2000)
+
+
+def sweep_rule(n_layers: int = 4) -> str:
+    """The selection rule of the sweep at ``n_layers`` as its records state it (one wording for all two-run
+    depths, another for those of :data:`SWEEP_ONE_RUN`)."""
+    if n_layers in SWEEP_ONE_RUN:
+        return (f"DIAG-{n_layers}L on each column of Table 1, one run at seed 0 with the sweep's recipe (lr 1e-2, "
+                f"{_sweep_steps(n_layers)} steps, no clamp; retried once at lr 4e-3 if training diverges), which is "
+                "the column's model: nothing is chosen (the second, clamped run of the other depths did not fit the "
+                "CPU time); its validation score is recorded, not used")
+    return (f"DIAG-{n_layers}L on each column of Table 1, two runs at seed 0: run 0 with the sweep's recipe (lr "
+            f"1e-2, {_sweep_steps(n_layers)} steps, no clamp; retried once at lr 4e-3 if training diverges), run 1 "
+            "with the clamped recipe (lr 5e-3, clamp 100, 3000 steps); the run with the lower adjusted loss on "
+            "validation sequences of the column is the column's model; the same two runs for every column, fixed "
+            "before any test number of run 1 was seen")
+
+
+SWEEP_RULE = sweep_rule(4)
+# The (column, depth) pairs whose run 0 is a model of SHIPPED (the chapter's main table): their run 1 ships
+# beside it as ``-clamped`` and carries the column's selection record; elsewhere only the chosen run ships.
+SWEEP_SHARED = {(spec.setting, spec.n_layers): spec for spec in SHIPPED
+                if spec.attention == "diag" and spec.n_layers in SWEEP_DEPTHS}
+
+
+def sweep_runs(setting: str, n_layers: int = 4) -> tuple[ModelSpec, ...]:
+    """The noise sweep's runs of DIAG-``n_layers``L on ``setting`` (``(run 0, run 1)``, before any retry;
+    ``(run 0,)`` at the depths of :data:`SWEEP_ONE_RUN`)."""
     if setting not in SETTINGS:
         raise ValueError(f"setting must be one of {sorted(SETTINGS)}, got {setting!r}")
-    run0 = SWEEP_SHARED.get(setting, _diag(4, setting))
-    run1 = _diag(4, setting, lr=5e-3, clamp=100.0, steps=3000, tag="clamped" if setting in SWEEP_SHARED else "")
-    return run0, run1
+    if n_layers not in SWEEP_DEPTHS:
+        raise ValueError(f"n_layers must be one of {SWEEP_DEPTHS}, got {n_layers!r}")
+    shared = (setting, n_layers) in SWEEP_SHARED
+    run0 = SWEEP_SHARED.get((setting, n_layers), _diag(n_layers, setting, steps=_sweep_steps(n_layers)))
+    run1 = _diag(n_layers, setting, lr=5e-3, clamp=100.0, steps=3000, tag="clamped" if shared else "")
+    return (run0,) if n_layers in SWEEP_ONE_RUN else (run0, run1)
 
 
-# Run 0 of every column that has no model in SHIPPED (what `--write-sweep` trains first)
-SWEEP = tuple(sweep_runs(setting)[0] for setting in SETTINGS if setting not in SWEEP_SHARED)
+# Run 0 of every column and depth that has no model in SHIPPED (what `--write-sweep` trains first)
+SWEEP = tuple(sweep_runs(s, n)[0] for n in SWEEP_DEPTHS for s in SETTINGS if (s, n) not in SWEEP_SHARED)
 
-# Columns whose run 0 diverged at lr 1e-2 and was trained again at SWEEP_RETRY_LR (measured: U(0,7);
-# {1,3}'s run 0 is SHIPPED's, which carries lr 4e-3 in its spec already)
-SWEEP_RETRIED = ("U(0,7)",)
-
-
-def sweep_run(setting: str, k: int) -> ModelSpec:
-    """Run ``k`` of the noise sweep on ``setting`` as it was trained (run 0 after its retry, if any)."""
-    spec = sweep_runs(setting)[k]
-    return replace(spec, lr=SWEEP_RETRY_LR) if k == 0 and setting in SWEEP_RETRIED else spec
+# (column, depth) pairs whose run 0 diverged at lr 1e-2 and was trained again at SWEEP_RETRY_LR (measured;
+# DIAG-4L's {1,3} run 0 is SHIPPED's, which carries lr 4e-3 in its spec already)
+SWEEP_RETRIED = (("U(0,7)", 4),)
 
 
-# The run each column's validation score chose (``write_sweep``; a test checks every one against the
-# selection record it ships with), in Table 1's order.
-SWEEP_CHOSEN = {"U(0,0)": 0, "U(0,1)": 0, "U(0,2)": 0, "U(0,3)": 0, "U(0,4)": 1, "U(0,5)": 0, "U(0,6)": 0,
-                "U(0,7)": 1, "{1,3}": 0, "{1,3,5}": 0}
-SWEEP_MODELS = tuple(sweep_run(s, SWEEP_CHOSEN[s]) for s in SETTINGS)
+def sweep_run(setting: str, k: int, n_layers: int = 4) -> ModelSpec:
+    """Run ``k`` of the noise sweep at ``n_layers`` on ``setting`` as it was trained (run 0 after its retry)."""
+    spec = sweep_runs(setting, n_layers)[k]
+    return replace(spec, lr=SWEEP_RETRY_LR) if k == 0 and (setting, n_layers) in SWEEP_RETRIED else spec
+
+
+# The run each column's validation score chose at each depth (``write_sweep``; a test checks every one
+# against the selection record it ships with), in Table 1's order.
+SWEEP_CHOSEN = {
+    1: {s: 1 for s in SETTINGS},  # run 1 on every column, by 1e-4 or less: one layer trains to the same model
+    2: {**{s: 0 for s in SETTINGS}, "U(0,7)": 1},  # U(0,7): by 5e-5 on validation
+    3: {s: 0 for s in SETTINGS},  # one run (SWEEP_ONE_RUN)
+    4: {"U(0,0)": 0, "U(0,1)": 0, "U(0,2)": 0, "U(0,3)": 0, "U(0,4)": 1, "U(0,5)": 0, "U(0,6)": 0,
+        "U(0,7)": 1, "{1,3}": 0, "{1,3,5}": 0},
+}
+
+
+def sweep_model(setting: str, n_layers: int = 4) -> ModelSpec:
+    """The model the sweep chose on ``setting`` at ``n_layers`` (validation, :data:`SWEEP_CHOSEN`)."""
+    return sweep_run(setting, SWEEP_CHOSEN[n_layers][setting], n_layers)
+
+
+def sweep_record_file(setting: str, n_layers: int = 4) -> ModelSpec:
+    """The file that holds the selection record of ``setting`` at ``n_layers``: run 1 of a shared column
+    (it ships chosen or not), else the chosen run (SHIPPED's own at a shared column of one run)."""
+    if (setting, n_layers) in SWEEP_SHARED and n_layers not in SWEEP_ONE_RUN:
+        return sweep_run(setting, 1, n_layers)
+    return sweep_model(setting, n_layers)
+
+
+SWEEP_MODELS = tuple(sweep_model(s, n) for n in sorted(SWEEP_CHOSEN) for s in SETTINGS)
 # The sweep's files beyond SHIPPED: the chosen run of every other column, and run 1 of the shared
-# columns (it holds their selection record, chosen or not).
-SWEEP_FILES = tuple(sweep_run(s, 1) if s in SWEEP_SHARED else sweep_run(s, SWEEP_CHOSEN[s]) for s in SETTINGS)
+# columns (it holds their selection record, chosen or not; at a one-run depth SHIPPED's file holds it).
+SWEEP_FILES = tuple(spec for spec in (sweep_record_file(s, n) for n in sorted(SWEEP_CHOSEN) for s in SETTINGS)
+                    if spec not in SHIPPED)
 
 
 @dataclass(frozen=True)
@@ -573,7 +631,8 @@ def _noise_sweep(config: MixedNoiseConfig, models: dict, device) -> dict | None:
         batch = task.sample(config.n_sweep, generator(EVAL_SEED + 900 + k)).to(device)
         tune = task.sample(config.n_tune, generator(EVAL_SEED + 950 + k))
         learners = {"ConstRR": tune_const_ridge(tune), "AdaRR": AdaRR(), "TunedRR": tune_tuned_ridge(tune),
-                    **{m: model.to(device) for (m, s), model in models.items() if s == setting}}
+                    **{m: model.to(device) for (m, s), model in sorted(models.items(), key=lambda kv: _layers(kv[0][0]))
+                       if s == setting}}
         for method, learner in learners.items():
             errors = adjusted_errors(learner, batch)
             out["ours"].setdefault(method, {})[setting] = errors.double().mean().item()
@@ -581,24 +640,46 @@ def _noise_sweep(config: MixedNoiseConfig, models: dict, device) -> dict | None:
             out["paper"].setdefault(method, {})[setting] = PAPER_TABLE1.get(method, {}).get(setting)
     for model in models.values():
         model.cpu()
-    out["selection"] = sweep_selection(columns) if config.source == "shipped" else None
+    diag = sorted({m for m, _ in models if m.startswith("DIAG-")}, key=_layers)
+    out["selection"] = ({m: sweep_selection([s for s in columns if (m, s) in models], _layers(m)) for m in diag}
+                        if config.source == "shipped" else None)
+    out["depth"] = sweep_depth(out)
     return out
 
 
-def sweep_selection(settings) -> dict | None:
-    """The noise sweep's choice on every column of ``settings`` from the shipped selection records
-    (:func:`choose_sweep_run`): ``{"rule", "columns": {setting: {"runs", "chosen"}}}``, or ``None`` where
-    a column's record is missing (a sweep trained here)."""
+def sweep_depth(sweep: dict) -> dict:
+    """The sweep read along depth: for every column where the DIAG models of every depth were evaluated,
+    each depth's adjusted loss, its standard error and the paper's (``{"layers", "settings", "ours", "se",
+    "paper"}``, lists over ``layers``), and ``falls``: whether every added layer lowers the loss by more
+    than two standard errors of the difference (``compare``), as the paper's DIAG rows do on every column."""
+    diag = sorted((m for m in sweep["ours"] if m.startswith("DIAG-")), key=_layers)
+    columns = [c for c in sweep["settings"] if len(diag) > 1 and all(c in sweep["ours"][m] for m in diag)]
+    out = {"layers": [_layers(m) for m in diag], "settings": columns, "ours": {}, "se": {}, "paper": {}, "falls": {}}
+    for c in columns:
+        out["ours"][c] = [sweep["ours"][m][c] for m in diag]
+        out["se"][c] = [sweep["se"][m][c] for m in diag]
+        out["paper"][c] = [sweep["paper"][m][c] for m in diag]
+        out["falls"][c] = all(compare(a, b, sa, sb) == "above" for a, b, sa, sb in
+                              zip(out["ours"][c], out["ours"][c][1:], out["se"][c], out["se"][c][1:]))
+    return out
+
+
+def sweep_selection(settings, n_layers: int = 4) -> dict | None:
+    """The noise sweep's choice at ``n_layers`` on every column of ``settings`` from the shipped selection
+    records (:func:`choose_sweep_run`): ``{"rule", "columns": {setting: {"runs", "chosen"}}}``, or ``None``
+    where a column's record is missing (a sweep trained here)."""
     columns = {}
     for setting in settings:
-        name = sweep_run(setting, 1 if setting in SWEEP_SHARED else SWEEP_CHOSEN[setting]).name
+        if setting not in SWEEP_CHOSEN.get(n_layers, {}):
+            return None
+        name = sweep_record_file(setting, n_layers).name
         if name not in pretrained.available("mixed_noise/"):
             return None
         record = pretrained.provenance(name)["selection"]
-        if record.get("rule") != SWEEP_RULE:
+        if record.get("rule") != sweep_rule(n_layers):
             return None
         columns[setting] = {"runs": record["runs"], "chosen": record["chosen"]}
-    return {"rule": SWEEP_RULE, "columns": columns, "validation": record["validation"], "test": record["test"]}
+    return {"rule": sweep_rule(n_layers), "columns": columns, "validation": record["validation"], "test": record["test"]}
 
 
 def _per_layer(config: MixedNoiseConfig, models: dict, device) -> tuple[dict, dict]:
@@ -827,7 +908,7 @@ def noise_sweep_figure(sweep: dict):
     uniform = [s for s in sweep["settings"] if s.startswith("U(")]
     categorical = [s for s in sweep["settings"] if not s.startswith("U(")]
     smax = [float(s[4:-1]) for s in uniform]
-    methods = [m for m in sweep["ours"] if m not in BASELINE_STYLE] + list(BASELINE_STYLE)
+    methods = sorted((m for m in sweep["ours"] if m not in BASELINE_STYLE), key=_layers) + list(BASELINE_STYLE)
     for i, method in enumerate(methods):
         color = BASELINE_STYLE[method]["color"] if method in BASELINE_STYLE else f"C{i}"
         marker = "s" if method in BASELINE_STYLE else "o"
@@ -848,6 +929,7 @@ def noise_sweep_figure(sweep: dict):
         ax.set_yscale("symlog", linthresh=1e-3)
         ax.set_ylabel("adjusted 0.5·MSE")
     left.set(xlabel="sigma_max (sigma ~ U(0, sigma_max))", title="each model trained on its own column")
+    right.set_ylim(bottom=0)  # (no learner beats the oracle on average; a wide error bar stops at 0)
     right.set_xticks(range(len(categorical)), categorical)
     right.set(xlabel="sigma from a set", title="dots: ours; dashes: the paper")
     left.legend(fontsize=6, ncol=2)
@@ -1096,10 +1178,12 @@ def write_deep(folder: Path | None = None, progress: bool = False) -> list[dict]
     return [train_pretrained(spec, folder=folder, progress=progress)[1] for spec in DEEP]
 
 
-def write_sweep(folder: Path | None = None, progress: bool = False, n_eval: int = 50_000) -> list[dict]:
-    """Train the noise sweep's two runs on every column (:func:`sweep_runs`; run 0 of the columns in
-    :data:`SWEEP_SHARED` is SHIPPED's, already written into ``folder``), choose each column's model on
-    validation sequences and write it with its selection record (:func:`choose_sweep_run`)."""
+def write_sweep(folder: Path | None = None, progress: bool = False, n_eval: int = 50_000,
+                depths: tuple[int, ...] = SWEEP_DEPTHS) -> list[dict]:
+    """Train the noise sweep's two runs on every column at every depth of ``depths``, shallowest first
+    (:func:`sweep_runs`; run 0 of the pairs in :data:`SWEEP_SHARED` is SHIPPED's, already written into
+    ``folder``), choose each column's model on validation sequences and write it with its selection record
+    (:func:`choose_sweep_run`) as soon as the column is done."""
     import tempfile
 
     from icl_course.training import TrainingDiverged
@@ -1107,9 +1191,9 @@ def write_sweep(folder: Path | None = None, progress: bool = False, n_eval: int 
     stage = Path(tempfile.mkdtemp(prefix="sweep-"))
     target = Path(folder) if folder is not None else pretrained.WEIGHTS_DIR
     selections = []
-    for setting in SETTINGS:
-        candidates = {0: target} if setting in SWEEP_SHARED else {}
-        for k, spec in enumerate(sweep_runs(setting)):
+    for n_layers, setting in ((n, s) for n in sorted(depths) for s in SETTINGS):
+        candidates = {0: target} if (setting, n_layers) in SWEEP_SHARED else {}
+        for k, spec in enumerate(sweep_runs(setting, n_layers)):
             if k in candidates:
                 continue
             try:
@@ -1123,7 +1207,9 @@ def write_sweep(folder: Path | None = None, progress: bool = False, n_eval: int 
                 record["retried"] = {"lr": spec.lr, "diverged": str(error).split(". Try")[0]}
                 pretrained.save(spec.name, model, record, folder=stage / "0")
             candidates[k] = stage / str(k)
-        selections.append(choose_sweep_run(setting, candidates, folder, n_eval))
+        selections.append(choose_sweep_run(setting, candidates, folder, n_eval, n_layers))
+        if progress:
+            print(f"DIAG-{n_layers}L on {setting}: run {selections[-1]['chosen']} chosen", flush=True)
     return selections
 
 
@@ -1141,10 +1227,11 @@ def _sweep_candidate(spec: ModelSpec, source, validation) -> dict:
     return entry
 
 
-def choose_sweep_run(setting: str, candidates: dict, folder: Path | None = None, n_eval: int = 50_000) -> dict:
-    """Score the two runs of ``setting`` on validation sequences and ship the column's model.
+def choose_sweep_run(setting: str, candidates: dict, folder: Path | None = None, n_eval: int = 50_000,
+                     n_layers: int = 4) -> dict:
+    """Score the two runs of DIAG-``n_layers``L on ``setting`` on validation sequences and ship the column's model.
 
-    ``candidates`` maps run ``0``/``1`` to the folder holding its weights (under ``sweep_runs(setting)[k]``'s
+    ``candidates`` maps run ``0``/``1`` to the folder holding its weights (under ``sweep_runs(setting, n_layers)[k]``'s
     name, run 1 of a shared column possibly without its tag) or to a record of its numbers. The lower
     validation score is chosen (a tie: run 0). The chosen run of a column outside :data:`SWEEP_SHARED` is
     written under its plain name; for a shared column run 1 is written as ``-clamped`` whichever is chosen
@@ -1153,7 +1240,7 @@ def choose_sweep_run(setting: str, candidates: dict, folder: Path | None = None,
     import shutil
 
     validation = make_task(setting).sample(n_eval, generator(EVAL_SEED + 600))
-    specs = sweep_runs(setting)
+    specs = sweep_runs(setting, n_layers)
     runs = {}
     for k, source in sorted(candidates.items()):
         spec = specs[k]
@@ -1166,11 +1253,11 @@ def choose_sweep_run(setting: str, candidates: dict, folder: Path | None = None,
     scores = {int(k): r["validation"] for k, r in runs.items() if "validation" in r}
     chosen = min(scores, key=lambda k: (scores[k], k))
     selection = {
-        "rule": SWEEP_RULE, "runs": runs, "chosen": chosen, "better": "lower",
+        "rule": sweep_rule(n_layers), "runs": runs, "chosen": chosen, "better": "lower",
         "validation": {"generator": EVAL_SEED + 600, "n_eval": n_eval}, "test": {"generator": EVAL_SEED + 7},
     }
     target = Path(folder) if folder is not None else pretrained.WEIGHTS_DIR
-    keep = 1 if setting in SWEEP_SHARED else chosen  # the file that ships for the sweep
+    keep = 1 if (setting, n_layers) in SWEEP_SHARED and len(specs) > 1 else chosen  # the file that ships
     source, name = candidates[keep], specs[keep].name
     if isinstance(source, dict):
         raise ValueError(f"run {keep} of {setting} must ship, but candidates gives no weights for it")
@@ -1179,7 +1266,7 @@ def choose_sweep_run(setting: str, candidates: dict, folder: Path | None = None,
             (target / f"{name}{suffix}").parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(Path(source) / f"{name}{suffix}", target / f"{name}{suffix}")
     pretrained.set_selection(name, selection, folder)
-    return {"setting": setting, **selection}
+    return {"setting": setting, "n_layers": n_layers, **selection}
 
 
 def write_full4l(folder: Path | None = None, n_eval: int = 50_000, progress: bool = False) -> dict:
@@ -1238,9 +1325,10 @@ if __name__ == "__main__":  # same as: icl-course reproduce mixed-noise --write-
             print(write_seed_set(base, DEEP_SEEDS, target, progress=True), flush=True)
     elif sys.argv[1] == "--write-full4l":  # FULL-4L's recipes, the best on validation shipped
         print(write_full4l(target))
-    elif sys.argv[1] == "--write-sweep":  # DIAG-4L's two runs on every column of Table 1, chosen on validation
+    elif sys.argv[1] == "--write-sweep":  # DIAG-1L..4L's two runs on every column of Table 1, chosen on validation
         for selection in write_sweep(target, progress=True):
-            print(selection["setting"], "chosen:", selection["chosen"], selection["runs"], flush=True)
+            print(selection["n_layers"], selection["setting"], "chosen:", selection["chosen"], selection["runs"],
+                  flush=True)
     else:
         for record in write_weights(target):
             print(record["method"], record["setting"], record["metrics"])
