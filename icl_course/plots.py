@@ -83,6 +83,20 @@ def matrices(named: dict[str, torch.Tensor], symmetric: bool = True, ncols: int 
     return fig
 
 
+def recolour(fig, colours: dict[str, str]):
+    """Give every line (and its legend entry) whose label starts with a key of ``colours`` that colour."""
+    for ax in fig.axes:
+        legend = ax.get_legend()
+        pairs = [(line, line.get_label()) for line in ax.lines]
+        if legend is not None:
+            pairs += [(h, t.get_text()) for h, t in zip(legend.legend_handles, legend.get_texts())]
+        for artist, label in pairs:
+            colour = next((c for key, c in colours.items() if label.startswith(key)), None)
+            if colour is not None and hasattr(artist, "set_color"):
+                artist.set_color(colour)
+    return fig
+
+
 def token_matrix(Z: torch.Tensor, after: torch.Tensor | None = None):
     """One sequence's token matrix ``Z`` (``(n+1, d+1)``: a row per token, the query last, the y-slots in
     the last column) as a table of numbers; with ``after``, the same tokens after a layer beside it."""

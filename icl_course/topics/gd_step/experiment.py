@@ -39,7 +39,7 @@ from icl_course.solvers import GradientDescent, tune_step_size
 from icl_course.tasks import RegressionTask, Uniform, generator
 from icl_course.training import History, TrainConfig, train
 
-from .recurrent import COLOURS, RecurrentConfig, RecurrentResult, recolour, run_recurrent
+from .recurrent import COLOURS, RecurrentConfig, RecurrentResult, run_recurrent
 from .softmax import SoftmaxConfig, run_softmax
 
 __all__ = ["GDStepConfig", "GDStepResult", "CONFIGS", "run", "best_one_step", "train_lsa", "out_of_distribution",
@@ -111,7 +111,7 @@ class GDStepResult:
             extra["recurrent"] = self.recurrent.figure(one_layer if self.config.n_ctx == 10 else None)
         return {
             **extra,
-            "loss_curve": recolour(
+            "loss_curve": plots.recolour(
                 plots.loss_curve(self.history, {"best one-step GD": self.metrics["best_gd_loss"]}),
                 {"training loss": COLOURS["trained LSA"], "best one-step GD": COLOURS["GD"]},
             ),
@@ -134,7 +134,7 @@ class GDStepResult:
     def step_size_figure(self, eta: float | None = None):
         """Held-out loss of one GD step against its step size, with the trained layer's loss (and ``eta``)."""
         fig = plots.step_size(self.eta_grid, self.gd_losses, self.gd.eta, self.metrics["lsa_loss"], eta=eta)
-        return recolour(fig, {"one GD step": COLOURS["GD"], "best eta": COLOURS["GD"],
+        return plots.recolour(fig, {"one GD step": COLOURS["GD"], "best eta": COLOURS["GD"],
                               "trained LSA": COLOURS["trained LSA"]})
 
     def out_of_distribution_figure(self):

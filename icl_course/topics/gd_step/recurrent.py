@@ -58,18 +58,6 @@ PAPER_GAMMA = {10: 0.179, 25: 0.099, 50: 0.056, 100: 0.029}  # von Oswald et al.
 COLOURS = {"trained LSA": "C0", "GD": "C1", "GD++": "C2", "softmax": "C4", "predicting 0": "0.5"}
 
 
-def recolour(fig, colours: dict[str, str]):
-    """Give every line (and its legend entry) whose label starts with a key of ``colours`` that colour."""
-    for ax in fig.axes:
-        legend = ax.get_legend()
-        pairs = [(line, line.get_label()) for line in ax.lines]
-        if legend is not None:
-            pairs += [(h, t.get_text()) for h, t in zip(legend.legend_handles, legend.get_texts())]
-        for artist, label in pairs:
-            colour = next((c for key, c in colours.items() if label.startswith(key)), None)
-            if colour is not None and hasattr(artist, "set_color"):
-                artist.set_color(colour)
-    return fig
 D, INPUT_RANGE = 10, 0.5  # the chapter's task: d = 10, x ~ U(-0.5, 0.5)^d, w ~ N(0, I), no noise
 
 # Adam on fresh tasks with a cosine decay: a constant rate leaves the two-loop model's loss noisy

@@ -259,7 +259,7 @@ class PreconditioningResult:
         k = len(self.spectra["eigenvalues"]) - 1
         colour = COLOURS
         figures = {
-            "loss_curve": _recolour(
+            "loss_curve": plots.recolour(
                 plots.loss_curve(
                     self.histories[1], {r"$\Gamma^*$ (closed form)": m["gamma_star_loss"]},
                     title="one-layer model: training loss",
@@ -450,20 +450,6 @@ def _first(batch, k: int):
 
 def _ratio(a, b) -> list[float]:
     return [x / y for x, y in zip(a, b)]
-
-
-def _recolour(fig, colours: dict[str, str]):
-    """Give every line (and its legend entry) whose label starts with a key of ``colours`` that colour."""
-    for ax in fig.axes:
-        legend = ax.get_legend()
-        pairs = [(line, line.get_label()) for line in ax.lines]
-        if legend is not None:
-            pairs += [(h, t.get_text()) for h, t in zip(legend.legend_handles, legend.get_texts())]
-        for artist, label in pairs:
-            colour = next((c for key, c in colours.items() if label.startswith(key)), None)
-            if colour is not None and hasattr(artist, "set_color"):
-                artist.set_color(colour)
-    return fig
 
 
 def _shared_colour_scale(fig):
