@@ -198,7 +198,16 @@ def test_resume_continues_an_interrupted_run_and_gives_the_same_numbers(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["resumed", "straight"]  # checkpoints removed
 
 
-def test_a_signal_during_the_swap_waits_until_the_new_run_is_in_place(tmp_path, monkeypatch):
+@pytest.fixture
+def sigint_as_in_a_terminal():
+    """Ctrl-C raises KeyboardInterrupt, as in a terminal; a shell's background job starts with SIGINT
+    ignored, and an ignored signal stays ignored after the swap re-delivers it (as it should)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_a_signal_during_the_swap_waits_until_the_new_run_is_in_place(tmp_path, monkeypatch, sigint_as_in_a_terminal):
     out = old_run(tmp_path / "run")
     real_rename = os.rename
 
