@@ -32,7 +32,7 @@ from .models import SequenceModel
 
 __all__ = ["AssociativeRecallTask", "RecallBatch", "MIXERS", "MODEL", "TRAIN", "LRS", "SEEDS", "EVAL_PAIRS",
            "make_model", "accuracy_by_pairs", "train_model", "write_weights", "model_name", "shipped",
-           "recall_figure", "COMMAND"]
+           "recall_figure", "COMMAND", "LONG", "long_name", "write_long", "RETRY_FACTOR"]
 
 
 @dataclass(frozen=True)
