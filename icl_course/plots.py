@@ -107,8 +107,9 @@ def token_matrix(Z: torch.Tensor, after: torch.Tensor | None = None):
         n1, d1 = m.shape
         vmax = float(m.abs().max()) or 1.0
         ax.imshow(m.numpy(), cmap="RdBu_r", vmin=-vmax, vmax=vmax)
-        for (i, j), v in zip(((i, j) for i in range(n1) for j in range(d1)), m.flatten().tolist()):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
+        for i in range(n1):
+            for j in range(d1):
+                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7)
         ax.add_patch(plt.Rectangle((d1 - 1.5, -0.5), 1, n1, fill=False, lw=2, ec="k"))  # the y-slots
         ax.set_xticks(range(d1), [f"$x^{{({j + 1})}}$" for j in range(d1 - 1)] + ["$y$"])
         ax.set_yticks(range(n1), [f"$e_{{{i + 1}}}$" for i in range(n1 - 1)] + ["query"])

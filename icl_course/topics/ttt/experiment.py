@@ -513,8 +513,7 @@ def run(profile: str | None = None, progress: bool = False, config: TTTConfig | 
     ridge_last = mean_last(errors["ridge"])
     shipped = _shipped(task, held_out.to("cpu"), last) if config.shipped else {}
     costs = mixer_costs(config.cost_lengths, config.timing_features, config.timing_heads, config.cost_repeats, device)
-    recalled = recall.shipped(n=config.recall_eval) if config.recall_eval else {"accuracy": {}, "se": {}, "lr": {},
-                                                                                 "retried": {}}
+    recalled = recall.shipped(n=config.recall_eval)
 
     metrics = {
         "linear_attention_equivalence_max_abs_err": max(identities["full_batch_step_equivalence_max_abs_err"],

@@ -256,9 +256,12 @@ def write_long(folder=None, progress: bool = False, seeds=SEEDS) -> dict:
 def shipped(pairs=EVAL_PAIRS, n: int = N_EVAL, folder=None) -> dict:
     """The shipped recall models measured afresh on the test sequences: ``{"accuracy": {mixer: {n_pairs:
     [per seed]}}, "se": {mixer: {n_pairs: [per seed]}}, "lr": {mixer: lr}, "retried": {mixer: [seeds]}}``
-    (mixers with no weights left out; ``"ttt-mlp-long"``: TTT-MLP with :data:`LONG`'s budget)."""
-    names = set(pretrained.available("ttt/", folder))
+    (mixers with no weights left out, and all empty for ``n = 0``; ``"ttt-mlp-long"``: TTT-MLP with
+    :data:`LONG`'s budget)."""
     out = {"accuracy": {}, "se": {}, "lr": {}, "retried": {}}
+    if not n:  # nothing to measure on
+        return out
+    names = set(pretrained.available("ttt/", folder))
     runs = {mixer: (lambda s, m=mixer: model_name(m, s)) for mixer in MIXERS} | {"ttt-mlp-long": long_name}
     for mixer, name in runs.items():
         seeds = [s for s in SEEDS if name(s) in names]
