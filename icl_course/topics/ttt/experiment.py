@@ -589,6 +589,29 @@ def sweep_name(b: int, seed: int) -> str:
     return f"ttt/ttt-linear-b{b}-seed{seed}"
 
 
+def _ship(name, model, history, task, held_out, last, config, mini_batch, lr, seed, selection, command,
+          folder, **extra) -> float:
+    """Save a model trained on the quick task with its provenance record: its last-quarter error on the
+    chapter's held-out sequences, the settings it was trained with and how it was chosen (``extra``: more
+    fields). Returns that error."""
+    import platform
+
+    squared = task.squared_errors(model, held_out)[:, last].mean(1)  # (B,)
+    record = {
+        "task": asdict(task), **extra,
+        "config": {"width": config.width, "n_layers": config.n_layers, "n_heads": config.n_heads,
+                   "mini_batch": mini_batch},
+        "train_config": {**asdict(config.train), "lr": lr}, "seed": seed,
+        "train_seconds": history.seconds, "final_train_loss": history.losses[-1],
+        "metrics": {"icl_error": squared.mean().item(), "icl_error_se": standard_error(squared)},
+        "eval": {"n_eval": config.n_eval, "generator": config.seed + 2, "positions": "last quarter"},
+        "selection": selection, "command": command,
+        "torch": torch.__version__, "platform": platform.platform(),
+    }
+    pretrained.save(name, model, record, folder=folder)
+    return record["metrics"]["icl_error"]
+
+
 def train_mini_batch_sweep(folder=None, progress: bool = False, mini_batches=SWEEP_MINI_BATCHES,
                            seeds=SWEEP_SEEDS) -> dict:
     """Train TTT-Linear at every ``b`` of ``mini_batches`` on the ``quick`` task and budget, and save it.
@@ -598,8 +621,6 @@ def train_mini_batch_sweep(folder=None, progress: bool = False, mini_batches=SWE
     trained at that rate. Each model is scored on the chapter's held-out sequences (generator
     ``seed + 2``). ``folder=None`` writes into the package. Returns ``{b: [error per seed]}``.
     """
-    import platform
-
     config = CONFIGS["quick"]
     device = torch.device("cpu")
     task = SequenceRegressionTask(config.d, config.n_points, config.noise)
@@ -624,21 +645,11 @@ def train_mini_batch_sweep(folder=None, progress: bool = False, mini_batches=SWE
                 model, history = tried[chosen][2], tried[chosen][3]
             else:
                 model, history = _train(config, task, "ttt-linear", b, lr, seed, f"b={b} seed {seed}", device, progress)
-            squared = task.squared_errors(model, held_out)[:, last].mean(1)  # (B,)
-            record = {
-                "task": asdict(task), "config": {"width": config.width, "n_layers": config.n_layers,
-                                                 "n_heads": config.n_heads, "mini_batch": b},
-                "train_config": {**asdict(config.train), "lr": lr}, "seed": seed,
-                "train_seconds": history.seconds, "final_train_loss": history.losses[-1],
-                "metrics": {"icl_error": squared.mean().item(), "icl_error_se": standard_error(squared)},
-                "eval": {"n_eval": config.n_eval, "generator": config.seed + 2, "positions": "last quarter"},
-                "selection": selection, "command": SWEEP_COMMAND,
-                "torch": torch.__version__, "platform": platform.platform(),
-            }
-            pretrained.save(sweep_name(b, seed), model, record, folder=folder)
-            out.setdefault(b, []).append(record["metrics"]["icl_error"])
+            error = _ship(sweep_name(b, seed), model, history, task, held_out, last, config, b, lr, seed,
+                          selection, SWEEP_COMMAND, folder)
+            out.setdefault(b, []).append(error)
             if progress:
-                print(f"b={b} seed {seed} lr {lr:g}: {record['metrics']['icl_error']:.4f}", flush=True)
+                print(f"b={b} seed {seed} lr {lr:g}: {error:.4f}", flush=True)
     return out
 
 
@@ -664,8 +675,6 @@ def knob_name(knob: str, seed: int) -> str:
 def train_knobs(folder=None, progress: bool = False, knobs=tuple(KNOBS), seeds=SWEEP_SEEDS) -> dict:
     """Train every knob of :data:`KNOBS` at ``seeds`` on the quick task and budget, at the outer learning
     rate chosen for the b = 16 sweep model (nothing chosen here), and save it. Returns ``{knob: [errors]}``."""
-    import platform
-
     config = CONFIGS["quick"]
     device = torch.device("cpu")
     task = SequenceRegressionTask(config.d, config.n_points, config.noise)
@@ -678,23 +687,13 @@ def train_knobs(folder=None, progress: bool = False, knobs=tuple(KNOBS), seeds=S
         for seed in seeds:
             model, history = _train(config, task, mixer, config.mini_batch, lr, seed, f"{knob} seed {seed}", device,
                                     progress, **kwargs)
-            squared = task.squared_errors(model, held_out)[:, last].mean(1)  # (B,)
-            record = {
-                "task": asdict(task), "knob": knob, "mixer": mixer, "mixer_kwargs": kwargs,
-                "config": {"width": config.width, "n_layers": config.n_layers, "n_heads": config.n_heads,
-                           "mini_batch": config.mini_batch},
-                "train_config": {**asdict(config.train), "lr": lr}, "seed": seed,
-                "lr_from": f"the validation choice of {sweep_name(config.mini_batch, seeds[0])}",
-                "train_seconds": history.seconds, "final_train_loss": history.losses[-1],
-                "metrics": {"icl_error": squared.mean().item(), "icl_error_se": standard_error(squared)},
-                "eval": {"n_eval": config.n_eval, "generator": config.seed + 2, "positions": "last quarter"},
-                "selection": pretrained.one_run(seed), "command": KNOBS_COMMAND,
-                "torch": torch.__version__, "platform": platform.platform(),
-            }
-            pretrained.save(knob_name(knob, seed), model, record, folder=folder)
-            out.setdefault(knob, []).append(record["metrics"]["icl_error"])
+            error = _ship(knob_name(knob, seed), model, history, task, held_out, last, config, config.mini_batch,
+                          lr, seed, pretrained.one_run(seed), KNOBS_COMMAND, folder, knob=knob, mixer=mixer,
+                          mixer_kwargs=kwargs,
+                          lr_from=f"the validation choice of {sweep_name(config.mini_batch, seeds[0])}")
+            out.setdefault(knob, []).append(error)
             if progress:
-                print(f"{knob} seed {seed}: {record['metrics']['icl_error']:.4f}", flush=True)
+                print(f"{knob} seed {seed}: {error:.4f}", flush=True)
     return out
 
 
