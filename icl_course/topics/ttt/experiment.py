@@ -377,7 +377,7 @@ def _gap_figure(positions, curves_by_seed, ridge, last_n):
     fig, (ax,) = plots.figure(width=6.0, height=3.8)
     for name, curves in curves_by_seed.items():
         c = torch.tensor(curves)  # (seeds, n)
-        (line,) = ax.plot(positions, c.mean(0), label=f"{name} ({len(curves)} seeds)")
+        (line,) = ax.plot(positions, c.mean(0), color=MIXER_COLORS.get(name), label=f"{name} ({len(curves)} seeds)")
         if len(curves) > 1:
             ax.fill_between(positions, c.min(0).values, c.max(0).values, color=line.get_color(), alpha=0.15)
     ax.plot(positions, ridge, "k--", label="ridge (Bayes optimal)")
