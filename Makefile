@@ -40,9 +40,10 @@ test: $(VENV)/.test-installed
 margins: $(VENV)/.test-installed
 	$(BIN)/python tests/margins.py $(MARGINS)
 
-## Regenerate the student versions of the exercises from their solution sources.
+## Regenerate the student versions of the exercises and their book pages from their solution sources.
 exercises: $(VENV)/.test-installed
 	$(BIN)/python -m icl_course.course.notebooks student exercises/solutions exercises
+	$(BIN)/python -m icl_course.course.notebooks book exercises/solutions exercises/book
 
 ## Measure every chapter's run time in the quick profile (or PROFILE=full on a GPU) into timings.json;
 ## CHAPTERS="05_ttt 06_looped" measures only those and keeps the others' times.

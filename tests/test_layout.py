@@ -50,7 +50,7 @@ def test_the_registry_is_the_book_the_folders_and_the_command_line():
     toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
     files = [ch["file"] for part in toc["parts"] for ch in part["chapters"]]
     assert [f for f in files if f.startswith("chapters/")] == [f"chapters/{t.stem}" for t in topics.TOPICS]
-    assert [f for f in files if f.startswith("exercises/")] == [f"exercises/{t.stem}" for t in topics.TOPICS]
+    assert [f for f in files if f.startswith("exercises/")] == [f"exercises/book/{t.stem}" for t in topics.TOPICS]
     assert [t.number for t in topics.TOPICS] == list(range(1, len(topics.TOPICS) + 1))
     folders = sorted(p.name for p in (PACKAGE / "topics").iterdir() if (p / "__init__.py").exists())
     assert folders == sorted(t.name for t in topics.TOPICS)

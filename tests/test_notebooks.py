@@ -42,9 +42,11 @@ def test_colab_header_comes_from_the_one_repository_url(path):
 def test_every_chapter_and_exercise_is_in_the_book():
     toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
     files = {ch["file"] for part in toc["parts"] for ch in part["chapters"]}
-    for path in ALL:
-        if not path.startswith("exercises/solutions/"):
+    for path in ALL:  # the book shows each exercise notebook as its page with folded solutions
+        if path.startswith(("chapters/", "exercises/book/")):
             assert path.removesuffix(".ipynb") in files, f"{path} is not in _toc.yml"
+        else:
+            assert path.removesuffix(".ipynb") not in files, f"{path} is a handout or a source, not a page"
     for f in files:
         assert any((ROOT / f"{f}{ext}").exists() for ext in (".ipynb", ".md")), f"_toc.yml names missing {f}"
 
@@ -58,6 +60,23 @@ def test_student_version_is_in_sync_and_holds_no_solution(source):
     assert notebooks.has_solution(notebooks.read(source))
     assert not notebooks.has_solution(committed)
     assert "NotImplementedError" in json.dumps(committed)
+
+
+@pytest.mark.parametrize("source", SOLUTIONS, ids=lambda p: p.name)
+def test_book_page_is_in_sync_and_folds_every_solution(source):
+    nb = notebooks.read(source)
+    page_path = f"exercises/book/{source.name}"
+    expected = notebooks.stamp_header(notebooks.book_version(nb, source.name, URL), page_path, URL)
+    page = notebooks.read(ROOT / page_path)
+    assert page == expected, "regenerate the book pages with `make exercises`"
+    assert not notebooks.has_solution(page), "a solution marker is left on the page"
+    solved = [c for c in code_cells(nb) if notebooks.BEGIN in notebooks.cell_source(c)]
+    folded = [c for c in code_cells(page) if "hide-input" in c["metadata"].get("tags", [])
+              and c["metadata"]["mystnb"]["code_prompt_show"] == "Show a solution"]
+    assert len(folded) == len(solved) > 0
+    answers = json.dumps(nb).count(notebooks.MD_BEGIN)
+    assert json.dumps(page).count("<summary>A possible answer</summary>") == answers
+    assert f"blob/main/exercises/{source.name}" in notebooks.cell_source(page["cells"][0]), "the badge opens the handout"
 
 
 def run_code_cells(nb, monkeypatch, log, strict):

@@ -13,12 +13,18 @@ and written answers between ``<!-- BEGIN SOLUTION -->`` and ``<!-- END SOLUTION 
 the block's indentation, or a prompt in markdown) and drops every output, so the student version
 runs top to bottom and every check reports "not implemented".
 
+**Three versions, one source.** ``exercises/NN_*.ipynb`` is the student version (Colab, handouts).
+``exercises/book/NN_*.ipynb`` is the book's page for self-learners (:func:`book_version`): each
+solution folded under "Show a solution" after the starting code the student gets, each written answer
+folded under "A possible answer". ``exercises/solutions/`` is the source and the instructor's copy.
+
 **One repository URL.** ``_config.yml`` (``repository.url``) holds it; every notebook starts with
 an Open-in-Colab badge and an install cell made from it by :func:`colab_header`.
 
 Command line (``make exercises`` runs the first)::
 
     python -m icl_course.course.notebooks student exercises/solutions exercises
+    python -m icl_course.course.notebooks book exercises/solutions exercises/book
     python -m icl_course.course.notebooks header chapters exercises/solutions
 """
 
@@ -33,7 +39,7 @@ from pathlib import Path
 from icl_course import topics
 
 __all__ = [
-    "student_version", "has_solution", "colab_header", "stamp_header", "read", "write", "repository_url",
+    "student_version", "book_version", "has_solution", "colab_header", "stamp_header", "read", "write", "repository_url",
     "exercise_sources", "resolve_exercise", "assign",
 ]
 
@@ -94,6 +100,53 @@ def student_version(nb: dict) -> dict:
     return nb
 
 
+BOOK_NOTE = """```{{tip}}
+This page shows the exercises **with their solutions folded away**: each exercise shows the code you
+start from, then *Show a solution* and the check's verdict on it. Try each one before unfolding it. To
+work on them, open the [student version in Colab]({colab}) (or the badge above), or download
+`exercises/{name}` from the repository.
+```"""
+
+
+def _without_markers(text: str, begin: str, end: str) -> str:
+    return "".join(line for line in text.splitlines(keepends=True) if line.strip() not in (begin, end))
+
+
+def _fold_answers(text: str) -> str:
+    """Written answers between the markdown markers, folded in an HTML ``<details>`` block."""
+    opened = "<details><summary>A possible answer</summary>\n\n"
+    return text.replace(MD_BEGIN, opened).replace(MD_END, "\n</details>")
+
+
+def book_version(nb: dict, name: str, url: str) -> dict:
+    """The book's page of an exercise notebook ``name`` (e.g. ``"01_gd_step.ipynb"``): the starting code
+    of each exercise shown as code, its solution in a folded cell that runs (so the page shows the
+    check's verdict), written answers folded; links one folder deeper."""
+    nb = copy.deepcopy(nb)
+    cells = []
+    for cell in nb["cells"]:
+        text = cell_source(cell)
+        if cell["cell_type"] == "markdown":
+            text = _fold_answers(text).replace("](../", "](../../")
+            _set_source(cell, text)
+        elif BEGIN in text:
+            start = _replace_blocks(text, BEGIN, END, STUB, code=True)
+            cells.append({"cell_type": "markdown", "id": f"{cell['id']}-start"[:64], "metadata": {},
+                          "source": f"```python\n{start.rstrip()}\n```".splitlines(keepends=True)})
+            _set_source(cell, _without_markers(text, BEGIN, END))
+            meta = cell.setdefault("metadata", {})
+            meta["tags"] = [*meta.get("tags", []), "hide-input"]
+            meta["mystnb"] = {"code_prompt_show": "Show a solution", "code_prompt_hide": "Hide the solution"}
+        cell.get("metadata", {}).pop("solution", None)
+        cells.append(cell)
+        if cell["cell_type"] == "markdown" and cell_source(cell).startswith("# "):  # after the title
+            colab = f"https://colab.research.google.com/github/{_github(url)}/blob/main/exercises/{name}"
+            cells.append({"cell_type": "markdown", "id": "book-note", "metadata": {},
+                          "source": BOOK_NOTE.format(colab=colab, name=name).splitlines(keepends=True)})
+    nb["cells"] = cells
+    return nb
+
+
 def has_solution(nb: dict) -> bool:
     """Whether any solution marker is left anywhere in the notebook (sources or metadata)."""
     blob = json.dumps(nb)
@@ -109,12 +162,17 @@ def repository_url(config_path="_config.yml") -> str:
     return match.group(1).strip("\"'")
 
 
+def _github(url: str) -> str:
+    return url.removeprefix("https://github.com/").rstrip("/")
+
+
 def colab_header(relpath: str, url: str) -> list[dict]:
-    """The two first cells of a notebook at ``relpath`` (relative to the repository root)."""
-    github = url.removeprefix("https://github.com/").rstrip("/")
+    """The two first cells of a notebook at ``relpath`` (relative to the repository root). The badge of
+    an exercise's book page opens its student version: Colab is where students work."""
+    relpath = relpath.replace("exercises/book/", "exercises/")
     badge = (
         f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
-        f"(https://colab.research.google.com/github/{github}/blob/main/{relpath})"
+        f"(https://colab.research.google.com/github/{_github(url)}/blob/main/{relpath})"
     )
     install = (
         "# Installs the course package on Colab (or anywhere it is missing); does nothing otherwise.\n"
@@ -205,7 +263,7 @@ def assign(chapters: list[str], out: Path, root: Path | None = None) -> list[Pat
 
 
 def _main(argv: list[str]) -> int:
-    if len(argv) < 2 or argv[0] not in ("student", "header"):
+    if len(argv) < 2 or argv[0] not in ("student", "book", "header"):
         print(__doc__.split("Command line")[1], file=sys.stderr)
         return 2
     url = repository_url()
@@ -215,6 +273,13 @@ def _main(argv: list[str]) -> int:
             out = dst / path.name
             nb = student_version(read(path))
             write(stamp_header(nb, out.as_posix(), url), out)
+            print(f"wrote {out}")
+    elif argv[0] == "book":
+        src, dst = Path(argv[1]), Path(argv[2])
+        dst.mkdir(parents=True, exist_ok=True)
+        for path in sorted(src.glob("*.ipynb")):
+            out = dst / path.name
+            write(stamp_header(book_version(read(path), path.name, url), out.as_posix(), url), out)
             print(f"wrote {out}")
     else:
         for folder in argv[1:]:

@@ -3,7 +3,8 @@
 A topic folder holds the chapter's own models and algorithms, ``experiment.py`` (its experiment:
 ``CONFIGS`` per profile and ``run(profile=None, progress=False)``, shared by the notebook, the
 command line and the tests) and ``checks.py`` (its exercises' checks). The chapter notebook is
-``chapters/<stem>.ipynb`` and its exercises ``exercises/<stem>.ipynb``, where ``stem`` is the
+``chapters/<stem>.ipynb`` and its exercises ``exercises/<stem>.ipynb`` (the book shows
+``exercises/book/<stem>.ipynb``), where ``stem`` is the
 number and the folder's name (``03_mixed_noise``).
 
 ``TOPICS`` below is the one list of chapters: the command line's topic names, the landing page's
