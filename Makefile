@@ -26,7 +26,7 @@ $(VENV)/.test-installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet -e ".[test]"
 	touch $@
 
-## Execute every notebook (automatic profile: quick on CPU, full on CUDA) and build _build/html.
+## Execute every notebook (automatic profile: quick, on CUDA when there is one) and build _build/html.
 book: $(VENV)/.book-installed
 	$(BIN)/jupyter-book build . --warningiserror --keep-going
 

@@ -28,7 +28,9 @@ def test_profile_resolution(monkeypatch):
     assert icl.get_profile() == "smoke"
     assert icl.get_profile("quick") == "quick"
     monkeypatch.setenv("ICL_COURSE_PROFILE", "auto")
-    assert icl.get_profile() == ("full" if torch.cuda.is_available() else "quick")
+    assert icl.get_profile() == "quick"  # on every device: `full` is opt-in
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert icl.get_profile() == "quick"
     monkeypatch.setenv("ICL_COURSE_PROFILE", "huge")
     with pytest.raises(ValueError, match="ICL_COURSE_PROFILE"):
         icl.get_profile()
