@@ -11,6 +11,8 @@ import pytest
 import torch
 import yaml
 
+import icl_course as icl
+
 from icl_course import checking as checks
 from icl_course.course import notebooks
 
@@ -37,6 +39,16 @@ def test_colab_header_comes_from_the_one_repository_url(path):
     assert nb["cells"][:2] == notebooks.colab_header(path, URL), (
         f"{path}: run `python -m icl_course.course.notebooks header {Path(path).parent}`"
     )
+
+
+@pytest.mark.parametrize("path", ALL)
+def test_badge_and_install_cell_are_pinned_to_the_release_of_pyproject(path):
+    version = next(ln for ln in (ROOT / "pyproject.toml").read_text().splitlines() if ln.startswith("version"))
+    version = version.split("=")[1].strip().strip('"')
+    assert icl.__version__ == version, "icl_course.__version__ and pyproject.toml disagree"
+    badge, install = (notebooks.cell_source(c) for c in notebooks.read(ROOT / path)["cells"][:2])
+    assert f"/blob/v{version}/" in badge and "/blob/main/" not in badge
+    assert f"icl-course[widgets] @ git+{URL}@v{version}" in install
 
 
 def test_every_chapter_and_exercise_is_in_the_book():
@@ -76,7 +88,7 @@ def test_book_page_is_in_sync_and_folds_every_solution(source):
     assert len(folded) == len(solved) > 0
     answers = json.dumps(nb).count(notebooks.MD_BEGIN)
     assert json.dumps(page).count("<summary>A possible answer</summary>") == answers
-    assert f"blob/main/exercises/{source.name}" in notebooks.cell_source(page["cells"][0]), "the badge opens the handout"
+    assert f"blob/{notebooks.release_ref()}/exercises/{source.name}" in notebooks.cell_source(page["cells"][0]), "the badge opens the handout"
 
 
 def run_code_cells(nb, monkeypatch, log, strict):

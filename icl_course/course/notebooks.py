@@ -18,8 +18,10 @@ runs top to bottom and every check reports "not implemented".
 solution folded under "Show a solution" after the starting code the student gets, each written answer
 folded under "A possible answer". ``exercises/solutions/`` is the source and the instructor's copy.
 
-**One repository URL.** ``_config.yml`` (``repository.url``) holds it; every notebook starts with
-an Open-in-Colab badge and an install cell made from it by :func:`colab_header`.
+**One repository URL, one release.** ``_config.yml`` (``repository.url``) holds the URL; every
+notebook starts with an Open-in-Colab badge and an install cell made from it by :func:`colab_header`,
+both pinned to the release tag of the package's version (``v`` + ``icl_course.__version__``), so the
+notebook Colab opens and the package it installs are the same release.
 
 Command line (``make exercises`` runs the first)::
 
@@ -36,6 +38,7 @@ import re
 import sys
 from pathlib import Path
 
+import icl_course
 from icl_course import topics
 
 __all__ = [
@@ -140,7 +143,7 @@ def book_version(nb: dict, name: str, url: str) -> dict:
         cell.get("metadata", {}).pop("solution", None)
         cells.append(cell)
         if cell["cell_type"] == "markdown" and cell_source(cell).startswith("# "):  # after the title
-            colab = f"https://colab.research.google.com/github/{_github(url)}/blob/main/exercises/{name}"
+            colab = f"https://colab.research.google.com/github/{_github(url)}/blob/{release_ref()}/exercises/{name}"
             cells.append({"cell_type": "markdown", "id": "book-note", "metadata": {},
                           "source": BOOK_NOTE.format(colab=colab, name=name).splitlines(keepends=True)})
     nb["cells"] = cells
@@ -162,6 +165,11 @@ def repository_url(config_path="_config.yml") -> str:
     return match.group(1).strip("\"'")
 
 
+def release_ref() -> str:
+    """The git tag of this version of the course (the README's release checklist makes it)."""
+    return f"v{icl_course.__version__}"
+
+
 def _github(url: str) -> str:
     return url.removeprefix("https://github.com/").rstrip("/")
 
@@ -169,16 +177,16 @@ def _github(url: str) -> str:
 def colab_header(relpath: str, url: str) -> list[dict]:
     """The two first cells of a notebook at ``relpath`` (relative to the repository root). The badge of
     an exercise's book page opens its student version: Colab is where students work."""
-    relpath = relpath.replace("exercises/book/", "exercises/")
+    relpath, ref = relpath.replace("exercises/book/", "exercises/"), release_ref()
     badge = (
         f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
-        f"(https://colab.research.google.com/github/{_github(url)}/blob/main/{relpath})"
+        f"(https://colab.research.google.com/github/{_github(url)}/blob/{ref}/{relpath})"
     )
     install = (
         "# Installs the course package on Colab (or anywhere it is missing); does nothing otherwise.\n"
         "import importlib.util, subprocess, sys\n"
         'if importlib.util.find_spec("icl_course") is None:\n'
-        f'    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "icl-course[widgets] @ git+{url}"])'
+        f'    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "icl-course[widgets] @ git+{url}@{ref}"])'
     )
     return [
         {"cell_type": "markdown", "id": "colab-badge", "metadata": {"tags": [HEADER_TAG]},
@@ -231,7 +239,7 @@ whether you have finished or not.
 4. When done: *File -> Download -> Download .ipynb*.
 
 ## Locally
-`pip install "icl-course[widgets] @ git+{url}"`, then open the notebook in Jupyter.
+`pip install "icl-course[widgets] @ git+{url}@{ref}"`, then open the notebook in Jupyter.
 
 ## Submitting
 Submit the `.ipynb` file, named after yourself (e.g. `ada_lovelace.ipynb`), as your instructor asks.
@@ -258,7 +266,7 @@ def assign(chapters: list[str], out: Path, root: Path | None = None) -> list[Pat
         write(source, out / "solutions" / f"{stem}.ipynb")
         written += [out / "student" / f"{stem}.ipynb", out / "solutions" / f"{stem}.ipynb"]
     readme = out / "student" / "README.md"
-    readme.write_text(STUDENT_README.format(chapters=", ".join(stems), url=url))
+    readme.write_text(STUDENT_README.format(chapters=", ".join(stems), url=url, ref=release_ref()))
     return [*written, readme]
 
 
