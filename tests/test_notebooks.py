@@ -167,3 +167,68 @@ def test_visible_code_fits_the_books_column(path):
     wide = [line for c in code_cells(nb) if not set(HIDDEN) & set(c["metadata"].get("tags", []))
             for line in "".join(c["source"]).splitlines() if len(line) > 95]
     assert not wide, f"{path}: lines over 95 characters:\n" + "\n".join(wide)
+
+
+# --- the scaffolding of every exercise: difficulty, time, why, two hints, a capstone -------------
+
+import re  # noqa: E402
+
+HEADING = re.compile(r"^## Exercise (\d+): \S")
+META = re.compile(r"^\*\*Difficulty\*\* (★☆☆|★★☆|★★★) · \*\*Time\*\* about (\d+) min · "
+                  r"\*\*Why it matters:\*\* [^\n]+\.$")
+HINT = re.compile(r"<details><summary>Hint (\d)</summary>\n\n(.+?)\n\n</details>", re.S)
+
+
+def markdown(cell) -> str:
+    return notebooks.cell_source(cell) if cell["cell_type"] == "markdown" else ""
+
+
+def exercise_cells(nb) -> list[int]:
+    return [i for i, c in enumerate(nb["cells"]) if HEADING.match(markdown(c))]
+
+
+@pytest.mark.parametrize("source", SOLUTIONS, ids=lambda p: p.name)
+def test_every_exercise_has_difficulty_time_why_and_two_hints(source):
+    nb = notebooks.read(source)
+    cells = exercise_cells(nb)
+    solved = [c for c in code_cells(nb) if notebooks.BEGIN in notebooks.cell_source(c)]
+    assert len(cells) == len(solved) >= 1, f"{source.name}: one '## Exercise K:' cell per exercise"
+    for k, i in enumerate(cells, start=1):
+        text = markdown(nb["cells"][i])
+        lines = [line for line in text.splitlines() if line.strip()]
+        assert HEADING.match(lines[0]).group(1) == str(k), f"{source.name}: exercises numbered 1, 2, ..."
+        assert META.match(lines[1]), f"{source.name}, exercise {k}: second line is\n{lines[1]}"
+        assert 5 <= int(META.match(lines[1]).group(2)) <= 60, f"{source.name}, exercise {k}: time"
+        hints = HINT.findall(text)
+        assert [h[0] for h in hints] == ["1", "2"], f"{source.name}, exercise {k}: two hint blocks"
+        assert text.count("<details>") == text.count("</details>") == 2
+        assert all(h[1].strip() and "<details>" not in h[1] for h in hints)
+        assert text.rstrip().endswith("</details>"), f"{source.name}, exercise {k}: hints close the statement"
+        assert notebooks.MD_BEGIN not in text, "students must see the hints: no solution marker around them"
+        outside = HINT.sub("", text)
+        assert not re.search(r"\bHint[.:*]", outside), f"{source.name}, exercise {k}: move the inline hint"
+        after = nb["cells"][i + 1]  # the code cell the student fills in comes right after the hints
+        assert after["cell_type"] == "code" and notebooks.BEGIN in notebooks.cell_source(after)
+        assert after is solved[k - 1]
+
+
+@pytest.mark.parametrize("source", SOLUTIONS, ids=lambda p: p.name)
+def test_the_intro_announces_the_scaffolding(source):
+    intro = next(markdown(c) for c in notebooks.read(source)["cells"] if markdown(c).startswith("# "))
+    assert "difficulty" in intro and "two hints" in intro and "click" in intro, source.name
+
+
+@pytest.mark.parametrize("source", SOLUTIONS, ids=lambda p: p.name)
+def test_the_last_section_is_a_capstone_with_an_answer_students_do_not_see(source):
+    nb = notebooks.read(source)
+    headed = [i for i, c in enumerate(nb["cells"]) if re.search(r"^## ", markdown(c), re.M)]
+    last = headed[-1]
+    text = "\n".join(notebooks.cell_source(c) for c in nb["cells"][last:] if c["cell_type"] == "markdown")
+    headings = re.findall(r"^## .*$", markdown(nb["cells"][last]), re.M)
+    assert headings[-1] == "## Going further", f"{source.name}: the last section is '## Going further'"
+    assert "no check" in " ".join(text.split()), f"{source.name}: say in the text that it has no check"
+    assert text.count(notebooks.MD_BEGIN) >= 1, f"{source.name}: a possible answer for self-learners"
+    assert re.search(r"\bmeasure", text, re.I) and re.search(r"\bexpect", text, re.I), source.name
+    student = notebooks.student_version(nb)
+    tail = "\n".join(notebooks.cell_source(c) for c in student["cells"][last:])
+    assert notebooks.MD_BEGIN not in tail and notebooks.MD_STUB in tail
