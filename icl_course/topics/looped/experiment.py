@@ -394,20 +394,27 @@ def runs_figure(metrics: dict, task: str):
     """Every shipped run against input length: the paper-style solvers' accuracy at T(n) loops and
     the clocks' fraction stopped at exactly T(n), one line per seed, the run chosen on validation bold."""
     runs = metrics["shipped_runs"][task]
-    fig, axes = plots.figure(ncols=len(runs), width=4.2, height=3.4)
+    fig, axes = plots.figure(ncols=len(runs), width=4.2, height=3.8)
     lo, hi = metrics["train_lengths"][task]
     labels = {"looped": "accuracy at T(n) loops", "clock": "fraction stopped at exactly T(n)"}
     for ax, (family, record) in zip(axes, runs.items()):
         ax.axvspan(lo - 0.5, hi + 0.5, color="0.85")
         ax.axvline(record["validation_length"], color="k", lw=0.8, ls=":")
-        for seed, per_length in record["test"].items():
+        for seed in sorted(record["test"], key=int):
+            per_length = record["test"][seed]
             lengths = sorted(int(n) for n in per_length)
             chosen = int(seed) == record["chosen"]
             ax.plot(lengths, [per_length[str(n)] for n in lengths], lw=2.2 if chosen else 1, alpha=1 if chosen else 0.6,
-                    label=f"seed {seed}" + (" (chosen)" if chosen else ""))
+                    color=f"C{int(seed) % 10}", label=f"seed {seed}")
         ax.set(xlabel="input length n", ylabel=labels.get(family, "accuracy"), ylim=(-0.03, 1.03),
-               title=f"{task}: shipped {family} runs (dotted: validation length)")
-        ax.legend(fontsize=7, loc="lower left")
+               title=f"{task}: shipped {family} runs")
+    # one colour per seed in every panel, so one legend below both (the bold line: the chosen run)
+    from matplotlib.lines import Line2D
+
+    seeds = sorted({int(s) for record in runs.values() for s in record["test"]})
+    handles = [Line2D([], [], color=f"C{s % 10}", lw=1.5) for s in seeds]
+    fig.legend(handles, [f"seed {s}" for s in seeds], fontsize=8, loc="outside lower center",
+               ncols=len(seeds))
     return fig
 
 
