@@ -331,12 +331,12 @@ def accuracy_by_loop(model: LoopedTransformer, batch, max_loops: int) -> list[fl
 
 def loops_figure(curves: dict[str, list[float]], steps: int, n: int):
     """Accuracy against the number of loops at one input length, T(n) marked."""
-    fig, (ax,) = plots.figure(width=6.4, height=3.4)
+    fig, (ax,) = plots.figure(width=6.4, height=4.0)
     for name, accs in curves.items():
         ax.plot(range(1, len(accs) + 1), accs, marker="o", ms=3, label=name)
     ax.axvline(steps, color="k", ls="--", lw=1, label=f"T(n) = {steps}")
     ax.set(xlabel="loops", ylabel="exact-answer accuracy", ylim=(-0.03, 1.03), title=f"input length n = {n}")
-    ax.legend(fontsize=8, loc="lower right")
+    fig.legend(fontsize=8, loc="outside lower center", ncols=2)  # below the axes, off the data
     return fig
 
 
@@ -352,23 +352,41 @@ def loss_figure(histories: dict, tasks) -> object:
     return fig
 
 
+# One colour per model across the chapter's figures (the loops figure's curves come in this order
+# too: this run's model, the shipped one, the fixed-point one), one line style per stopping rule;
+# shipped models get square markers.
+MODEL_COLOURS = {"looped": "C0", "shipped-looped": "C1", "looped-fp": "C2", "fixed-loop": "C3",
+                 "next-token": "C4", "pause-tokens": "C5"}
+RULE_STYLES = {"oracle": "-", "adaptive": ":", "batch": (0, (3, 1, 1, 1)), "stable": (0, (6, 2)),
+               "clock": "-."}
+
+
+def method_style(method: str) -> dict:
+    """``Axes.plot`` keywords for a method of ``metrics["accuracy"]``: colour by model, line by rule."""
+    shipped = method.startswith("shipped-")
+    name = method.removeprefix("shipped-")
+    rule = next((r for r in RULE_STYLES if name.endswith("-" + r)), None)
+    model = name[: -len(rule) - 1] if rule else name
+    colour = MODEL_COLOURS.get(("shipped-" if shipped else "") + model, MODEL_COLOURS.get(model, "0.5"))
+    return {"color": colour, "ls": RULE_STYLES[rule] if rule else "--", "marker": "s" if shipped else "o"}
+
+
 def accuracy_figure(metrics: dict, task: str, methods=None, length: int | None = None):
-    """Accuracy against input length, one curve per method, training lengths shaded."""
-    fig, (ax,) = plots.figure(width=6.4, height=3.8)
+    """Accuracy against input length, one curve per method, training lengths shaded; the legend sits
+    below the axes, off the data."""
+    fig, (ax,) = plots.figure(width=6.4, height=4.6)
     lo, hi = metrics["train_lengths"][task]
     ax.axvspan(lo - 0.5, hi + 0.5, color="0.85", label="training lengths")
-    styles = {"looped-oracle": "-", "looped-adaptive": ":", "looped-batch": ":", "looped-stable": ":", "looped-clock": "-.", "fixed-loop": "--",
-              "next-token": "--", "pause-tokens": "--"}
     for method, per_task in metrics["accuracy"].items():
         if task not in per_task or (methods is not None and method not in methods):
             continue
         lengths = sorted(int(n) for n in per_task[task])
-        ax.plot(lengths, [per_task[task][str(n)] for n in lengths], marker="o", ms=3,
-                ls=styles.get(method.replace("shipped-", "").replace("-fp", ""), "-"), label=method)
+        ax.plot(lengths, [per_task[task][str(n)] for n in lengths], ms=3, label=method,
+                **method_style(method))
     if length is not None:
         ax.axvline(length, color="k", lw=0.8)
     ax.set(xlabel="input length n", ylabel="exact-answer accuracy", ylim=(-0.03, 1.03), title=task)
-    ax.legend(fontsize=7, loc="lower left", ncols=2)
+    fig.legend(fontsize=7, loc="outside lower center", ncols=3)
     return fig
 
 
@@ -376,20 +394,27 @@ def runs_figure(metrics: dict, task: str):
     """Every shipped run against input length: the paper-style solvers' accuracy at T(n) loops and
     the clocks' fraction stopped at exactly T(n), one line per seed, the run chosen on validation bold."""
     runs = metrics["shipped_runs"][task]
-    fig, axes = plots.figure(ncols=len(runs), width=4.2, height=3.4)
+    fig, axes = plots.figure(ncols=len(runs), width=4.2, height=3.8)
     lo, hi = metrics["train_lengths"][task]
     labels = {"looped": "accuracy at T(n) loops", "clock": "fraction stopped at exactly T(n)"}
     for ax, (family, record) in zip(axes, runs.items()):
         ax.axvspan(lo - 0.5, hi + 0.5, color="0.85")
         ax.axvline(record["validation_length"], color="k", lw=0.8, ls=":")
-        for seed, per_length in record["test"].items():
+        for seed in sorted(record["test"], key=int):
+            per_length = record["test"][seed]
             lengths = sorted(int(n) for n in per_length)
             chosen = int(seed) == record["chosen"]
             ax.plot(lengths, [per_length[str(n)] for n in lengths], lw=2.2 if chosen else 1, alpha=1 if chosen else 0.6,
-                    label=f"seed {seed}" + (" (chosen)" if chosen else ""))
+                    color=f"C{int(seed) % 10}", label=f"seed {seed}")
         ax.set(xlabel="input length n", ylabel=labels.get(family, "accuracy"), ylim=(-0.03, 1.03),
-               title=f"{task}: shipped {family} runs (dotted: validation length)")
-        ax.legend(fontsize=7, loc="lower left")
+               title=f"{task}: shipped {family} runs")
+    # one colour per seed in every panel, so one legend below both (the bold line: the chosen run)
+    from matplotlib.lines import Line2D
+
+    seeds = sorted({int(s) for record in runs.values() for s in record["test"]})
+    handles = [Line2D([], [], color=f"C{s % 10}", lw=1.5) for s in seeds]
+    fig.legend(handles, [f"seed {s}" for s in seeds], fontsize=8, loc="outside lower center",
+               ncols=len(seeds))
     return fig
 
 

@@ -865,7 +865,7 @@ BASELINE_STYLE = {"ConstRR": {"ls": "--", "color": "0.4"}, "AdaRR": {"ls": ":", 
 
 def depth_figure(depth: dict, table: dict, setting: str = "U(0,5)"):
     """Adjusted loss against the number of layers, with the ridge baselines as horizontal lines."""
-    fig, (ax,) = plots.figure()
+    fig, (ax,) = plots.figure(width=7.2)
     for i, (name, by_depth) in enumerate(sorted(depth.items())):
         layers = sorted(by_depth)
         ax.plot(layers, [by_depth[k] for k in layers], marker="o", color=f"C{i}", label=f"{name} (ours)")
@@ -874,30 +874,39 @@ def depth_figure(depth: dict, table: dict, setting: str = "U(0,5)"):
     for method, style in BASELINE_STYLE.items():
         if setting in table.get(method, {}):
             ax.axhline(table[method][setting], label=f"{method} ({table[method][setting]:.3f})", **style)
-    ax.set(xlabel="layers", ylabel="adjusted 0.5·MSE", yscale="log", title=f"sigma ~ {setting}")
-    ax.legend(fontsize=8)
+    ax.set(xlabel="layers", ylabel="adjusted 0.5·MSE", yscale="log", title=rf"$\sigma \sim$ {setting}")
+    fig.legend(fontsize=8, loc="outside right center")  # beside the axes, off the data
     return fig
 
 
 def per_layer_figure(per_layer: dict, se: dict | None = None, setting: str = "U(0,5)"):
     """Adjusted loss of the prediction read out after each layer (one panel per parameterization, one
     curve per trained depth, ± 2 standard errors), beside the paper's Table 1 models trained at each depth
-    (dashed: a different model per point, not a read-out)."""
+    (dashed: a different model per point, not a read-out). Panels two to a row; one colour per depth in
+    every panel, and one legend in a panel of its own, off the data."""
     kinds = [k for k in METHOD_NAMES.values() if any(m.startswith(k + "-") for m in per_layer)]
-    fig, axes = plots.figure(ncols=max(1, len(kinds)), width=3.6)
+    fig, axes = plots.figure(ncols=2, nrows=math.ceil((len(kinds) + 1) / 2), width=3.6, height=2.8)
+    handles = {}
     for ax, kind in zip(axes, kinds):
         methods = sorted((m for m in per_layer if m.startswith(kind + "-")), key=_layers)
-        for i, method in enumerate(methods):
+        for method in methods:
             values = per_layer[method]
             layers = list(range(1, len(values) + 1))
             errs = [2 * e for e in (se or {}).get(method, [0.0] * len(values))]
-            ax.errorbar(layers, values, yerr=errs, marker="o", ms=3, capsize=2, label=f"{method} read-out",
-                        color=f"C{i}")
+            n = _layers(method)
+            handles[n] = ax.errorbar(layers, values, yerr=errs, marker="o", ms=3, capsize=2,
+                                     color=f"C{(n - 1) % 10}", label=f"a {n}-layer stack, read out")
         paper = [(n, PAPER_TABLE1[f"{kind}-{n}L"][setting]) for n in range(1, 8) if f"{kind}-{n}L" in PAPER_TABLE1]
-        ax.plot(*zip(*paper), ls="--", color="k", lw=1, label=f"paper: {kind} trained at each depth")
-        ax.axhline(PAPER_TABLE1["ConstRR"][setting], ls=":", color="0.5", lw=1, label="paper's ConstRR")
+        handles["paper"], = ax.plot(*zip(*paper), ls="--", color="k", lw=1,
+                                    label="paper: a model trained at each depth")
+        handles["const"] = ax.axhline(PAPER_TABLE1["ConstRR"][setting], ls=":", color="0.5", lw=1,
+                                      label="paper's ConstRR")
         ax.set(xlabel="read out after layer", ylabel="adjusted 0.5·MSE", yscale="log", title=f"{kind}, {setting}")
-        ax.legend(fontsize=6)
+    for ax in axes[len(kinds):]:
+        ax.axis("off")
+    order = sorted(k for k in handles if isinstance(k, int)) + ["paper", "const"]
+    shown = [handles[k] for k in order if k in handles]
+    axes[len(kinds)].legend(shown, [h.get_label() for h in shown], loc="center", fontsize=8)
     return fig
 
 
@@ -1006,27 +1015,40 @@ def noise_level_figure(sweep: dict, sigma: float):
 
 
 def coefficients_figure(algorithm: DiscoveredAlgorithm):
-    """The four scalars of every layer of the reverse-engineered model."""
+    """The four scalars of every layer of the reverse-engineered model, one panel each (2 x 2), so that
+    each coefficient gets its own scale (a large ``w_yx`` no longer flattens ``w_yy``)."""
     layers = list(range(1, len(algorithm.layers) + 1))
-    coeffs = {k: [getattr(c, k) for c in algorithm.layers] for k in ("w_xx", "w_xy", "w_yx", "w_yy")}
-    fig = plots.panels({"per-layer coefficients": coeffs}, layers, xlabel="layer", width=5.0, marker="o")
-    fig.axes[0].axhline(0, color="k", lw=0.8)
+    names = {"w_xx": "$w_{xx}$", "w_xy": "$w_{xy}$", "w_yx": "$w_{yx}$", "w_yy": "$w_{yy}$"}
+    fig, axes = plots.figure(ncols=2, nrows=2, width=3.4, height=2.5)
+    for i, (ax, (key, label)) in enumerate(zip(axes, names.items())):
+        ax.plot(layers, [getattr(c, key) for c in algorithm.layers], marker="o", ms=4, color=f"C{i}")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xticks(layers)
+        ax.set(xlabel="layer", title=label)
     return fig
 
 
 def traces_figure(traces: dict):
-    """Rescaling and momentum per layer, and the overall shrinkage, against the noise level."""
+    """Rescaling, effective step and momentum per layer, and the overall shrinkage, against the noise
+    level: four panels laid out 2 x 2 (readable in the book's column)."""
     sig = traces["sigma"]
     n_layers = len(traces["rescale"][0])
     rescale = {f"layer {l + 1}": [r[l] for r in traces["rescale"]] for l in range(n_layers)}
     step = {f"layer {l + 1}": [r[l] for r in traces["step"]] for l in range(n_layers)}
-    momentum = {f"layer {l + 1}->{l + 2}": [m[l] for m in traces["momentum"]] for l in range(n_layers - 1)}
+    momentum = {f"layers {l + 1}$\\to${l + 2}": [m[l] for m in traces["momentum"]]
+                for l in range(n_layers - 1)}
     shrink = {"trained DIAG": traces["shrink_model"], "oracle ridge": traces["shrink_oracle"]}
-    return plots.panels(
-        {"rescaling 1 + w_yy rho": rescale, "effective step": step, "momentum beta": momentum,
-         "||w|| / ||w_ols||": shrink},
-        sig, xlabel="noise level sigma", marker="o", width=3.4, logy=("effective step",),
-    )
+    panels = {r"rescaling $1 + w_{yy}\rho$": rescale, "effective step": step,
+              r"momentum $\beta$": momentum, r"$\|u\| / \|\hat w_{\mathrm{OLS}}\|$": shrink}
+    fig, axes = plots.figure(ncols=2, nrows=2, width=3.6, height=2.8)
+    for ax, (title, curves) in zip(axes, panels.items()):
+        for name, ys in curves.items():
+            ax.plot(sig, ys, marker="o", ms=3, label=name)
+        ax.set(xlabel=r"noise level $\sigma$", title=title)
+        if title != "effective step":  # the same layers, in the same colours, as the first panel
+            ax.legend(fontsize=7)
+    axes[1].set_yscale("log")
+    return fig
 
 
 def write_weights(folder: Path | None = None, progress: bool = True) -> list[dict]:
