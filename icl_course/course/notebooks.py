@@ -183,10 +183,11 @@ def colab_header(relpath: str, url: str) -> list[dict]:
         f"(https://colab.research.google.com/github/{_github(url)}/blob/{ref}/{relpath})"
     )
     install = (
-        "# Installs the course package on Colab (or anywhere it is missing); does nothing otherwise.\n"
-        "import importlib.util, subprocess, sys\n"
+        "# Installs the course package on Colab (or wherever it is missing); nothing otherwise.\n"
+        "import importlib.util\nimport subprocess\nimport sys\n\n"
         'if importlib.util.find_spec("icl_course") is None:\n'
-        f'    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "icl-course[widgets] @ git+{url}@{ref}"])'
+        f'    package = "icl-course[widgets] @ git+{url}@{ref}"\n'
+        '    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", package])'
     )
     return [
         {"cell_type": "markdown", "id": "colab-badge", "metadata": {"tags": [HEADER_TAG]},
