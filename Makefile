@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 # Tests use both cores: one pytest worker per core.
 WORKERS ?= 2
 
-.PHONY: book test margins exercises timings clean
+.PHONY: book test margins exercises timings screenshots format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,7 @@ $(VENV)/.test-installed: $(BIN)/python pyproject.toml
 
 ## Execute every notebook (automatic profile: quick, on CUDA when there is one) and build _build/html.
 book: $(VENV)/.book-installed
+	$(BIN)/python -m icl_course.course.book_cache _build/.jupyter_cache
 	$(BIN)/jupyter-book build . --warningiserror --keep-going
 
 ## Unit tests, headline-claim tests and every notebook (smoke profile) through nbval.
@@ -49,6 +50,17 @@ exercises: $(VENV)/.test-installed
 ## CHAPTERS="05_ttt 06_looped" measures only those and keeps the others' times.
 timings: $(VENV)/.book-installed
 	$(BIN)/python -m icl_course.course timings $(or $(PROFILE),quick) $(CHAPTERS)
+
+## Screenshots of every page of the built book and a report of what a reader would trip over (code
+## wider than the column, raw TeX, figures without captions); needs `make book` first and Chromium.
+screenshots: $(VENV)/.book-installed
+	command -v chromium >/dev/null || apt-get install -y -q chromium
+	$(BIN)/pip install --quiet -e ".[screenshots]"
+	$(BIN)/python -m icl_course.course.screenshots _build/html --out _build/screenshots
+
+## Format the notebooks' code to fit the book's column (a test checks it is done).
+format: $(VENV)/.test-installed
+	$(BIN)/python -m ruff format
 
 clean:
 	rm -rf _build .pytest_cache

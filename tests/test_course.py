@@ -4,6 +4,8 @@ import json
 import re
 
 import pytest
+import torch
+import yaml
 
 from icl_course.course import book as course
 
@@ -91,3 +93,35 @@ def test_the_cheat_sheet_names_tests_that_exist_and_every_chapter():
             assert re.search(rf"^def {name}\(", path.read_text(), flags=re.M), f"summary.md names {file}::{name}"
     for ch in course.PLAN:
         assert f"(chapters/{ch.stem}.ipynb)" in text, f"summary.md does not link chapter {ch.number}"
+
+
+def test_book_cache_key_changes_with_profile_device_and_package(monkeypatch, tmp_path):
+    """Outputs made under another profile, device or package version are never reused by the book."""
+    from icl_course.course import book_cache
+
+    root = tmp_path / "repo"
+    (root / "icl_course" / "weights").mkdir(parents=True)
+    (root / "icl_course" / "tasks.py").write_text("x = 1\n")
+    (root / "icl_course" / "weights" / "m.pt").write_bytes(b"\0")
+    monkeypatch.setenv("ICL_COURSE_PROFILE", "quick")
+    key = book_cache.cache_key(root)
+    assert book_cache.cache_key(root) == key  # deterministic
+    monkeypatch.setenv("ICL_COURSE_PROFILE", "smoke")
+    assert book_cache.cache_key(root) != key
+    monkeypatch.setenv("ICL_COURSE_PROFILE", "quick")
+    monkeypatch.setattr(book_cache.runtime, "get_device", lambda: torch.device("cuda"))
+    assert book_cache.cache_key(root) != key
+    monkeypatch.undo()
+    monkeypatch.setenv("ICL_COURSE_PROFILE", "quick")
+    (root / "icl_course" / "weights" / "m.pt").write_bytes(b"\1")  # new weights, same code
+    assert book_cache.cache_key(root) != key
+    monkeypatch.setattr(book_cache.icl_course, "__version__", "9.9.9")
+    (root / "icl_course" / "weights" / "m.pt").write_bytes(b"\0")
+    assert book_cache.cache_key(root) != key
+
+
+def test_book_cache_is_what_the_book_config_uses():
+    config = yaml.safe_load((course.ROOT / "_config.yml").read_text())
+    assert config["execute"]["execute_notebooks"] == "cache"
+    assert (course.ROOT / config["execute"]["cache"]).resolve() == (course.ROOT / "_build" / ".jupyter_cache").resolve()
+    assert "icl_course.course.book_cache _build/.jupyter_cache" in (course.ROOT / "Makefile").read_text()

@@ -30,7 +30,7 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "-
 # Runs in the page: what a reader would trip over (see the module docstring).
 PROBE = """() => {
   const wide = [...document.querySelectorAll('article div.highlight pre')]
-    .filter(p => p.scrollWidth > p.clientWidth + 1)
+    .filter(p => !p.closest('.cell_output') && p.scrollWidth > p.clientWidth + 1)
     .map(p => p.innerText.split('\\n').reduce((a, b) => (b.length > a.length ? b : a), '').slice(0, 80));
   const text = document.querySelector('article') ? document.querySelector('article').innerText : '';
   const rawTex = (text.match(/(\\$[^$\\n]{1,40}\\\\[a-zA-Z]+[^$\\n]{0,40}\\$|\\\\\\(|\\\\\\[)/g) || []).slice(0, 5);
