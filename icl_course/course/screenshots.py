@@ -7,7 +7,8 @@ with the network off, as a downloaded copy of the book would be read, writes one
 - code lines that scroll off the column (a code block wider than its box);
 - maths left as raw TeX (MathJax did not typeset it, e.g. because it needed the network);
 - figures without a caption (an image from a notebook output outside a numbered figure);
-- cells whose only output is text printed by code the page shows (plumbing that should be hidden).
+- cells that show their code although all they do is display a result sentence (Markdown): plumbing
+  that should be hidden (``hide-input``).
 
 It needs Chromium (Debian: ``apt-get install chromium``) and the ``screenshots`` extra (Playwright's
 Python driver, which drives that Chromium; it downloads no browser). It exits non-zero when a page has
@@ -30,9 +31,10 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "-
 # Runs in the page: what a reader would trip over (see the module docstring).
 PROBE = """() => {
   const wide = [...document.querySelectorAll('article div.highlight pre')]
-    .filter(p => !p.closest('.cell_output') && p.scrollWidth > p.clientWidth + 1)
+    .filter(p => !p.closest('.cell_output') && p.innerText.trim() && p.scrollWidth > p.clientWidth + 1)
     .map(p => p.innerText.split('\\n').reduce((a, b) => (b.length > a.length ? b : a), '').slice(0, 80));
-  const text = document.querySelector('article') ? document.querySelector('article').innerText : '';
+  const text = [...document.querySelectorAll('article :is(p, li, td, th, figcaption, h1, h2, h3)')]
+    .filter(e => !e.closest('pre')).map(e => e.innerText).join('\\n');
   const rawTex = (text.match(/(\\$[^$\\n]{1,40}\\\\[a-zA-Z]+[^$\\n]{0,40}\\$|\\\\\\(|\\\\\\[)/g) || []).slice(0, 5);
   const typeset = document.querySelectorAll('mjx-container').length;
   const images = [...document.querySelectorAll('article .cell_output img')];
@@ -40,9 +42,9 @@ PROBE = """() => {
   const printing = [...document.querySelectorAll('article div.cell')].filter(cell => {
     const shown = cell.querySelector('.cell_input') && !cell.querySelector('details.hide, .tag_hide-input');
     const outs = cell.querySelectorAll('.cell_output > *');
-    return shown && outs.length > 0 && [...outs].every(o => o.matches('.output.text_plain, .output.stream'))
-      && !cell.querySelector('.widget-area, .jupyter-widgets');
-  }).length;
+    const sentence = 'p, ul, ol, table, dl, blockquote, div.pst-scrollable-table-container';
+    return shown && outs.length > 0 && [...outs].every(o => o.matches(sentence));
+  }).map(cell => cell.querySelector('.cell_input').innerText.split('\\n')[0].slice(0, 60));
   return {wide, rawTex, typeset, uncaptioned, printing, height: document.documentElement.scrollHeight};
 }"""
 
@@ -63,7 +65,7 @@ def problems(report: dict) -> list[str]:
     if report["uncaptioned"]:
         out.append(f"{len(report['uncaptioned'])} figure(s) without a caption")
     if report["printing"]:
-        out.append(f"{report['printing']} shown cell(s) that only print text")
+        out.append(f"{len(report['printing'])} shown cell(s) that only display a sentence, e.g. {report['printing'][0]!r}")
     return out
 
 
