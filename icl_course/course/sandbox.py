@@ -32,6 +32,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,7 +275,7 @@ class Worker:
         self.level = level or detect()
         self.limits = limits
         self.uid, self._lock = None, None
-        self.cgroup = None
+        self.cgroup, self._home = None, None
         root = os.geteuid() == 0 and sys.platform == "linux"
         if root:
             self.uid, self._lock = _lock_uid()
@@ -284,28 +285,19 @@ class Worker:
             argv = _bwrap(command, self.uid, limits, tuple(pass_fds))
             cwd = "/"
         elif self.level == "unshare":
-            if not _readable_by_others([sys.executable, os.path.realpath(sys.executable), *_python_roots(),
-                                         Path(icl_course.__file__).parent]):
-                self.uid_dropped = False
-                drop = _drop(None)
-            else:
+            self._home = tempfile.mkdtemp(prefix="icl-worker-")
+            if self.uid is not None and _readable_by_others([*_python_roots(), Path(icl_course.__file__).parent]):
+                os.chown(self._home, self.uid, self.uid)
                 drop = _drop(self.uid)
+            else:  # the worker's uid could not start this Python: root, without capabilities
+                drop = _drop(None)
             argv = ["unshare", "--net", "--pid", "--fork", "--kill-child", "--mount-proc", "--ipc", "--uts",
                     "--mount", "--propagation", "private", "--", *drop, *command]
-            import tempfile
-
-            self._home = tempfile.mkdtemp(prefix="icl-worker-")
-            if self.uid is not None and drop == _drop(self.uid):
-                os.chown(self._home, self.uid, self.uid)
-            env = _env(self._home)
-            env["PYTHONPATH"] = str(Path(icl_course.__file__).resolve().parents[1])
+            env = {**_env(self._home), "PYTHONPATH": str(Path(icl_course.__file__).resolve().parents[1])}
             cwd = self._home
         else:
-            import tempfile
-
             self._home = tempfile.mkdtemp(prefix="icl-worker-")
-            env = _env(self._home)
-            env["PYTHONPATH"] = str(Path(icl_course.__file__).resolve().parents[1])
+            env = {**_env(self._home), "PYTHONPATH": str(Path(icl_course.__file__).resolve().parents[1])}
             argv, cwd = command, self._home
         cgroup = self.cgroup
 
@@ -353,11 +345,8 @@ class Worker:
         if self.cgroup is not None:
             self.cgroup.close()
             self.cgroup = None
-        home = getattr(self, "_home", None)
-        if home:
-            shutil.rmtree(home, ignore_errors=True)
-            if self.uid is not None:  # files the worker's uid left elsewhere (/tmp, world-writable folders)
-                pass
+        if self._home:
+            shutil.rmtree(self._home, ignore_errors=True)
             self._home = None
         if self._lock is not None:
             self._lock.close()
