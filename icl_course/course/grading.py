@@ -30,6 +30,7 @@ Every submission is read into memory before any student code runs, and graded in
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -160,6 +161,7 @@ _RAISED: dict[str, type] = {}
 def _student_exception(name: str, message: str) -> BaseException:
     """An exception to raise in the grader for one the student's code raised in the worker: the
     check reports it by its type's name (``NotImplementedError`` is its own status)."""
+    name, message = name[:100], message[:wire.MESSAGE]
     if name == "NotImplementedError":
         return NotImplementedError(message)
     if name == "AttributeError":
@@ -261,8 +263,7 @@ def grade_notebook(student: str, nb: dict, timeout: float = 120.0, chapter: str 
         return SubmissionResult(student, None, "unknown chapter", notes=["pass --chapter to say which exercises it answers"])
     module, exercises = exercises_of(sources[stem])
     checks = topics.get(module).checks()
-    limits = limits or sandbox.Limits(memory=LIMITS.memory, processes=LIMITS.processes, disk=LIMITS.disk,
-                                      cpu=int(math.ceil(timeout)) + 5, files=LIMITS.files)
+    limits = limits or dataclasses.replace(LIMITS, cpu=int(math.ceil(timeout)) + 5)
     results: list[dict] = []
     notes: list[str] = []
     status = "graded"
@@ -278,7 +279,10 @@ def grade_notebook(student: str, nb: dict, timeout: float = 120.0, chapter: str 
             os.close(rep_w)
         session = _Session(req_w, rep_r, time.monotonic() + timeout)
         try:
-            notes += session.ask(("run", _worker_code(nb)))[1]
+            ran = session.ask(("run", _worker_code(nb)))
+            if not (isinstance(ran, tuple) and ran[0] == "ran" and isinstance(ran[1], list)):
+                raise _Gone("the worker's reply to running the cells is not a list of notes")
+            notes += [str(note)[:300] for note in ran[1][:50]]
             for e in exercises:
                 check = getattr(checks, e.check)
                 found = session.ask(("lookup", e.function))
@@ -292,8 +296,9 @@ def grade_notebook(student: str, nb: dict, timeout: float = 120.0, chapter: str 
             status = "timeout"
             notes.append(f"did not finish within {timeout:g} s")
         except _Gone as why:
+            oom = worker.oom()
             worker.kill()
-            status = "killed: memory" if worker.oom() else "crashed"
+            status = "killed: memory" if oom else "crashed"
             notes += [f"the submission's process ended ({why}); exit code {worker.returncode}",
                       _tail(out)]
         finally:

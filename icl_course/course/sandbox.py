@@ -73,8 +73,9 @@ def explain(level: str) -> str | None:
         return None
     if level == "unshare":
         return ("icl-course grade: bubblewrap is not available, so submissions run without a private file "
-                "system view: they have no network and their own process namespace, but can read whatever "
-                "other users can. Install bubblewrap (apt-get install bubblewrap) for the full sandbox.")
+                "system: they have no network and their own process namespace, but can read what other users "
+                "can (your clone's solutions too), and write root's files if this Python is not readable by "
+                "other users. Install bubblewrap (apt-get install bubblewrap) for the full sandbox.")
     return ("icl-course grade: no sandbox on this machine (it needs Linux, bubblewrap and root): submissions "
             "run as you, limited only in time, memory, processes and file size, and can read and write your "
             "files and use the network. Grade on a machine with bubblewrap, as root, or in a throwaway container.")
@@ -96,7 +97,7 @@ def _works(level: str) -> bool:
     if level == "unshare" and not (shutil.which("unshare") and shutil.which("setpriv")):
         return False
     try:
-        with Worker([sys.executable, "-S", "-c", "pass"], Limits(), level=level, probe=True) as w:
+        with Worker([sys.executable, "-S", "-c", "pass"], Limits(), level=level) as w:
             return w.proc.wait(timeout=30) == 0
     except (OSError, subprocess.SubprocessError):
         return False
@@ -126,17 +127,21 @@ def _lock_uid():
 
 
 def _kill_uid(uid: int) -> None:
-    """SIGKILL every process of ``uid`` until none is left (a fork bomb refills while we kill)."""
+    """SIGKILL every live process of ``uid`` until none is left (a fork bomb refills while we kill)."""
     for _ in range(100):
         found = False
         for entry in os.scandir("/proc"):
             if not entry.name.isdigit():
                 continue
             try:
-                if entry.stat().st_uid == uid:
-                    found = True
-                    os.kill(int(entry.name), signal.SIGKILL)
-            except (FileNotFoundError, ProcessLookupError, PermissionError):
+                if entry.stat().st_uid != uid:
+                    continue
+                with open(f"/proc/{entry.name}/stat", "rb") as f:
+                    if f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X"):  # dead, not yet reaped
+                        continue
+                found = True
+                os.kill(int(entry.name), signal.SIGKILL)
+            except (OSError, IndexError):  # gone meanwhile
                 pass
         if not found:
             return
@@ -224,7 +229,7 @@ def _python_roots() -> list[str]:
     return out
 
 
-def _bwrap(command: list[str], uid: int, limits: Limits, keep_fds: tuple[int, ...]) -> list[str]:
+def _bwrap(command: list[str], uid: int, limits: Limits) -> list[str]:
     args = ["bwrap", "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
             "--die-with-parent", "--new-session"]
     for top in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
@@ -270,19 +275,25 @@ class Worker:
     """A sandboxed process running ``command``, with ``pass_fds`` inherited; a context manager that
     ends it and every process it started. ``returncode`` and ``oom`` tell how it ended."""
 
-    def __init__(self, command: list[str], limits: Limits, level: str | None = None, pass_fds=(),
-                 stdout=None, probe: bool = False):
+    def __init__(self, command: list[str], limits: Limits, level: str | None = None, pass_fds=(), stdout=None):
         self.level = level or detect()
         self.limits = limits
         self.uid, self._lock = None, None
-        self.cgroup, self._home = None, None
+        self.cgroup, self._home, self.proc = None, None, None
+        try:
+            self._start(command, limits, tuple(pass_fds), stdout)
+        except BaseException:
+            self.kill()
+            raise
+
+    def _start(self, command, limits, pass_fds, stdout) -> None:
         root = os.geteuid() == 0 and sys.platform == "linux"
         if root:
             self.uid, self._lock = _lock_uid()
             self.cgroup = _Cgroup(limits)
         env = _env("/tmp")
         if self.level == "bwrap":
-            argv = _bwrap(command, self.uid, limits, tuple(pass_fds))
+            argv = _bwrap(command, self.uid, limits)
             cwd = "/"
         elif self.level == "unshare":
             self._home = tempfile.mkdtemp(prefix="icl-worker-")
@@ -310,7 +321,7 @@ class Worker:
                                   (resource.RLIMIT_FSIZE, limits.disk), (resource.RLIMIT_NOFILE, limits.files),
                                   (resource.RLIMIT_CORE, 0)):
                 resource.setrlimit(rlimit, (value, value))
-            if not root:  # the grader's own user: keep what it runs now, and room for the worker
+            if not root:  # the grader's own user: room for what runs now (roughly) and for the worker
                 soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
                 mine = sum(1 for _ in os.scandir("/proc")) if os.path.isdir("/proc") else 0
                 cap = min(hard, mine + limits.processes) if hard != resource.RLIM_INFINITY else mine + limits.processes
@@ -319,27 +330,27 @@ class Worker:
             else:
                 resource.setrlimit(resource.RLIMIT_NPROC, (limits.processes, limits.processes))
 
-        self.started = time.monotonic()
         self.proc = subprocess.Popen(
             argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=stdout or subprocess.DEVNULL,
-            stderr=subprocess.STDOUT if stdout else subprocess.DEVNULL, pass_fds=tuple(pass_fds),
+            stderr=subprocess.STDOUT if stdout else subprocess.DEVNULL, pass_fds=pass_fds,
             start_new_session=True, preexec_fn=preexec,
         )
 
     @property
     def returncode(self) -> int | None:
-        return self.proc.poll()
+        return None if self.proc is None else self.proc.poll()
 
     def oom(self) -> bool:
         return self.cgroup is not None and self.cgroup.oom()
 
     def kill(self) -> None:
         """End the worker and everything it started; idempotent."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.kill()
-        self.proc.wait()
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            self.proc.wait()
         if self.uid is not None:
             _kill_uid(self.uid)
         if self.cgroup is not None:

@@ -26,8 +26,9 @@ import torch
 
 HEADER = struct.Struct("<Q")
 REF = "__icl_course_remote__"  # first item of the tuple that stands for an object kept in the worker
-MAX_MESSAGE = 256 * 2**20  # bytes: a longer message ends the conversation (the submission's result is refused)
-MAX_ELEMENTS = 20_000_000  # tensor entries in one reply, summed
+MAX_MESSAGE = 64 * 2**20  # bytes: a longer message ends the conversation (the submission's result is refused)
+MAX_ELEMENTS = 8_000_000  # tensor entries in one reply, summed
+MESSAGE = 500  # characters of an exception's message that cross
 
 
 class ProtocolError(Exception):

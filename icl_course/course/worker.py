@@ -20,7 +20,7 @@ import io
 import os
 import sys
 
-MESSAGE = 500  # characters of an exception's message sent back
+MESSAGE = 500  # characters of an exception's message sent back (wire.MESSAGE)
 
 
 def _clean(src: str) -> str:
