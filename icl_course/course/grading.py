@@ -29,6 +29,7 @@ Every submission is read into memory before any student code runs, and graded in
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -267,16 +268,20 @@ def grade_notebook(student: str, nb: dict, timeout: float = 120.0, chapter: str 
     results: list[dict] = []
     notes: list[str] = []
     status = "graded"
-    req_r, req_w = os.pipe()
-    rep_r, rep_w = os.pipe()
-    command = [sys.executable, "-m", "icl_course.course.worker", str(req_r), str(rep_w)]
     started = time.monotonic()
-    with tempfile.TemporaryFile() as out:  # the worker's output: no name, nothing to find or replace
-        try:
-            worker = sandbox.Worker(command, limits, pass_fds=(req_r, rep_w), stdout=out)
-        finally:
-            os.close(req_r)
-            os.close(rep_w)
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(tempfile.TemporaryFile())  # the worker's output: no name to find
+        pipes: set[int] = set()  # closed on the way out, each once (its number may be reused)
+        stack.callback(lambda: [os.close(fd) for fd in pipes])
+        req_r, req_w = os.pipe()
+        pipes |= {req_r, req_w}
+        rep_r, rep_w = os.pipe()
+        pipes |= {rep_r, rep_w}
+        command = [sys.executable, "-m", "icl_course.course.worker", str(req_r), str(rep_w)]
+        worker = stack.enter_context(sandbox.Worker(command, limits, pass_fds=(req_r, rep_w), stdout=out))
+        for fd in (req_r, rep_w):  # the worker's ends: the grader sees EOF when the worker is gone
+            pipes.discard(fd)
+            os.close(fd)
         session = _Session(req_w, rep_r, time.monotonic() + timeout)
         try:
             ran = session.ask(("run", _worker_code(nb)))
@@ -299,18 +304,16 @@ def grade_notebook(student: str, nb: dict, timeout: float = 120.0, chapter: str 
             oom = worker.oom()
             worker.kill()
             status = "killed: memory" if oom else "crashed"
-            notes += [f"the submission's process ended ({why}); exit code {worker.returncode}",
-                      _tail(out)]
-        finally:
-            worker.kill()
-            os.close(req_w)
-            os.close(rep_r)
+            notes += [f"the submission's process ended ({why}); exit code {worker.returncode}", _tail(out)]
     if status != "graded":
         done = {r["exercise"] for r in results}
         results += [{"exercise": getattr(checks, e.check).exercise, "status": "error",
-                     "message": f"not graded: the submission {status}"}
+                     "message": f"not graded: the submission {UNFINISHED[status]}"}
                     for e in exercises if getattr(checks, e.check).exercise not in done]
     return SubmissionResult(student, stem, status, results, notes, round(time.monotonic() - started, 2))
+
+
+UNFINISHED = {"timeout": "ran out of time", "crashed": "crashed", "killed: memory": "was killed for its memory"}
 
 
 def _tail(out) -> str:
