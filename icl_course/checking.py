@@ -66,11 +66,12 @@ def check(exercise: str):
     """Turn ``fn(student_fn, gen)``, which raises :class:`Wrong` on a mistake, into a check.
 
     The check prints its result, returns a :class:`CheckResult`, and never raises (unless strict).
+    ``report=False`` (the grader's call) only returns the result: nothing printed, logged or raised.
     """
 
     def decorate(body):
         @functools.wraps(body)
-        def run(student_fn) -> CheckResult:
+        def run(student_fn, report: bool = True) -> CheckResult:
             gen = torch.Generator().manual_seed(random.SystemRandom().randrange(2**31))
             try:
                 body(student_fn, gen)
@@ -81,7 +82,8 @@ def check(exercise: str):
                 result = CheckResult(exercise, "wrong", str(mistake))
             except Exception as exc:  # the student's code raised: report it, keep the notebook going
                 result = CheckResult(exercise, "error", f"Your function raised {type(exc).__name__}: {exc}{_hint(exc)}")
-            _report(result)
+            if report:
+                _report(result)
             return result
 
         run.exercise = exercise  # the title, for graders and tables

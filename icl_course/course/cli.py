@@ -8,6 +8,10 @@
                                                      retrain the topic's shipped weights (with provenance)
     icl-course assign CHAPTER [CHAPTER ...] --out DIR   student versions, solutions, a README
     icl-course grade SUBMISSION.ipynb [...] [--out FILE.csv|FILE.json] [--timeout S] [--chapter C]
+                                                     grade submissions in a sandbox (see
+                                                     icl_course.course.grading); exit status 1 when
+                                                     a submission could not be read (the gradebook
+                                                     is written all the same)
 
 ``reproduce`` checks ``--out`` before it trains: not a file, a place it can write, and not a folder
 that holds another run unless ``--force``. It writes the run into a hidden temporary folder beside
@@ -214,7 +218,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _grade(args) -> None:
+def _grade(args) -> int:
     from . import grading
 
     if args.out is not None:
@@ -226,6 +230,12 @@ def _grade(args) -> None:
     if args.out is not None:
         grading.write_report(results, args.out)
         print(f"wrote {args.out}", file=sys.stderr)
+    unreadable = [r.student for r in results if r.status == "unreadable"]
+    if unreadable:
+        print(f"icl-course grade: could not read {len(unreadable)} submission(s): {', '.join(unreadable)}",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def _write_weights(args) -> None:
@@ -239,7 +249,7 @@ def _write_weights(args) -> None:
         print(json.dumps(record.get("metrics", record), sort_keys=True))
 
 
-def _command(args, out: Path | None) -> None:
+def _command(args, out: Path | None) -> int:
     if args.command == "info":
         for key, value in info().items():
             print(f"{key:>11}: {value}")
@@ -249,13 +259,14 @@ def _command(args, out: Path | None) -> None:
         for path in assign(args.chapters, args.out):
             print(f"wrote {path}")
     elif args.command == "grade":
-        _grade(args)
+        return _grade(args)
     elif args.write_weights:
         _write_weights(args)
     else:
         metrics = reproduce(args.topic, args.profile, out, progress=not args.quiet, force=args.force, resume=args.resume)
         print(json.dumps(metrics, indent=2, sort_keys=True))
         print(f"wrote {out}/metrics.json and figures", file=sys.stderr)
+    return 0
 
 
 def _stopped(args, out: Path | None, signum: int) -> int:
@@ -279,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     sigterm = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
-        _command(args, out)
+        status = _command(args, out)
     except ValueError as err:
         parser.error(str(err))
     except KeyboardInterrupt as err:
@@ -287,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if sigterm is None else sigterm)
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":
