@@ -62,7 +62,7 @@ timings: $(VENV)/.book-installed
 ## Screenshots of every page of the built book and a report of what a reader would trip over (code
 ## wider than the column, raw TeX, figures without captions); needs `make book` first and Chromium.
 screenshots: $(VENV)/.book-installed
-	command -v chromium >/dev/null || apt-get install -y -q chromium
+	command -v chromium >/dev/null || apt-get install -y -q chromium fonts-noto-color-emoji
 	$(BIN)/pip install --quiet -e ".[screenshots]"
 	$(BIN)/python -m icl_course.course.screenshots _build/html --out _build/screenshots
 

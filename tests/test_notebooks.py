@@ -5,6 +5,7 @@ smoke profile; these tests check what nbval does not.
 """
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -263,3 +264,26 @@ def test_the_last_section_is_a_capstone_with_an_answer_students_do_not_see(sourc
     student = notebooks.student_version(nb)
     tail = "\n".join(notebooks.cell_source(c) for c in student["cells"][last:])
     assert notebooks.MD_BEGIN not in tail and notebooks.MD_STUB in tail
+
+
+@pytest.mark.parametrize("source", SOLUTIONS, ids=lambda p: p.name)
+def test_hints_do_not_hand_out_solution_lines(source):
+    """A hint may point the way, not paste the answer: no solution line of 25+ characters (nor the
+    right-hand side of one) reaches the student version, unless the exercise's statement itself shows
+    it (a set-up line both use, say)."""
+    nb = notebooks.read(source)
+    solution, statement = [], []
+    for cell in nb["cells"]:
+        text = re.sub(r"<details>.*?</details>", "", notebooks.cell_source(cell), flags=re.S)  # hints out
+        inside = False
+        for line in text.splitlines():
+            if line.strip() in (notebooks.BEGIN, notebooks.MD_BEGIN, notebooks.END, notebooks.MD_END):
+                inside = line.strip() in (notebooks.BEGIN, notebooks.MD_BEGIN)
+                continue
+            (solution if inside else statement).append(line.strip())
+    solution = [line for line in solution if not line.startswith("def ")]  # a signature is interface
+    pieces = {line for line in solution} | {line.split(" = ", 1)[1] for line in solution if " = " in line}
+    student = "\n".join(notebooks.cell_source(c) for c in notebooks.student_version(nb)["cells"])
+    shown = "\n".join(statement)
+    leaked = sorted(p for p in pieces if len(p) >= 25 and p not in shown and p in student)
+    assert not leaked, f"solution lines in the student version (a hint?): {leaked}"
