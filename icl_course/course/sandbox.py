@@ -46,7 +46,7 @@ PACKAGE_MOUNT = "/opt/icl-course"  # where the sandbox sees the package's parent
 
 @dataclass(frozen=True)
 class Limits:
-    memory: int = 2 * 2**30  # bytes: address space of each process, and all of them in a cgroup
+    memory: int = 2 * 2**30  # bytes: each process's address space beyond torch's own, and a cgroup's total
     processes: int = 64  # processes and threads of the worker's uid (or cgroup)
     disk: int = 64 * 2**20  # bytes: the private /tmp, and any one file written (RLIMIT_FSIZE)
     cpu: int = 600  # CPU seconds of each process
@@ -146,6 +146,18 @@ def _kill_uid(uid: int) -> None:
         if not found:
             return
         time.sleep(0.01)
+
+
+def _mapped_by_torch() -> int:
+    """Bytes of address space this process maps (it has imported torch, as the worker will): a CUDA
+    build of torch maps about 3 GB just by being imported, a CPU build about 0.6 GB, so the worker's
+    address-space limit is this much on top of its memory budget."""
+    try:
+        with open("/proc/self/status") as status:
+            line = next(line for line in status if line.startswith("VmSize:"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration, ValueError):
+        return 4 * 2**30  # no /proc: room for a CUDA build
 
 
 # --- cgroups (v1 memory and pids controllers, where they can be made) ------------------------------------
@@ -311,13 +323,14 @@ class Worker:
             env = {**_env(self._home), "PYTHONPATH": str(Path(icl_course.__file__).resolve().parents[1])}
             argv, cwd = command, self._home
         cgroup = self.cgroup
+        address_space = limits.memory + _mapped_by_torch()
 
         def preexec():
             os.umask(0o022)  # the folders bwrap makes for its mount points must be readable
             if cgroup is not None:
                 with contextlib.suppress(OSError):
                     cgroup.join()
-            for rlimit, value in ((resource.RLIMIT_AS, limits.memory), (resource.RLIMIT_CPU, limits.cpu),
+            for rlimit, value in ((resource.RLIMIT_AS, address_space), (resource.RLIMIT_CPU, limits.cpu),
                                   (resource.RLIMIT_FSIZE, limits.disk), (resource.RLIMIT_NOFILE, limits.files),
                                   (resource.RLIMIT_CORE, 0)):
                 resource.setrlimit(rlimit, (value, value))
