@@ -72,8 +72,12 @@ class LinearSelfAttention(nn.Module):
         # (B, H, n+1, n) score tensor. tests/test_linear_transformer.py checks this against the
         # scores-times-values form written out.
         S = C.transpose(1, 2) @ C / n  # (B, D, D)
-        update = torch.einsum("btd,hde,bef,hgf->btg", Z, Q, S, P)  # Z Q_h S P_h^T summed over h
-        return Z + update  # (B, n+1, D)
+        # The update is Z M with M = sum_h Q_h S P_h^T. Contracting the small matrices first and then
+        # one batched product is the fastest order measured (benchmarks/speed.py): the 4-operand
+        # einsum, contracted left to right, built (B, H, n+1, D) intermediates and took ~9x longer
+        # with 4 heads at 50k sequences.
+        M = torch.einsum("hde,bef,hgf->bdg", Q, S, P)  # (B, D, D)
+        return Z + torch.bmm(Z, M)  # (B, n+1, D)
 
 
 class FullAttention(LinearSelfAttention):
