@@ -5,23 +5,27 @@ reports
 
 - ``steps/s`` of :func:`icl_course.train` (the real loop: sampling on the device, AdamW, clipping),
 - ``sampling``: the share of a step spent drawing its batch (``task.sample`` timed alone, over the
-  time of a whole step), and the same share with the draws made in float64 and cast (how batches
-  were drawn before; the same values, six times the cost of a float32 ``randn``),
+  time of a whole step),
+- ``before``: the same two numbers for the package as it was before sampling moved to the device:
+  Gaussian draws in float64 rounded to float32 (:func:`icl_course.tasks.float64_draws`, the old
+  stream exactly), uniform ones drawn in [0, 1) and scaled, and the layer's 4-operand einsum
+  (:func:`einsum_forward`),
 - for the linear-attention chapters, ``steps/s`` with every layer computed the common way (scores
-  times values, ``O(B n^2 D)`` a layer, :func:`naive_forward`) and with the layer's previous
-  4-operand einsum, and the speed-up of the package's layer over the naive one;
+  times values, ``O(B n^2 D)`` a layer, :func:`naive_forward`), and the speed-up of the package's
+  layer over it;
 
 then the layer alone, forward only, at evaluation sizes (50k sequences): the package's contraction
 order, the previous einsum and the naive layer. Every ratio compares runs made in the same process
 one after the other; absolute numbers depend on the machine and its load. ``--markdown`` prints the
 tables as the README quotes them; ``--steps`` and ``--only`` make a short run (the test suite runs one).
 
-    PYTHONPATH=. python benchmarks/speed.py [--device cpu|cuda] [--threads 1] [--steps 30] [--only 01 02]
+    PYTHONPATH=. python benchmarks/speed.py [--device cpu|cuda] [--threads 1] [--steps 60] [--only 01 02]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -33,6 +37,7 @@ import torch
 import icl_course as icl
 from icl_course.linear_transformer import LinearSelfAttention, LinearTransformer
 from icl_course.runtime import generator, get_device
+from icl_course.tasks import Uniform, float64_draws
 
 # --- the layer three ways --------------------------------------------------------------------------
 
@@ -160,50 +165,72 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def steps_per_second(make_model, task, config: icl.TrainConfig, steps: int, device, forward=None) -> float:
-    """Steps a second of ``train`` over ``steps`` steps, after 3 steps of warm-up."""
-    model = with_layer(make_model(), forward)
-    config = replace(config, steps=3, log_every=1)
-    icl.train(model, task, config, device=device)
-    _sync(device)
-    history = icl.train(with_layer(make_model(), forward), task, replace(config, steps=steps), device=device)
-    _sync(device)
+def _uniform_before(self, shape, gen, dtype=torch.float32):
+    """``Uniform.draw`` as it was: the same numbers, drawn in [0, 1) and scaled (twice the time)."""
+    return self.low + (self.high - self.low) * torch.rand(shape, generator=gen, dtype=dtype, device=gen.device)
+
+
+@contextlib.contextmanager
+def _draws(before: bool):
+    """Nothing, or (``before``) every draw made as before: Gaussians in float64, uniforms scaled."""
+    if not before:
+        yield
+        return
+    draw = Uniform.draw
+    Uniform.draw = _uniform_before
+    try:
+        with float64_draws():
+            yield
+    finally:
+        Uniform.draw = draw
+
+
+def steps_per_second(make_model, task, config: icl.TrainConfig, steps: int, device, forward=None,
+                     before: bool = False) -> float:
+    """Steps a second of ``train`` over ``steps`` steps, after 3 steps of warm-up; ``before``: with the
+    draws made as before (float64)."""
+    with _draws(before):
+        model = with_layer(make_model(), forward)
+        config = replace(config, steps=3, log_every=1)
+        icl.train(model, task, config, device=device)
+        _sync(device)
+        history = icl.train(with_layer(make_model(), forward), task, replace(config, steps=steps), device=device)
+        _sync(device)
     return steps / history.seconds
 
 
-def sampling_seconds(task, batch_size: int, draws: int, device, dtype=None) -> float:
+def sampling_seconds(task, batch_size: int, draws: int, device, before: bool = False) -> float:
     """Seconds to draw one training batch on ``device`` (as ``train`` does), best of ``draws``."""
     gen = generator(0, device)
-    kwargs = {} if dtype is None else {"dtype": dtype}
     best = float("inf")
-    for _ in range(draws + 1):
-        start = time.perf_counter()
-        batch = task.sample(batch_size, gen, device=device, **kwargs)
-        if dtype is not None:
-            batch = batch.to(dtype=torch.float32)  # as the float32 model would need it
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
+    with _draws(before):
+        for _ in range(draws + 1):
+            start = time.perf_counter()
+            task.sample(batch_size, gen, device=device)
+            _sync(device)
+            best = min(best, time.perf_counter() - start)
     return best
 
 
-def _regression_like(task) -> bool:
-    import inspect
-
-    return "dtype" in inspect.signature(task.sample).parameters
-
-
-def measure_case(name: str, steps: int, device) -> dict:
+def measure_case(name: str, steps: int, device, repeats: int = 3) -> dict:
+    """One case's numbers: now, before, and (linear attention) with the naive layer. The variants take
+    turns, ``repeats`` times, and each keeps its best run (the one least slowed by other processes)."""
     label, make_model, task, config = CASES[name]()
-    rate = steps_per_second(make_model, task, config, steps, device)
-    sample = sampling_seconds(task, config.batch_size, max(5, steps // 3), device)
+    linear = isinstance(make_model(), LinearTransformer)
+    draws = max(5, steps // 3)
+    variants = {"now": (None, False), "before": (einsum_forward if linear else None, True),
+                **({"naive": (naive_forward, False)} if linear else {})}
+    best = dict.fromkeys(variants, 0.0)
+    for _ in range(repeats):
+        for key, (forward, old) in variants.items():
+            best[key] = max(best[key], steps_per_second(make_model, task, config, steps, device, forward, before=old))
+    rate, before = best["now"], best["before"]
     row = {"case": name, "config": label, "batch": config.batch_size, "steps_per_s": rate,
-           "sampling_share": sample * rate}
-    if _regression_like(task):
-        row["sampling_share_float64"] = sampling_seconds(task, config.batch_size, max(5, steps // 3), device,
-                                                          dtype=torch.float64) * rate
-    if isinstance(make_model(), LinearTransformer):
-        row["steps_per_s_einsum_before"] = steps_per_second(make_model, task, config, steps, device, einsum_forward)
-        row["steps_per_s_naive"] = steps_per_second(make_model, task, config, steps, device, naive_forward)
+           "sampling_share": sampling_seconds(task, config.batch_size, draws, device) * rate,
+           "steps_per_s_before": before,
+           "sampling_share_before": sampling_seconds(task, config.batch_size, draws, device, before=True) * before}
+    if linear:
+        row["steps_per_s_naive"] = best["naive"]
         row["speedup_over_naive"] = rate / row["steps_per_s_naive"]
     return row
 
@@ -237,16 +264,15 @@ LAYER_SIZES = [(50_000, 20, 5, 1), (50_000, 20, 5, 4), (50_000, 20, 10, 1), (50_
 
 
 def markdown(rows: list[dict], layers: list[dict], meta: dict) -> str:
-    lines = [f"Training, {meta['device']}, {meta['threads']} thread(s), {meta['steps']} steps a run "
-             f"(`python benchmarks/speed.py`, {meta['date']}):", "",
-             "| chapter | model and task | batch | steps/s | sampling share | ... if drawn in float64 | "
-             "steps/s, naive layer | speed-up over naive |", "|---|---|---|---|---|---|---|---|"]
+    lines = [f"Training, {meta['device']}, {meta['threads']} thread(s), best of {meta['repeats']} runs of "
+             f"{meta['steps']} steps (`python benchmarks/speed.py`, {meta['date']}):", "",
+             "| chapter | model and task | batch | steps/s | sampling share | steps/s before | sampling share before "
+             "| steps/s, naive layer | speed-up over naive |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        f64 = f"{r['sampling_share_float64']:.0%}" if "sampling_share_float64" in r else "-"
         naive = f"{r['steps_per_s_naive']:.1f}" if "steps_per_s_naive" in r else "-"
         speedup = f"{r['speedup_over_naive']:.1f}x" if "speedup_over_naive" in r else "-"
         lines.append(f"| {r['case']} | {r['config']} | {r['batch']} | {r['steps_per_s']:.1f} | {r['sampling_share']:.0%} "
-                     f"| {f64} | {naive} | {speedup} |")
+                     f"| {r['steps_per_s_before']:.1f} | {r['sampling_share_before']:.0%} | {naive} | {speedup} |")
     if layers:
         lines += ["", "One layer, forward, evaluation sizes (seconds; best of 3):", "",
                   "| sequences | n | d | heads | package | 4-operand einsum (before) | naive | speed-up over einsum | over naive |",
@@ -262,14 +288,15 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default=None, help="default: CUDA when there is one, else the CPU")
     parser.add_argument("--threads", type=int, default=None, help="torch threads on the CPU (default: torch's)")
-    parser.add_argument("--steps", type=int, default=30, help="training steps timed per run (default 30)")
+    parser.add_argument("--steps", type=int, default=60, help="training steps timed per run (default 60)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each variant, the best kept (default 3)")
     parser.add_argument("--only", nargs="*", default=None, help="cases whose names start with these (e.g. 01 02)")
     parser.add_argument("--no-layers", action="store_true", help="skip the layer-alone timings")
     parser.add_argument("--markdown", action="store_true", help="print the tables as markdown")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
-    if args.steps < 1:
-        parser.error(f"--steps must be >= 1, got {args.steps}")
+    if args.steps < 1 or args.repeats < 1:
+        parser.error(f"--steps and --repeats must be >= 1, got {args.steps} and {args.repeats}")
     device = torch.device(args.device) if args.device else get_device()
     if args.threads is not None:
         if args.threads < 1:
@@ -280,11 +307,11 @@ def main(argv=None) -> dict:
         parser.error(f"--only matches no case; cases: {list(CASES)}")
     rows = []
     for name in names:
-        rows.append(measure_case(name, args.steps, device))
+        rows.append(measure_case(name, args.steps, device, args.repeats))
         print(json.dumps(rows[-1]), file=sys.stderr)
     layers = [] if args.no_layers else [layer_seconds(*size, device) for size in LAYER_SIZES]
     meta = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU ({device})",
-            "threads": torch.get_num_threads(), "steps": args.steps, "date": time.strftime("%Y-%m-%d"),
+            "threads": torch.get_num_threads(), "steps": args.steps, "repeats": args.repeats, "date": time.strftime("%Y-%m-%d"),
             "torch": torch.__version__}
     result = {"meta": meta, "training": rows, "layer": layers}
     if args.json:
