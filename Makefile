@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 # Tests use both cores: one pytest worker per core.
 WORKERS ?= 2
 
-.PHONY: book test sandbox margins exercises timings screenshots format clean
+.PHONY: book test sandbox margins exercises timings screenshots format device-check bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -69,6 +69,21 @@ screenshots: $(VENV)/.book-installed
 ## Format the notebooks' code to fit the book's column (a test checks it is done).
 format: $(VENV)/.test-installed
 	$(BIN)/python -m ruff format
+## On a machine with a GPU (run by whatever python there has torch with CUDA; no install, no network):
+## the smoke tests on the GPU, then every chapter in quick and in full, each within a time limit, timed
+## into timings.json's GPU columns. Stop it at any point: the same command goes on where it stopped.
+## Its logs and results go into OUT (default device-check-logs; results.json and logs.tar.gz hold them all).
+## DEVICE=cpu DRY_RUN=1 rehearses it on a CPU in the smoke profile (tests/test_device_check.py does).
+DEVICE ?= cuda
+DEVICE_PYTHON ?= python3
+device-check:
+	$(DEVICE_PYTHON) -m icl_course.course device-check --device $(DEVICE) --out $(or $(OUT),device-check-logs) \
+		$(if $(DRY_RUN),--dry-run) $(DEVICE_CHECK_ARGS)
+
+## Steps a second of every chapter's training, the share of sampling, and the layer against the naive one
+## (benchmarks/speed.py; the README's table); THREADS=2 for two threads.
+bench: $(VENV)/.test-installed
+	OMP_NUM_THREADS=$(or $(THREADS),1) $(BIN)/python benchmarks/speed.py --threads $(or $(THREADS),1) --markdown
 
 clean:
 	rm -rf _build .pytest_cache

@@ -14,8 +14,10 @@ A *profile* sets the scale of every chapter's experiment:
 The environment variable ``ICL_COURSE_PROFILE`` picks one (``auto``, the default, means ``quick``);
 an explicit ``profile=`` argument wins over the variable.
 
-``generator(seed)`` is the one way randomness enters the package, and ``require_finite`` the one
-check every number that comes into the package passes.
+``generator(seed, device)`` is the one way randomness enters the package, and ``require_finite`` the one
+check every number that comes into the package passes. A generator lives on a device and everything
+drawn with it is drawn there (``train`` draws its batches on the model's device): the same seed gives
+the same numbers on the same kind of device, but a CUDA generator's stream is not the CPU's.
 """
 
 from __future__ import annotations
@@ -31,11 +33,20 @@ PROFILES = ("smoke", "quick", "full")
 PROFILE_ENV = "ICL_COURSE_PROFILE"
 
 
-def generator(seed: int) -> torch.Generator:
-    """A CPU generator seeded with ``seed``: the one way randomness enters the package."""
-    if not isinstance(seed, int):
+def generator(seed: int, device=None) -> torch.Generator:
+    """A generator on ``device`` (default: the CPU) seeded with ``seed``: the one way randomness
+    enters the package. Tasks draw on the generator's device (``gen.device``).
+
+    >>> generator(0).device
+    device(type='cpu')
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an int, got {type(seed).__name__}")
-    return torch.Generator().manual_seed(seed)
+    try:
+        device = torch.device("cpu" if device is None else device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be a torch.device or a name such as 'cpu' or 'cuda', got {device!r}") from err
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def get_device() -> torch.device:

@@ -1,6 +1,7 @@
 """Training a model on a stream of fresh tasks: ``train(model, task, config) -> History``.
 
-Each step draws a new batch from ``task`` (seeded by ``config.seed``), computes ``task.loss(model,
+Each step draws a new batch from ``task`` on the training device (with ``generator(config.seed,
+device)``, so a GPU draws its own data and nothing is copied), computes ``task.loss(model,
 batch)`` and takes one optimizer step: AdamW with the config's rates and schedule, or any
 ``torch.optim.Optimizer`` passed as ``optimizer=`` (chapter 7's update rules, as
 ``RuleOptimizer``). A :class:`FullBatch` hands out one fixed training set instead of fresh batches.
@@ -24,8 +25,8 @@ optimizer, the data stream's generator, the task's counters (plain numbers in it
 as a curriculum's step) and the history to ``PATH`` every ``N`` steps and at the end, atomically;
 the same call again resumes from it (the tracked measures too), and on one device gives bit for bit
 the run that was never interrupted. A checkpoint written by another model, task or config is refused (``ValueError``).
-Randomness must come from the generator ``train`` passes to ``task.sample`` (as everywhere in
-the package). Under ``with checkpointing(folder):`` every ``train`` call checkpoints into
+Randomness must come from the generator ``train`` passes to ``task.sample``, drawn on its device
+``gen.device`` (as everywhere in the package). Under ``with checkpointing(folder):`` every ``train`` call checkpoints into
 ``folder/<Model>-<key>.pt``, the key a hash of the initial weights and settings of the model, the
 task and the config; the folder is passed on in the environment, so worker processes started inside
 the block use it too. Calls with a callback that may record what it sees (anything but ``None``,
@@ -151,7 +152,7 @@ def train(model: torch.nn.Module, task, config: TrainConfig, callback=None, devi
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     else:
         _require_default_rates(config)
-    run = _Run(model, task, config, optimizer, generator(config.seed), track, scheduled)
+    run = _Run(model, task, config, optimizer, generator(config.seed, device), track, scheduled)
     checkpoint, checkpoint_every = _checkpoint_file(run, checkpoint, checkpoint_every, callback)
     bar = _progress_bar(progress, config.steps)
     hooks = [h for h in (bar, callback) if h is not None]

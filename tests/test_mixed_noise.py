@@ -13,6 +13,7 @@ from margins import claim
 import icl_course as icl
 from icl_course import pretrained
 from icl_course.solvers import GDPlusPlus, GradientDescent
+from icl_course.tasks import float64_draws
 from icl_course.topics.mixed_noise import checks
 from icl_course.topics.mixed_noise import experiment as mn
 from icl_course.topics.mixed_noise.discovered_algorithm import DiscoveredAlgorithm, LayerCoefficients
@@ -176,7 +177,9 @@ def test_every_shipped_model_is_there_with_provenance():
 
 @functools.lru_cache(maxsize=3)
 def provenance_eval_set(setting: str, n_eval: int, seed: int):
-    return mn.make_task(setting).sample(n_eval, icl.generator(seed))
+    """The sequences a provenance record was measured on, drawn as when the weights were shipped."""
+    with float64_draws():
+        return mn.make_task(setting).sample(n_eval, icl.generator(seed))
 
 
 # On fresh sequences the shipped models' losses scatter by ~0.01 around the provenance at 20k sequences,

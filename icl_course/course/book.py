@@ -7,7 +7,10 @@ prose at ``WORDS_PER_MINUTE``, plus ``CODE_CELL_MINUTES`` per code cell, ``EQUAT
 equation (a derivation is read slower than prose), and ``EXERCISE_MINUTES`` per exercise (a check that its
 solution notebook calls). Run times come from
 ``timings.json``, written by ``python -m icl_course.course timings`` (``make timings``), which runs
-every chapter notebook in a fresh kernel and records the wall-clock time with the machine it ran on.
+every chapter notebook in a fresh kernel and records the wall-clock time with the machine it ran on,
+and by ``python -m icl_course.course device-check`` (``make device-check``, :mod:`.device_check`) on a GPU.
+Times measured on a CPU are kept under the profile's name (``quick``), on a GPU under ``quick-gpu`` and
+``full-gpu`` (:func:`timings_key`); a chapter stopped at its time limit is listed under ``over``.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 from icl_course.topics import TOPICS, Topic
 
 __all__ = ["PLAN", "PREREQUISITE", "reading_minutes", "exercise_count", "path_figure", "path_map", "chapter_table",
-           "syllabus", "measure_timings"]
+           "syllabus", "measure_timings", "timings_key", "merge_timings"]
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMINGS = "timings.json"
@@ -142,27 +145,31 @@ def path_map(root: Path = ROOT) -> str:
 def chapter_table(root: Path = ROOT) -> str:
     """A markdown table: chapter, reading time, exercises, and measured run times (quick on CPU, full on GPU)."""
     timings = json.loads((root / TIMINGS).read_text()) if (root / TIMINGS).exists() else {}
-    rows = ["| chapter | reading | exercises | quick profile, CPU | full profile, GPU |", "|---|---|---|---|---|"]
+    columns = (("quick", "quick profile, CPU"), ("quick-gpu", "quick profile, GPU"), ("full-gpu", "full profile, GPU"))
+    rows = ["| chapter | reading | exercises | " + " | ".join(name for _, name in columns) + " |",
+            "|---|---|---|" + "---|" * len(columns)]
     for ch in PLAN:
         if not available(ch, root):
-            rows.append(f"| {ch.number}. {ch.title} | not yet written | | | |")
+            rows.append(f"| {ch.number}. {ch.title} | not yet written | |" + " |" * len(columns))
             continue
         read = f"~{reading_minutes(root / 'chapters' / f'{ch.stem}.ipynb'):.0f} min"
         n_ex = exercise_count(ch, root)
         exercises = f"{n_ex}, ~{n_ex * EXERCISE_MINUTES:.0f} min" if n_ex else "none"
         cells = []
-        for profile in ("quick", "full"):
-            t = timings.get(profile, {}).get("chapters", {}).get(ch.stem)
-            cells.append(f"{t / 60:.1f} min" if t is not None else "not measured yet")
-        rows.append(f"| [{ch.number}. {ch.title}](chapters/{ch.stem}.ipynb) | {read} | {exercises} | {cells[0]} | {cells[1]} |")
+        for key, _ in columns:
+            t = timings.get(key, {}).get("chapters", {}).get(ch.stem)
+            over = timings.get(key, {}).get("over", {}).get(ch.stem)
+            cells.append(f"{t / 60:.1f} min" if t is not None else f"over {over / 60:.0f} min (stopped)" if over is not None
+                         else "not measured yet")
+        rows.append(f"| [{ch.number}. {ch.title}](chapters/{ch.stem}.ipynb) | {read} | {exercises} | " + " | ".join(cells) + " |")
     rows.append("")
     rows.append(f"*Reading: the prose at {WORDS_PER_MINUTE} words a minute, plus {CODE_CELL_MINUTES:g} min per code "
                 f"cell and {EQUATION_MINUTES:g} min per displayed equation (a derivation is read more slowly than "
                 f"prose). Exercises: {EXERCISE_MINUTES:g} min each, to write a function until its check passes.*")
-    for profile in ("quick", "full"):
-        if profile in timings:
+    for key, name in columns:
+        if key in timings:
             rows.append("")
-            rows.append(f"*{profile} profile measured {timings[profile]['date']} on {timings[profile]['machine']}.*")
+            rows.append(f"*{name.capitalize()}: measured {timings[key]['date']} on {timings[key]['machine']}.*")
     return "\n".join(rows)
 
 
@@ -211,17 +218,48 @@ def measure_timings(profile: str, root: Path = ROOT, stems=None) -> dict:
     return {"date": time.strftime("%Y-%m-%d"), "machine": f"{device}, {platform.machine()}", "chapters": chapters}
 
 
-def main() -> None:  # python -m icl_course.course timings PROFILE [CHAPTER_STEM ...]
-    if len(sys.argv) < 3 or sys.argv[1] != "timings":
-        sys.exit("usage: python -m icl_course.course timings PROFILE [CHAPTER_STEM ...]")
-    path = ROOT / TIMINGS
+def timings_key(profile: str, gpu: bool) -> str:
+    """Where ``timings.json`` keeps a profile's times: ``quick`` on a CPU, ``quick-gpu`` on a GPU."""
+    return f"{profile}-gpu" if gpu else profile
+
+
+def merge_timings(path: Path, key: str, measured: dict, keep_others: bool = True) -> dict:
+    """Write ``measured`` (``date``, ``machine``, ``chapters`` and maybe ``over``) under ``key`` of the
+    timings file at ``path``, keeping the other chapters' earlier times (``keep_others``); atomically."""
+    import os
+    import tempfile
+
+    path = Path(path)
     record = json.loads(path.read_text()) if path.exists() else {}
+    old = record.get(key, {}) if keep_others else {}
+    merged = {**old, **measured, "chapters": {**old.get("chapters", {}), **measured.get("chapters", {})}}
+    over = {k: v for k, v in {**old.get("over", {}), **measured.get("over", {})}.items() if k not in measured.get("chapters", {})}
+    merged["chapters"] = {k: v for k, v in merged["chapters"].items() if k not in measured.get("over", {})}
+    merged.pop("over", None)
+    if over:
+        merged["over"] = over
+    record[key] = merged
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return record
+
+
+def main() -> None:  # python -m icl_course.course timings PROFILE [CHAPTER_STEM ...]
+    if len(sys.argv) >= 2 and sys.argv[1] == "device-check":
+        from .device_check import main as device_check
+
+        raise SystemExit(device_check(sys.argv[2:]))
+    if len(sys.argv) < 3 or sys.argv[1] != "timings":
+        sys.exit("usage: python -m icl_course.course timings PROFILE [CHAPTER_STEM ...]\n"
+                 "       python -m icl_course.course device-check --out LOGDIR [--device cuda] [...] (see --help)")
+    import torch
+
     measured = measure_timings(sys.argv[2], stems=sys.argv[3:])
-    if sys.argv[3:]:  # a few chapters: keep the others' earlier times
-        measured["chapters"] = {**record.get(sys.argv[2], {}).get("chapters", {}), **measured["chapters"]}
-    record[sys.argv[2]] = measured
-    path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    print(f"wrote {path}", file=sys.stderr)
+    key = timings_key(sys.argv[2], torch.cuda.is_available())
+    merge_timings(ROOT / TIMINGS, key, measured, keep_others=bool(sys.argv[3:]))  # a few chapters: keep the others' times
+    print(f"wrote {ROOT / TIMINGS} ({key})", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -282,7 +282,7 @@ class FullAnswerObjective:
     def _loops(self, batch: AlgorithmicBatch, gen: torch.Generator) -> int:
         if self.fixed_loops is not None:
             return self.fixed_loops
-        k = int(torch.randint(0, self.extra_loops + 1, (1,), generator=gen)) if self.extra_loops else 0
+        k = int(torch.randint(0, self.extra_loops + 1, (1,), generator=gen, device=gen.device)) if self.extra_loops else 0
         return batch.steps + k
 
     def loss(self, model: LoopedTransformer, groups: list[Supervised]) -> Tensor:

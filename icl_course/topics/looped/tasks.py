@@ -115,7 +115,7 @@ class AlgorithmicTask:
         raise NotImplementedError
 
     def sample_length(self, n: int, batch_size: int, gen: torch.Generator, device=None) -> AlgorithmicBatch:
-        """``batch_size`` random inputs of length ``n`` and their answers (drawn on the CPU)."""
+        """``batch_size`` random inputs of length ``n`` and their answers (drawn on ``gen``'s device)."""
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an int >= 1, got {n!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -128,7 +128,7 @@ class AlgorithmicTask:
         lo, hi = self.train_lengths
         hi = hi if longest is None else max(lo, min(hi, longest))
         per_group = max(1, batch_size // self.groups)
-        lengths = torch.randint(lo, hi + 1, (self.groups,), generator=gen).tolist()
+        lengths = torch.randint(lo, hi + 1, (self.groups,), generator=gen, device=gen.device).tolist()
         return [self.sample_length(n, per_group, gen, device) for n in lengths]
 
     def longest_at(self, step: int, curriculum: int) -> int:
@@ -143,7 +143,7 @@ class AlgorithmicTask:
 
 
 def _bits(batch_size: int, n: int, gen: torch.Generator) -> Tensor:
-    return torch.randint(0, 2, (batch_size, n), generator=gen)
+    return torch.randint(0, 2, (batch_size, n), generator=gen, device=gen.device)
 
 
 @dataclass(frozen=True)
@@ -180,12 +180,14 @@ class Addition(AlgorithmicTask):
 
     def _draw(self, n, batch_size, gen):
         a, b = _bits(batch_size, n, gen), _bits(batch_size, n, gen)
-        answer, carry = torch.empty(batch_size, n + 1, dtype=torch.long), torch.zeros(batch_size, dtype=torch.long)
+        on = gen.device
+        answer = torch.empty(batch_size, n + 1, dtype=torch.long, device=on)
+        carry = torch.zeros(batch_size, dtype=torch.long, device=on)
         for i in range(n):  # schoolbook addition, bit i (least significant first)
             s = a[:, i] + b[:, i] + carry
             answer[:, i], carry = s % 2, s // 2
         answer[:, n] = carry
-        plus = torch.full((batch_size, 1), PLUS, dtype=torch.long)
+        plus = torch.full((batch_size, 1), PLUS, dtype=torch.long, device=on)
         return torch.cat([a, plus, b], dim=1), answer
 
 

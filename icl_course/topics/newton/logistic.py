@@ -151,7 +151,7 @@ class LogisticTask:
         x_all = self.inputs.draw((B, n + 1, d), gen, dtype)  # (B, n+1, d)
         w = self.weights.draw((B, d), gen, dtype)  # (B, d)
         if self.query == "basis":  # x_q = e_m: the target logit is coordinate m of the weights
-            m = torch.randint(d, (B,), generator=gen)
+            m = torch.randint(d, (B,), generator=gen, device=gen.device)
             x_all[:, n] = F.one_hot(m, d).to(dtype)
         margin = torch.einsum("bnd,bd->bn", x_all, w)  # (B, n+1)
         if self.labels == "sign":
@@ -159,7 +159,7 @@ class LogisticTask:
             labels = torch.where(margin[:, :n] > 0, 1.0, -1.0).to(dtype)
         else:
             p = torch.sigmoid(margin)
-            labels = torch.where(torch.rand((B, n), generator=gen, dtype=dtype) < p[:, :n], 1.0, -1.0).to(dtype)
+            labels = torch.where(torch.rand((B, n), generator=gen, dtype=dtype, device=gen.device) < p[:, :n], 1.0, -1.0).to(dtype)
         xs, x_q = x_all[:, :n], x_all[:, n]
         newton = LogisticNewton(self.mu, self.newton_steps, damped=self.damped)
         w_star = newton.weights(xs.double(), labels.double())  # (B, d)

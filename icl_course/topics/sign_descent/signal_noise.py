@@ -97,16 +97,18 @@ class SignalNoiseTask:
         return mu
 
     def sample(self, batch_size: int, gen: torch.Generator, device=None, dtype=torch.float32) -> SignalNoiseBatch:
-        """``batch_size`` fresh samples, drawn on the CPU with ``gen`` and moved to ``device``."""
+        """``batch_size`` fresh samples, drawn with ``gen`` on its device (in float64) and moved to ``device``."""
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         n, d, s = batch_size, self.d, self.sparsity
-        y = 2.0 * torch.randint(2, (n,), generator=gen, dtype=torch.float64) - 1  # (n,) in {-1, +1}
-        support = torch.rand(n, d - 1, generator=gen).argsort(dim=1)[:, :s] + 1  # (n, s), never coordinate 0
-        values = self.sigma_p * torch.randn(n, s, generator=gen, dtype=torch.float64)  # (n, s)
-        xi = torch.zeros(n, d, dtype=torch.float64).scatter_(1, support, values)  # (n, d)
-        X = torch.stack([y[:, None] * self.mu, xi], dim=1)  # (n, 2, d): signal patch, noise patch
-        return SignalNoiseBatch(X, y, xi, self.mu).to(device=device, dtype=dtype)
+        on = gen.device
+        y = 2.0 * torch.randint(2, (n,), generator=gen, dtype=torch.float64, device=on) - 1  # (n,) in {-1, +1}
+        support = torch.rand(n, d - 1, generator=gen, device=on).argsort(dim=1)[:, :s] + 1  # (n, s), never coordinate 0
+        values = self.sigma_p * torch.randn(n, s, generator=gen, dtype=torch.float64, device=on)  # (n, s)
+        xi = torch.zeros(n, d, dtype=torch.float64, device=on).scatter_(1, support, values)  # (n, d)
+        mu = self.mu.to(on)
+        X = torch.stack([y[:, None] * mu, xi], dim=1)  # (n, 2, d): signal patch, noise patch
+        return SignalNoiseBatch(X, y, xi, mu).to(device=device, dtype=dtype)
 
     def loss(self, model: nn.Module, batch: SignalNoiseBatch) -> Tensor:
         """The training objective: the logistic loss of the model's logits."""

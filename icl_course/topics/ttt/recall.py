@@ -81,18 +81,19 @@ class AssociativeRecallTask:
         return self.n_keys + self.n_values
 
     def sample_pairs(self, batch_size: int, n_pairs: int, gen: torch.Generator, device=None) -> RecallBatch:
-        """``batch_size`` sequences of ``n_pairs`` pairs each (drawn on the CPU with ``gen``)."""
+        """``batch_size`` sequences of ``n_pairs`` pairs each (drawn with ``gen``, on its device)."""
         self._check_pairs(n_pairs)
-        keys = torch.rand(batch_size, self.n_keys, generator=gen).argsort(-1)[:, :n_pairs]  # (B, n), distinct
-        values = torch.randint(self.n_values, (batch_size, n_pairs), generator=gen)  # (B, n)
-        asked = torch.randint(n_pairs, (batch_size, self.n_queries), generator=gen)  # (B, Q) which pair
+        on = gen.device
+        keys = torch.rand(batch_size, self.n_keys, generator=gen, device=on).argsort(-1)[:, :n_pairs]  # (B, n), distinct
+        values = torch.randint(self.n_values, (batch_size, n_pairs), generator=gen, device=on)  # (B, n)
+        asked = torch.randint(n_pairs, (batch_size, self.n_queries), generator=gen, device=on)  # (B, Q) which pair
         context = torch.stack([keys, values + self.n_keys], dim=2).reshape(batch_size, 2 * n_pairs)  # k1 v1 k2 v2 ...
         tokens = torch.cat([context, keys.gather(1, asked)], dim=1)  # (B, 2n + Q)
         return RecallBatch(tokens, values.gather(1, asked)).to(device)
 
     def sample(self, batch_size: int, gen: torch.Generator, device=None) -> RecallBatch:
         """A training batch: one pair count from ``pairs`` for the whole batch, then the sequences."""
-        n_pairs = self.pairs[torch.randint(len(self.pairs), (1,), generator=gen).item()]
+        n_pairs = self.pairs[torch.randint(len(self.pairs), (1,), generator=gen, device=gen.device).item()]
         return self.sample_pairs(batch_size, n_pairs, gen, device)
 
     def logits(self, model, batch: RecallBatch) -> Tensor:
