@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import resource
 import shutil
@@ -148,16 +149,18 @@ def _kill_uid(uid: int) -> None:
         time.sleep(0.01)
 
 
+@functools.lru_cache(maxsize=1)
 def _mapped_by_torch() -> int:
-    """Bytes of address space this process maps (it has imported torch, as the worker will): a CUDA
-    build of torch maps about 3 GB just by being imported, a CPU build about 0.6 GB, so the worker's
-    address-space limit is this much on top of its memory budget."""
+    """Bytes of address space a fresh interpreter maps once it has imported torch and the package, as
+    the worker does (measured once): a CUDA build of torch maps about 3 GB just by being imported, a
+    CPU build about 0.6 GB, so the worker's address-space limit is this much on top of its budget."""
+    probe = ("import torch, icl_course\n"
+             "print(next(l for l in open('/proc/self/status') if l.startswith('VmSize:')).split()[1])")
     try:
-        with open("/proc/self/status") as status:
-            line = next(line for line in status if line.startswith("VmSize:"))
-        return int(line.split()[1]) * 1024
-    except (OSError, StopIteration, ValueError):
-        return 4 * 2**30  # no /proc: room for a CUDA build
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+        return int(out.stdout.split()[-1]) * 1024
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return 4 * 2**30  # could not measure: room for a CUDA build
 
 
 # --- cgroups (v1 memory and pids controllers, where they can be made) ------------------------------------
