@@ -247,10 +247,6 @@ def merge_timings(path: Path, key: str, measured: dict, keep_others: bool = True
 
 
 def main() -> None:  # python -m icl_course.course timings PROFILE [CHAPTER_STEM ...]
-    if len(sys.argv) >= 2 and sys.argv[1] == "device-check":
-        from .device_check import main as device_check
-
-        raise SystemExit(device_check(sys.argv[2:]))
     if len(sys.argv) < 3 or sys.argv[1] != "timings":
         sys.exit("usage: python -m icl_course.course timings PROFILE [CHAPTER_STEM ...]\n"
                  "       python -m icl_course.course device-check --out LOGDIR [--device cuda] [...] (see --help)")
