@@ -26,11 +26,11 @@ import torch
 
 import icl_course
 from icl_course import runtime
+from icl_course.topics import TOPICS
 
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / "_build" / ".jupyter_cache"  # where _config.yml (execute: cache) points
 KEY_FILE = "icl-course-key"
-WORKERS = 2
 TIMEOUT = 1200  # seconds per notebook, as _config.yml's execute: timeout
 
 
@@ -47,34 +47,33 @@ def cache_key(root: Path = ROOT) -> str:
 
 
 def book_notebooks(root: Path = ROOT) -> list[Path]:
-    """The .ipynb pages of the book, in the order of _toc.yml."""
-    import yaml
-
-    toc = yaml.safe_load((root / "_toc.yml").read_text())
-    files = [ch["file"] for part in toc["parts"] for ch in part["chapters"]]
-    return [root / f"{f}.ipynb" for f in files if (root / f"{f}.ipynb").exists()]
+    """The .ipynb pages of the book: each topic's chapter and exercise page (tests/test_layout.py
+    checks that _toc.yml lists exactly these)."""
+    return [root / folder / f"{topic.stem}.ipynb" for folder in ("chapters", "exercises/book") for topic in TOPICS]
 
 
-def prepare(cache_path: Path = CACHE, root: Path = ROOT, workers: int = WORKERS) -> dict:
+def prepare(cache_path: Path = CACHE, root: Path = ROOT) -> dict:
     """Empty the cache if its key changed, then execute the notebooks it lacks. Returns what was done."""
     from jupyter_cache import get_cache
     from jupyter_cache.executors import load_executor
 
     key = cache_key(root)
     key_file = Path(cache_path) / KEY_FILE
-    stale = key_file.exists() and key_file.read_text() != key
-    if stale or (Path(cache_path).exists() and not key_file.exists()):
+    stale = Path(cache_path).exists() and (not key_file.exists() or key_file.read_text() != key)
+    if stale:
         shutil.rmtree(cache_path)
     cache = get_cache(cache_path)
     Path(cache_path).mkdir(parents=True, exist_ok=True)
     key_file.write_text(key)
     for notebook in book_notebooks(root):
         cache.add_nb_to_project(str(notebook))
-    os.environ["OMP_NUM_THREADS"] = "1"  # the kernels inherit it: one thread each, `workers` at a time
+    todo = [record.uri for record in cache.list_unexecuted()]
+    os.environ["OMP_NUM_THREADS"] = "1"  # the kernels inherit it: one torch thread each
     # local-parallel: one process per core (os.cpu_count()), each running notebooks in their own folder
-    executor = load_executor("local-parallel" if workers > 1 else "local-serial", cache)
+    executor = load_executor("local-parallel", cache)
     result = executor.run_and_cache(timeout=TIMEOUT)
-    return {"emptied": stale, "executed": result.succeeded, "failed": result.excepted + result.errored}
+    failed = result.excepted + result.errored
+    return {"emptied": stale, "executed": [uri for uri in todo if uri not in failed], "failed": failed}
 
 
 def main(argv: list[str]) -> int:
