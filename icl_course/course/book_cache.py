@@ -1,4 +1,4 @@
-"""The book's execution cache: rebuild only what changed, and run the notebooks two at a time.
+"""The book's execution cache: rebuild only what changed, and run the notebooks one per core.
 
 ``make book`` calls this before ``jupyter-book build``. The book executes its notebooks through
 jupyter-cache (``execute_notebooks: cache`` in ``_config.yml``), which reuses a notebook's stored
@@ -9,7 +9,8 @@ made under another profile, device or package version are never reused.
 
 Then every notebook the cache does not hold is executed here, one per core with one torch thread
 each, so a first build uses both cores; ``jupyter-book build`` then finds them all cached (and
-executes the book's Markdown pages, which take seconds, itself).
+executes the book's Markdown pages, which take seconds, itself). A notebook past its time limit is
+stopped and tried again; one stopped twice is left to the book build.
 
     python -m icl_course.course.book_cache [_build/.jupyter_cache]
 """
@@ -17,8 +18,11 @@ executes the book's Markdown pages, which take seconds, itself).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -52,10 +56,34 @@ def book_notebooks(root: Path = ROOT) -> list[Path]:
     return [root / folder / f"{topic.stem}.ipynb" for folder in ("chapters", "exercises/book") for topic in TOPICS]
 
 
-def prepare(cache_path: Path = CACHE, root: Path = ROOT) -> dict:
-    """Empty the cache if its key changed, then execute the notebooks it lacks. Returns what was done."""
+def time_limit(notebook: Path, root: Path = ROOT) -> float | None:
+    """Seconds one execution of ``notebook`` may take before it is stopped and tried again: three times
+    its chapter's measured time in this profile (timings.json) plus two minutes; ten minutes for an
+    exercise page or a chapter not measured in a measured profile; four minutes for any page in the
+    smoke profile (seconds each); no limit in a profile never measured."""
+    if runtime.get_profile() == "smoke":
+        return 240.0
+    timings = json.loads((root / "timings.json").read_text()) if (root / "timings.json").exists() else {}
+    measured = timings.get(runtime.get_profile(), {}).get("chapters")
+    if measured is None:
+        return None
+    seconds = measured.get(notebook.stem) if notebook.parent.name == "chapters" else None
+    return 600.0 if seconds is None else 3 * seconds + 120
+
+
+def prepare(cache_path: Path = CACHE, root: Path = ROOT, notebooks: list[Path] | None = None,
+            limit: float | None = None) -> dict:
+    """Empty the cache if its key changed, then execute the notebooks (default: the book's) it lacks, one
+    per core. Returns what was done.
+
+    Each notebook runs in a child process of its own (jupyter-cache's serial executor), at most
+    ``limit`` seconds (default :func:`time_limit`) and then once more: under heavy load a kernel and
+    its client have been seen waiting on each other for good (a message lost between them), which
+    neither jupyter-cache nor nbclient notices before the cell timeout (20 minutes). A notebook stopped
+    twice is left to ``jupyter-book build``, which executes it and shows any error."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from jupyter_cache import get_cache
-    from jupyter_cache.executors import load_executor
 
     key = cache_key(root)
     key_file = Path(cache_path) / KEY_FILE
@@ -65,23 +93,55 @@ def prepare(cache_path: Path = CACHE, root: Path = ROOT) -> dict:
     cache = get_cache(cache_path)
     Path(cache_path).mkdir(parents=True, exist_ok=True)
     key_file.write_text(key)
-    for notebook in book_notebooks(root):
-        cache.add_nb_to_project(str(notebook))
-    todo = [record.uri for record in cache.list_unexecuted()]
-    os.environ["OMP_NUM_THREADS"] = "1"  # the kernels inherit it: one torch thread each
-    # local-parallel: one process per core (os.cpu_count()), each running notebooks in their own folder
-    executor = load_executor("local-parallel", cache)
-    result = executor.run_and_cache(timeout=TIMEOUT)
-    failed = result.excepted + result.errored
-    return {"emptied": stale, "executed": [uri for uri in todo if uri not in failed], "failed": failed}
+    wanted = {str(nb) for nb in (book_notebooks(root) if notebooks is None else notebooks)}
+    for notebook in sorted(wanted):
+        cache.add_nb_to_project(notebook)
+    todo = [(record.pk, record.uri) for record in cache.list_unexecuted() if record.uri in wanted]
+
+    def run(item) -> tuple[str, int]:
+        pk, uri = item
+        seconds = time_limit(Path(uri), root) if limit is None else limit
+        command = [sys.executable, "-m", "icl_course.course.book_cache", "--execute", str(cache_path), str(pk)]
+        stops = 0
+        for _ in range(2):
+            child = subprocess.Popen(command, cwd=root, start_new_session=True,
+                                     env={**os.environ, "OMP_NUM_THREADS": "1"})  # the kernel inherits it
+            try:
+                child.wait(timeout=seconds)
+                break
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)  # the child; its kernel exits with it
+                child.wait()
+                stops += 1
+        return uri, stops
+
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        stops = dict(pool.map(run, todo))
+    missing = {record.uri for record in get_cache(cache_path).list_unexecuted()} & wanted
+    return {"emptied": stale, "executed": [uri for _, uri in todo if uri not in missing],
+            "missing": sorted(missing), "stopped": sorted(uri for uri, n in stops.items() if n)}
+
+
+def _execute_one(cache_path: Path, pk: int) -> None:
+    """Execute the cache's notebook ``pk`` with jupyter-cache's serial executor (in :func:`prepare`'s child)."""
+    from jupyter_cache import get_cache
+    from jupyter_cache.executors import load_executor
+
+    load_executor("local-serial", get_cache(cache_path)).run_and_cache(filter_pks=[pk], timeout=TIMEOUT)
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--execute"]:
+        _execute_one(Path(argv[1]), int(argv[2]))
+        return 0
     done = prepare(Path(argv[0]) if argv else CACHE)
     if done["emptied"]:
         print("book cache: made under another profile, device or package version; emptied")
-    print(f"book cache: executed {len(done['executed'])} notebook(s)"
-          + (f"; failed (the book build will show why): {', '.join(done['failed'])}" if done["failed"] else ""))
+    print(f"book cache: executed {len(done['executed'])} notebook(s)")
+    if done["stopped"]:
+        print(f"book cache: stopped past the time limit and retried: {', '.join(done['stopped'])}")
+    if done["missing"]:
+        print(f"book cache: not executed (jupyter-book will run them and show any error): {', '.join(done['missing'])}")
     return 0
 
 
