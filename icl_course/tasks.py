@@ -59,21 +59,18 @@ _FLOAT64_DRAWS = [False]
 
 
 def _draws_float64(gen: torch.Generator) -> bool:
-    """Gaussian draws are made in float64 (and rounded to the batch's dtype) on the CPU, as they always
-    were: several claim tests and the margins measured for them (tests/margins.md) rest on that stream.
-    Drawn in float32 instead, the same seeds 0-4 gave different sequences, and some claims did not hold
-    at every seed (chapter 1's n = 25 recurrent model stalled at seed 2; two depth comparisons of
-    chapter 3 met blown-up sequences): those claims must first be made robust to the stream. On a
-    GPU, draws are made in the batch's dtype (float32 is several times cheaper there too)."""
-    return _FLOAT64_DRAWS[0] or gen.device.type == "cpu"
+    """Whether Gaussian draws are made in float64 and rounded to the batch's dtype: only inside
+    :func:`float64_draws`. Otherwise they are made in the batch's dtype on the generator's device (on
+    the CPU a float32 ``randn`` is about six times cheaper than a float64 one)."""
+    return _FLOAT64_DRAWS[0]
 
 
 @contextmanager
 def float64_draws():
     """Within the block, ``Gaussian`` and ``IllConditioned`` draw in float64 and round to the batch's
-    dtype, as every batch was drawn before sampling moved to the device (December 2026): on the CPU,
-    the same seed then gives the sequences on which the shipped weights' provenance records were
-    measured (the tests that re-measure them use it). About six times slower than float32 draws."""
+    dtype, as every batch was drawn before December 2026: on the CPU, the same seed then gives the
+    sequences on which the shipped weights' provenance records were measured (the tests that
+    re-measure them use it). About six times slower than float32 draws."""
     before = _FLOAT64_DRAWS[0]
     _FLOAT64_DRAWS[0] = True
     try:
@@ -131,7 +128,7 @@ class Gaussian:
             z = torch.randn(shape, generator=gen, dtype=torch.float64, device=gen.device)
             root = None if self.cov is None else self._root.T.to(z.device)
             return (self.std * z if root is None else self.std * z @ root).to(dtype)
-        z = torch.randn(shape, generator=gen, dtype=dtype, device=gen.device)  # in the batch's dtype: float32 is ~6x cheaper
+        z = torch.randn(shape, generator=gen, dtype=dtype, device=gen.device)  # in the batch's dtype
         if self.cov is None:
             return z if self.std == 1 else self.std * z
         return z @ (self.std * self._root.T).to(dtype=dtype, device=z.device)

