@@ -2,7 +2,8 @@
 
 A weight file ``NAME.pt`` (a ``state_dict``) lives in ``icl_course/weights/`` next to ``NAME.json``,
 its provenance: the architecture, how it was trained (config, seed, steps, learning rate), what it
-measured (e.g. its loss and the evaluation set size) and two checksums:
+measured (e.g. its loss and the evaluation set size), how its Gaussian inputs were drawn (``draws``,
+float32 or float64: the same seed gives other sequences, see :func:`drawn_as`) and two checksums:
 
 - ``architecture``: ``{"model": "MODULE.CLASS", **args}``, the model's class and the arguments
   that rebuild it, as nanoGPT's checkpoints store ``model_args``. Every model that ships
@@ -45,6 +46,7 @@ were given their class's full name as ``model`` with::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
@@ -56,9 +58,10 @@ import torch
 from torch import nn
 
 from .linear_transformer import LinearTransformer, RecurrentLinearTransformer, linear_transformer, recurrent_transformer
+from .tasks import _FLOAT64_DRAWS, float64_draws
 
 __all__ = ["WEIGHTS_DIR", "MODELS", "ChecksumError", "RecordError", "register", "save", "load", "provenance",
-           "available", "digest", "restamp", "set_selection", "ONE_RUN", "one_run"]
+           "available", "digest", "restamp", "set_selection", "ONE_RUN", "one_run", "drawn_as"]
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 REGENERATE = "regenerate the weights with the experiment that made them (icl-course reproduce TOPIC --write-weights)"
@@ -148,6 +151,7 @@ def save(name: str, model: nn.Module, provenance: dict, folder: Path | None = No
     """
     arch = architecture(model)
     weights, record = _paths(name, folder)
+    provenance = {"draws": "float64" if _FLOAT64_DRAWS[0] else "float32", **provenance}
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
@@ -156,6 +160,20 @@ def save(name: str, model: nn.Module, provenance: dict, folder: Path | None = No
     _write(weights, lambda tmp: torch.save(state, tmp))
     _write_record(record, provenance, arch, _sha256(weights))
     return weights
+
+
+def drawn_as(record: dict) -> contextlib.AbstractContextManager:
+    """A context in which sequences are drawn as they were for ``record``'s numbers: its ``draws`` field
+    (``save`` stamps it), and for the records written before it existed (December 2026), Gaussian draws
+    in float64 rounded to float32 (:func:`icl_course.tasks.float64_draws`), as every batch then was.
+
+    >>> with drawn_as(provenance("mixed_noise/diag-4l-u5")):   # doctest: +SKIP
+    ...     held_out = task.sample(n_eval, generator(record_seed))
+    """
+    draws = record.get("draws", "float64")
+    if draws not in ("float64", "float32"):
+        raise RecordError(f"a record's draws must be 'float64' or 'float32', got {draws!r}")
+    return float64_draws() if draws == "float64" else contextlib.nullcontext()
 
 
 def provenance(name: str, folder: Path | None = None) -> dict:

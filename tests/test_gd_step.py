@@ -4,7 +4,6 @@ from dataclasses import replace
 
 from margins import claim
 
-from icl_course.tasks import float64_draws
 from icl_course.topics.gd_step import experiment as gd_step
 
 
@@ -136,7 +135,7 @@ def test_shipped_two_loop_models_remeasure_their_provenance(n):
         eta, gamma = read_gdpp(model.layer)
         assert gamma / n == pytest.approx(record["metrics"]["gamma_paper_convention"], rel=1e-4)
         assert eta == pytest.approx(record["metrics"]["eta"], rel=1e-4)
-        with float64_draws():  # the recorded validation sequences, drawn as when the weights were shipped
+        with pretrained.drawn_as(record):  # the recorded validation sequences, drawn as when the weights were shipped
             loss = evaluate(model, recurrent.validation_set(n))
         assert loss == pytest.approx(record["metrics"]["validation_loss"], rel=1e-3)
 

@@ -13,7 +13,6 @@ from margins import claim
 import icl_course as icl
 from icl_course import pretrained
 from icl_course.solvers import GDPlusPlus, GradientDescent
-from icl_course.tasks import float64_draws
 from icl_course.topics.mixed_noise import checks
 from icl_course.topics.mixed_noise import experiment as mn
 from icl_course.topics.mixed_noise.discovered_algorithm import DiscoveredAlgorithm, LayerCoefficients
@@ -176,9 +175,10 @@ def test_every_shipped_model_is_there_with_provenance():
 
 
 @functools.lru_cache(maxsize=3)
-def provenance_eval_set(setting: str, n_eval: int, seed: int):
-    """The sequences a provenance record was measured on, drawn as when the weights were shipped."""
-    with float64_draws():
+def provenance_eval_set(setting: str, n_eval: int, seed: int, draws: str | None = None):
+    """The sequences a provenance record was measured on, drawn as when the weights were shipped (``draws``:
+    the record's field, see ``pretrained.drawn_as``)."""
+    with pretrained.drawn_as({} if draws is None else {"draws": draws}):
         return mn.make_task(setting).sample(n_eval, icl.generator(seed))
 
 
@@ -197,7 +197,8 @@ def _provenance_gaps(threads: int) -> dict:
     out = {}
     for name in sorted(SHIPPED_NAMES, key=lambda n: pretrained.provenance(n)["setting"]):  # eval sets cached
         record = pretrained.provenance(name)
-        batch = provenance_eval_set(record["setting"], record["eval"]["n_eval"], record["eval"]["seed"])
+        batch = provenance_eval_set(record["setting"], record["eval"]["n_eval"], record["eval"]["seed"],
+                                    record.get("draws"))
         value = mn.adjusted_loss(pretrained.load(name), batch)  # load verifies the checksum
         out[f"provenance_rel_gap {name}"] = abs(value / record["metrics"]["adjusted_loss"] - 1)
     return out

@@ -13,7 +13,6 @@ from icl_course import pretrained as icl_pretrained
 from icl_course.linear_transformer import gdpp_transformer
 from icl_course.metrics import implicit_weights_per_layer
 from icl_course.solvers import GDPlusPlus, tune_gdpp
-from icl_course.tasks import float64_draws
 from icl_course.topics.preconditioning import checks
 from icl_course.topics.preconditioning import experiment as pre
 from icl_course.topics.preconditioning import preconditioners as pc
@@ -297,7 +296,7 @@ def test_shipped_long_trained_models_remeasure_their_recorded_metrics(depth, see
     model = pretrained.load(name)
     assert model.args["n_layers"] == depth and model.args["d"] == QUICK.d
     config = replace(QUICK, seed=seed, spread_seeds=())
-    with float64_draws():  # the recorded sequences, drawn as when the weights were shipped
+    with pretrained.drawn_as(record):  # the recorded sequences, drawn as when the weights were shipped
         held_out = pre.make_task(config).sample(record["eval"]["n_eval"], icl.generator(record["eval"]["generator"]))
     got, claimed = pre.long_test_metrics(model, held_out), record["metrics"]
     for key in ("mean", "median", "se"):  # float32 predictions: only the summation order may differ

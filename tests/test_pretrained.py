@@ -164,6 +164,30 @@ def test_every_family_round_trips_through_one_save_and_load(tmp_path, family):
         assert torch.equal(outputs(model), outputs(loaded))
 
 
+def test_a_record_says_how_its_sequences_were_drawn(tmp_path):
+    """``save`` stamps the stream of Gaussian draws (float32, or float64 inside ``float64_draws``), and
+    ``drawn_as`` draws the same sequences again; records without the field (shipped before it) mean float64."""
+    from icl_course.tasks import Gaussian, float64_draws, generator
+
+    model = linear_transformer(3, 1, 1)
+    pretrained.save("demo/now", model, {}, folder=tmp_path)
+    with float64_draws():
+        pretrained.save("demo/before", model, {}, folder=tmp_path)
+        before = Gaussian().draw((5, 4), generator(0))
+    now = Gaussian().draw((5, 4), generator(0))
+    assert not torch.equal(before, now)
+    for name, expected in (("demo/now", now), ("demo/before", before)):
+        record = pretrained.provenance(name, folder=tmp_path)
+        with pretrained.drawn_as(record):
+            assert torch.equal(Gaussian().draw((5, 4), generator(0)), expected), name
+    assert pretrained.provenance("demo/now", folder=tmp_path)["draws"] == "float32"
+    assert "draws" not in pretrained.provenance(SHIPPED)  # shipped before the field: float64
+    with pretrained.drawn_as(pretrained.provenance(SHIPPED)):
+        assert torch.equal(Gaussian().draw((5, 4), generator(0)), before)
+    with pytest.raises(RecordError, match="draws must be"):
+        pretrained.drawn_as({"draws": "float16"})
+
+
 def test_a_record_cannot_make_load_import_or_build_another_class(tmp_path):
     record = copy_shipped(SHIPPED, tmp_path)
     for model in ("os.system", "icl_course.course.cli.main", "icl_course.nowhere.Model"):

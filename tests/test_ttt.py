@@ -9,7 +9,7 @@ import torch
 from margins import claim
 
 from icl_course import pretrained
-from icl_course.tasks import float64_draws, generator
+from icl_course.tasks import generator
 from icl_course.topics.ttt import checks, experiment, recall
 from icl_course.topics.ttt import layers as ttt
 from icl_course.topics.ttt.models import SequenceModel, TTTMixer, make_mixer
@@ -358,11 +358,11 @@ SHIPPED = [*(experiment.sweep_name(b, s) for b in experiment.SWEEP_MINI_BATCHES 
 
 
 def _held_out(record, gen_seed=None, n=None):
-    """The record's held-out sequences (drawn as when shipped: ``float64_draws``), or fresh ones from ``gen_seed``."""
+    """The record's held-out sequences (drawn as when shipped: ``pretrained.drawn_as``), or fresh ones from ``gen_seed``."""
     task = SequenceRegressionTask(**record["task"])
     if gen_seed is not None:
         return task, task.sample(n or record["eval"]["n_eval"], generator(gen_seed))
-    with float64_draws():
+    with pretrained.drawn_as(record):
         return task, task.sample(n or record["eval"]["n_eval"], generator(record["eval"]["generator"]))
 
 
