@@ -79,7 +79,6 @@ def float64_draws():
         _FLOAT64_DRAWS[0] = before
 
 
-
 @dataclass(frozen=True)
 class Uniform:
     """Independent ``U(low, high)`` entries."""
