@@ -143,6 +143,28 @@ def test_book_cache_stops_a_stuck_notebook_and_tries_it_again(monkeypatch, tmp_p
     assert book_cache.time_limit(notebook) is None
 
 
+def test_book_cache_keeps_what_interact_draws(tmp_path):
+    """The book's executions leave out nbclient's echo of Output-widget outputs to the kernel (the cause
+    of the hangs, see book_cache._execute_one); what ``interact`` draws still reaches the widget state."""
+    import nbformat
+
+    from icl_course.course import book_cache
+    from jupyter_cache import get_cache
+
+    notebook = tmp_path / "interact.ipynb"
+    code = "from ipywidgets import interact\ninteract(lambda x: print(f'x is {x}'), x=3)"
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, notebook)
+    done = book_cache.prepare(tmp_path / "cache", notebooks=[notebook], limit=120)
+    assert done["executed"] == [str(notebook)] and not done["stopped"]
+    cache = get_cache(tmp_path / "cache")
+    executed = cache.get_cache_bundle(cache.list_cache_records()[0].pk).nb
+    state = executed.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    outputs = [o for w in state.values() if w["model_name"] == "OutputModel" for o in w["state"]["outputs"]]
+    assert [o.get("text") for o in outputs] == ["x is 3\n"]
+
+
 def test_book_cache_is_what_the_book_config_uses():
     config = yaml.safe_load((course.ROOT / "_config.yml").read_text())
     assert config["execute"]["execute_notebooks"] == "cache"
