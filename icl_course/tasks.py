@@ -10,8 +10,9 @@ call nothing else. Input sampling is separate from the task (as in Garg et al.'s
 *distribution* (``Uniform``, ``Gaussian``, ...) has ``draw(shape, gen)`` for a tensor of that shape,
 so the same task runs with uniform or Gaussian inputs, isotropic or not. Randomness comes only from the generator
 argument: same seed, same batch on the same device. Everything is drawn on the generator's device
-(``gen.device``) and in the batch's dtype (float32 unless asked for float64; Gaussian draws on the
-CPU are made in float64 and rounded, the stream the claim tests were measured on), then moved to
+(``gen.device``) and in the batch's dtype (float32 unless asked for float64; inside
+:func:`float64_draws`, Gaussian draws are made in float64 and rounded, the stream the shipped weights
+were trained on), then moved to
 ``device`` if that is another one: ``train`` passes a generator on the model's device, so a GPU
 draws its own batches and nothing is copied; ``generator(seed)`` (on the CPU) gives the same numbers
 on every machine, which the evaluation sets use.
@@ -55,14 +56,7 @@ class Task(Protocol):
 
 # --- distributions: each draws a tensor of a given shape (draw, not a Task's sample) -------------
 
-_FLOAT64_DRAWS = [False]
-
-
-def _draws_float64(gen: torch.Generator) -> bool:
-    """Whether Gaussian draws are made in float64 and rounded to the batch's dtype: only inside
-    :func:`float64_draws`. Otherwise they are made in the batch's dtype on the generator's device (on
-    the CPU a float32 ``randn`` is about six times cheaper than a float64 one)."""
-    return _FLOAT64_DRAWS[0]
+_FLOAT64_DRAWS = [False]  # set by float64_draws(); otherwise Gaussians are drawn in the batch's dtype
 
 
 @contextmanager
@@ -70,7 +64,8 @@ def float64_draws():
     """Within the block, ``Gaussian`` and ``IllConditioned`` draw in float64 and round to the batch's
     dtype, as every batch was drawn before December 2026: on the CPU, the same seed then gives the
     sequences on which the shipped weights' provenance records were measured (the tests that
-    re-measure them use it). About six times slower than float32 draws."""
+    re-measure them use it, through ``pretrained.drawn_as``). Outside it, Gaussians are drawn in the
+    batch's dtype on the generator's device: on the CPU a float32 ``randn`` is about six times cheaper."""
     before = _FLOAT64_DRAWS[0]
     _FLOAT64_DRAWS[0] = True
     try:
@@ -123,7 +118,7 @@ class Gaussian:
     def draw(self, shape, gen: torch.Generator, dtype=torch.float32) -> Tensor:
         if self.cov is not None and shape[-1] != self.dim:
             raise ValueError(f"Gaussian cov is {self.dim}x{self.dim} but samples need dimension {shape[-1]}")
-        if _draws_float64(gen):
+        if _FLOAT64_DRAWS[0]:
             z = torch.randn(shape, generator=gen, dtype=torch.float64, device=gen.device)
             root = None if self.cov is None else self._root.T.to(z.device)
             return (self.std * z if root is None else self.std * z @ root).to(dtype)
@@ -186,7 +181,7 @@ class IllConditioned:
         if shape[-1] != self.d:
             raise ValueError(f"IllConditioned has d={self.d} but samples need dimension {shape[-1]}")
         B, out = shape[0], dtype
-        dtype = torch.float64 if _draws_float64(gen) else dtype
+        dtype = torch.float64 if _FLOAT64_DRAWS[0] else dtype
         z = torch.randn(shape, generator=gen, dtype=dtype, device=gen.device).reshape(B, -1, self.d)  # (B, m, d)
         # Haar rotation per sequence: QR of a Gaussian matrix, signs fixed by R's diagonal.
         G = torch.randn(B, self.d, self.d, generator=gen, dtype=dtype, device=gen.device)
