@@ -28,9 +28,9 @@ TORCH = f"torch=={torch.__version__.split('+')[0]}"  # the torch this machine ha
 RUNNER = ["nbclient>=0.9", "nbformat>=5.9"]  # to run notebooks in that environment; installed first
 EXECUTE = """
 import json, sys, nbformat
-from nbclient import NotebookClient
+from icl_course.course.notebooks import execute
 nb = nbformat.read(sys.argv[1], as_version=4)
-NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": sys.argv[2]}}).execute()
+execute(nb, sys.argv[2], timeout=600)
 print(json.dumps([o for c in nb.cells for o in c.get("outputs", [])]))
 """
 

@@ -144,8 +144,9 @@ def test_book_cache_stops_a_stuck_notebook_and_tries_it_again(monkeypatch, tmp_p
 
 
 def test_book_cache_keeps_what_interact_draws(tmp_path):
-    """The book's executions leave out nbclient's echo of Output-widget outputs to the kernel (the cause
-    of the hangs, see book_cache._execute_one); what ``interact`` draws still reaches the widget state."""
+    """The book's executions leave out nbclient's echo of Output-widget outputs to the kernel (the cause of
+    the hangs, see notebooks.leave_out_output_widget_echo); what ``interact`` draws still reaches the widget
+    state."""
     import nbformat
 
     from icl_course.course import book_cache

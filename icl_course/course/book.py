@@ -202,7 +202,8 @@ def measure_timings(profile: str, root: Path = ROOT, stems=None) -> dict:
 
     import nbformat
     import torch
-    from nbclient import NotebookClient
+
+    from .notebooks import execute
 
     os.environ["ICL_COURSE_PROFILE"] = profile
     chapters = {}
@@ -211,7 +212,7 @@ def measure_timings(profile: str, root: Path = ROOT, stems=None) -> dict:
             path = root / "chapters" / f"{ch.stem}.ipynb"
             nb = nbformat.read(path, as_version=4)
             start = time.perf_counter()
-            NotebookClient(nb, timeout=3600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+            execute(nb, path.parent, timeout=3600)
             chapters[ch.stem] = round(time.perf_counter() - start, 1)
             print(f"{ch.stem}: {chapters[ch.stem]:.0f} s", file=sys.stderr)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"

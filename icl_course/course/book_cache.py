@@ -78,8 +78,8 @@ def prepare(cache_path: Path = CACHE, root: Path = ROOT, notebooks: list[Path] |
 
     Each notebook runs in a child process of its own (jupyter-cache's serial executor), at most
     ``limit`` seconds (default :func:`time_limit`) and then once more: under load a kernel and its
-    client have been seen waiting on each other for good (see :func:`_execute_one` for the cause found
-    and avoided), which neither jupyter-cache nor nbclient notices before the cell timeout (20 minutes).
+    client have been seen waiting on each other for good (the cause found is avoided, see
+    :func:`_execute_one`), which neither jupyter-cache nor nbclient notices before the cell timeout (20 minutes).
     A notebook stopped twice is left to ``jupyter-book build``, which executes it and shows any error."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -123,20 +123,14 @@ def prepare(cache_path: Path = CACHE, root: Path = ROOT, notebooks: list[Path] |
 
 
 def _execute_one(cache_path: Path, pk: int) -> None:
-    """Execute the cache's notebook ``pk`` with jupyter-cache's serial executor (in :func:`prepare`'s child).
-
-    nbclient stands in for ipywidgets' Output widget (what ``interact`` draws into) and echoes each of
-    its outputs back to the kernel on the shell channel, from the task that reads IOPub, while another
-    task awaits the cell's execute_reply on that same socket. Now and then that reply is never seen
-    (the kernel's debug log shows it sent), and kernel and client wait on each other for good: 21 of 196
-    smoke notebook runs, four at a time on two cores, hung so (ipykernel 6.31 and 7.4), in the chapters
-    with ``interact``; with the echo left out, none of 210. A static execution does not need the echo:
-    nbclient keeps the widget's outputs in the notebook's widget state itself, which the book shows."""
+    """Execute the cache's notebook ``pk`` with jupyter-cache's serial executor (in :func:`prepare`'s child),
+    without the echo that made executions hang (:func:`icl_course.course.notebooks.leave_out_output_widget_echo`)."""
     from jupyter_cache import get_cache
     from jupyter_cache.executors import load_executor
-    from nbclient.output_widget import OutputWidget
 
-    OutputWidget.sync_state = lambda self: None  # this child's own nbclient: see above
+    from icl_course.course.notebooks import leave_out_output_widget_echo
+
+    leave_out_output_widget_echo()
     load_executor("local-serial", get_cache(cache_path)).run_and_cache(filter_pks=[pk], timeout=TIMEOUT)
 
 

@@ -229,10 +229,10 @@ def main(argv=None) -> int:
 def _run_notebook(path: str) -> None:
     """Execute a notebook in a fresh kernel (the profile comes from the environment), as ``timings`` does."""
     import nbformat
-    from nbclient import NotebookClient
 
-    nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, timeout=None, kernel_name="python3", resources={"metadata": {"path": str(Path(path).parent)}}).execute()
+    from .notebooks import execute
+
+    execute(nbformat.read(path, as_version=4), Path(path).parent)
 
 
 if __name__ == "__main__":
