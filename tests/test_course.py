@@ -138,6 +138,8 @@ def test_book_cache_stops_a_stuck_notebook_and_tries_it_again(monkeypatch, tmp_p
     monkeypatch.setenv("ICL_COURSE_PROFILE", "quick")
     quick = json.loads((course.ROOT / "timings.json").read_text())["quick"]["chapters"]
     assert book_cache.time_limit(notebook) == 3 * quick["01_gd_step"] + 120
+    assert book_cache.measured_seconds(notebook) == quick["01_gd_step"]  # prepare runs the longest first
+    assert book_cache.measured_seconds(course.ROOT / "exercises" / "book" / "01_gd_step.ipynb") is None
     assert book_cache.time_limit(course.ROOT / "exercises" / "book" / "01_gd_step.ipynb") == 600
     monkeypatch.setenv("ICL_COURSE_PROFILE", "full")
     assert book_cache.time_limit(notebook) is None
