@@ -85,9 +85,10 @@ def prepare(cache_path: Path = CACHE, root: Path = ROOT, notebooks: list[Path] |
 
     Each notebook runs in a child process of its own (jupyter-cache's serial executor), at most
     ``limit`` seconds (default :func:`time_limit`) and then once more: under load a kernel and its
-    client have been seen waiting on each other for good (the cause found is avoided, see
-    :func:`_execute_one`), which neither jupyter-cache nor nbclient notices before the cell timeout (20 minutes).
-    A notebook stopped twice is left to ``jupyter-book build``, which executes it and shows any error."""
+    client have been seen waiting on each other for good, which neither jupyter-cache nor nbclient
+    notices before the cell timeout (20 minutes); the cause found is avoided (:func:`_execute_one`),
+    the limit stays as insurance. A notebook stopped twice is left to ``jupyter-book build``, which
+    executes it and shows any error."""
     from concurrent.futures import ThreadPoolExecutor
 
     from jupyter_cache import get_cache
@@ -119,7 +120,7 @@ def prepare(cache_path: Path = CACHE, root: Path = ROOT, notebooks: list[Path] |
                 child.wait(timeout=seconds)
                 break
             except subprocess.TimeoutExpired:
-                os.killpg(child.pid, signal.SIGKILL)  # the child; its kernel exits with it
+                os.killpg(child.pid, signal.SIGKILL)  # the child; its kernel sees its parent gone and exits
                 child.wait()
                 stops += 1
         return uri, stops
