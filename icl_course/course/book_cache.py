@@ -56,12 +56,16 @@ def book_notebooks(root: Path = ROOT) -> list[Path]:
     return [root / folder / f"{topic.stem}.ipynb" for folder in ("chapters", "exercises/book") for topic in TOPICS]
 
 
+def _measured(root: Path) -> dict | None:
+    """This profile's chapter times in timings.json, or None for a profile never measured."""
+    timings = json.loads((root / "timings.json").read_text()) if (root / "timings.json").exists() else {}
+    return timings.get(runtime.get_profile(), {}).get("chapters")
+
+
 def measured_seconds(notebook: Path, root: Path = ROOT) -> float | None:
     """``notebook``'s chapter time in this profile (timings.json), or None: an exercise page, a chapter
     not measured, or a profile never measured."""
-    timings = json.loads((root / "timings.json").read_text()) if (root / "timings.json").exists() else {}
-    chapters = timings.get(runtime.get_profile(), {}).get("chapters") or {}
-    return chapters.get(notebook.stem) if notebook.parent.name == "chapters" else None
+    return (_measured(root) or {}).get(notebook.stem) if notebook.parent.name == "chapters" else None
 
 
 def time_limit(notebook: Path, root: Path = ROOT) -> float | None:
@@ -71,8 +75,7 @@ def time_limit(notebook: Path, root: Path = ROOT) -> float | None:
     smoke profile (seconds each); no limit in a profile never measured."""
     if runtime.get_profile() == "smoke":
         return 240.0
-    timings = json.loads((root / "timings.json").read_text()) if (root / "timings.json").exists() else {}
-    if runtime.get_profile() not in timings:
+    if _measured(root) is None:
         return None
     seconds = measured_seconds(notebook, root)
     return 600.0 if seconds is None else 3 * seconds + 120
