@@ -12,10 +12,9 @@ so the same task runs with uniform or Gaussian inputs, isotropic or not. Randomn
 argument: same seed, same batch on the same device. Everything is drawn on the generator's device
 (``gen.device``) and in the batch's dtype (float32 unless asked for float64; inside
 :func:`float64_draws`, Gaussian draws are made in float64 and rounded, the stream the shipped weights
-were trained on), then moved to
-``device`` if that is another one: ``train`` passes a generator on the model's device, so a GPU
-draws its own batches and nothing is copied; ``generator(seed)`` (on the CPU) gives the same numbers
-on every machine, which the evaluation sets use.
+were trained on), then moved to ``device`` if that is another one: ``train`` passes a generator on
+the model's device, so a GPU draws its own batches and nothing is copied; ``generator(seed)`` (on
+the CPU) gives the same numbers on every machine, which the evaluation sets use.
 """
 
 from __future__ import annotations

@@ -122,8 +122,8 @@ def test_book_cache_key_changes_with_profile_device_and_package(monkeypatch, tmp
 
 def test_book_cache_stops_a_stuck_notebook_and_tries_it_again(monkeypatch, tmp_path):
     """A notebook past its time limit is stopped (child and kernel), tried once more, then left to the book
-    build (under load, about one in thirty notebook runs has hung with kernel and client both idle: a
-    message lost between them); the limit is three times the chapter's measured time plus two minutes."""
+    build (insurance against hangs like the one notebooks.leave_out_output_widget_echo avoids); the limit
+    is three times the chapter's measured time plus two minutes."""
     import time
 
     from icl_course.course import book_cache
